@@ -1,0 +1,28 @@
+"""transformers-astra: ASTRA multi-device inference for Hugging Face Transformers.
+
+    import transformers_astra as astra
+    astra.patch(model, astra.AstraConfig(num_devices=4, groups=32))
+"""
+
+from .calibration import calibrate
+from .config import AstraConfig
+from .patch import auxiliary_loss, capture_codes, full_precision, is_patched, patch, quantizers, unpatch
+from .quantizer import GroupedVQ
+from .sharding import ShardLayout, split_sizes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AstraConfig",
+    "GroupedVQ",
+    "ShardLayout",
+    "auxiliary_loss",
+    "calibrate",
+    "capture_codes",
+    "full_precision",
+    "is_patched",
+    "patch",
+    "quantizers",
+    "split_sizes",
+    "unpatch",
+]

@@ -1,0 +1,148 @@
+"""`astra.patch` / `astra.unpatch` and the context managers that change a patched model's behaviour."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import attention
+from .config import AstraConfig
+from .models import adapter_for
+from .quantizer import GroupedVQ
+from .state import AstraState, LayerState
+
+
+def patch(model: nn.Module, config: AstraConfig | None = None, **overrides: Any) -> nn.Module:
+    """Give ``model`` ASTRA mixed-precision attention, in place; returns the model.
+
+    ``overrides`` are AstraConfig fields (``patch(model, num_devices=4, groups=32)``). Patching an
+    already-patched model with the same config is a no-op; with another config it is an error.
+    """
+    config = (config or AstraConfig()).replace(**overrides) if overrides else (config or AstraConfig())
+    adapter = adapter_for(model)
+    existing: AstraState | None = getattr(model, "_astra_state", None)
+    if existing is not None:
+        if existing.config == config:
+            return model
+        raise ValueError(
+            "This model is already patched with a different AstraConfig "
+            f"({existing.config.to_dict()}); call astra.unpatch(model) first."
+        )
+    adapter.validate(model, config)
+    attention.register()
+
+    state = AstraState(config, adapter, original_attn_implementation=model.config._attn_implementation)
+    reference = next(model.parameters())
+    width = adapter.quantized_width(model, config)
+    for layer_idx, module in enumerate(adapter.attention_modules(model)):
+        module.astra_quantizer = GroupedVQ(width, config.codes_per_token, config.codebook_size).to(
+            device=reference.device, dtype=reference.dtype
+        )
+        module._astra_layer = LayerState(state, layer_idx)
+        state.hooks.append(module.register_forward_pre_hook(_remember_layer_input, with_kwargs=True))
+    state.hooks += adapter.install(model, state)
+    state.hooks.append(model.register_forward_pre_hook(_start_forward(state)))
+    state.hooks.append(model.register_forward_hook(_add_commitment_loss(state)))
+
+    model.set_attn_implementation(attention.ATTENTION_NAME)
+    model.config.astra = config.to_dict()
+    model._astra_state = state
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo `patch`: original attention, no hooks, no codebooks. Returns the model."""
+    state = astra_state(model)
+    for handle in state.hooks:
+        handle.remove()
+    for module in state.adapter.attention_modules(model):
+        del module.astra_quantizer
+        del module._astra_layer
+    model.set_attn_implementation(state.original_attn_implementation or "sdpa")
+    del model.config.astra
+    del model._astra_state
+    return model
+
+
+def astra_state(model: nn.Module) -> AstraState:
+    state = getattr(model, "_astra_state", None)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} is not patched; call astra.patch(model, config) first")
+    return state
+
+
+def is_patched(model: nn.Module) -> bool:
+    return getattr(model, "_astra_state", None) is not None
+
+
+def quantizers(model: nn.Module) -> list[GroupedVQ]:
+    """The per-layer codebooks of a patched model, in layer order."""
+    state = astra_state(model)
+    return [module.astra_quantizer for module in state.adapter.attention_modules(model)]
+
+
+@contextlib.contextmanager
+def full_precision(model: nn.Module) -> Iterator[nn.Module]:
+    """Same shard layout, no quantization: plain sequence parallelism (the reference and the baseline)."""
+    state = astra_state(model)
+    previous, state.full_precision = state.full_precision, True
+    try:
+        yield model
+    finally:
+        state.full_precision = previous
+
+
+@contextlib.contextmanager
+def capture_codes(model: nn.Module) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the codes every layer sends; the dict maps layer index to (B, T, codes per token) indices."""
+    state = astra_state(model)
+    log: dict[int, torch.Tensor] = {}
+    previous, state.code_log = state.code_log, log
+    try:
+        yield log
+    finally:
+        state.code_log = previous
+
+
+def auxiliary_loss(model: nn.Module) -> torch.Tensor | None:
+    """The beta-weighted commitment loss of the latest training-mode forward (None in eval mode).
+
+    It is already added to ``outputs.loss`` when the model computes a loss; use this in custom loops.
+    """
+    losses = astra_state(model).aux_losses
+    return torch.stack(losses).sum() if losses else None
+
+
+def _remember_layer_input(module, args, kwargs):
+    # Hidden mode quantizes the attention module's input (the pre-attention LayerNorm output); the
+    # attention function receives only projected Q/K/V, so keep the input for it. The KV cache is kept
+    # so that a prefill can leave the last device's view in it.
+    layer: LayerState = module._astra_layer
+    layer.pending_input = args[0] if args else kwargs.get("hidden_states")
+    layer.cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    return None
+
+
+def _start_forward(state: AstraState):
+    def hook(module, args):
+        state.aux_losses.clear()
+
+    return hook
+
+
+def _add_commitment_loss(state: AstraState):
+    def hook(module, args, output):
+        if not module.training or not state.aux_losses:
+            return None
+        extra = torch.stack(state.aux_losses).sum()
+        if isinstance(output, dict) and output.get("loss") is not None:
+            output["loss"] = output["loss"] + extra
+        elif isinstance(output, tuple) and output and torch.is_tensor(output[0]) and output[0].ndim == 0:
+            output = (output[0] + extra, *output[1:])
+        return output
+
+    return hook
