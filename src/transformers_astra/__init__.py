@@ -4,7 +4,7 @@
     astra.patch(model, astra.AstraConfig(num_devices=4, groups=32))
 """
 
-from .calibration import calibrate
+from .calibration import calibrate, collect_activations
 from .config import AstraConfig
 from .patch import auxiliary_loss, capture_codes, full_precision, is_patched, patch, quantizers, unpatch
 from .quantizer import GroupedVQ
@@ -19,6 +19,7 @@ __all__ = [
     "auxiliary_loss",
     "calibrate",
     "capture_codes",
+    "collect_activations",
     "full_precision",
     "is_patched",
     "patch",

@@ -13,23 +13,16 @@ from .patch import astra_state, full_precision, quantizers
 
 
 @torch.no_grad()
-def calibrate(
-    model: nn.Module,
-    batches: Iterable[Any],
-    max_samples: int = 4096,
-    kmeans_iters: int = 10,
-    progress: bool = True,
-) -> nn.Module:
-    """Initialise every layer's codebook with k-means on the vectors that layer would send.
+def collect_activations(model: nn.Module, batches: Iterable[Any], progress: bool = True) -> dict[int, torch.Tensor]:
+    """The vectors every layer would quantize, from a full-precision run: layer index -> (n, width), on CPU.
 
     ``batches`` yields model inputs: dicts of keyword arguments (``{"input_ids": ...}``,
-    ``{"pixel_values": ...}``) or tensors passed positionally. The model runs in full precision (the
-    activations the codebooks must represent), in eval mode; at most ``max_samples`` vectors per layer,
-    chosen uniformly at random among all non-padding tokens seen, feed k-means.
+    ``{"pixel_values": ...}``) or tensors passed positionally. Padding tokens (``attention_mask == 0``)
+    are left out.
     """
     state = astra_state(model)
     if state.config.num_devices == 1:
-        raise ValueError("num_devices=1 sends no codes; there is nothing to calibrate")
+        raise ValueError("num_devices=1 sends no codes; there is nothing to collect or calibrate")
     collected: dict[int, list[torch.Tensor]] = {}
     valid_tokens: list[torch.Tensor | None] = [None]
 
@@ -43,7 +36,7 @@ def calibrate(
     state.collector = collect
     try:
         with full_precision(model):
-            for batch in tqdm(batches, desc="ASTRA calibration", disable=not progress):
+            for batch in tqdm(batches, desc="ASTRA activations", disable=not progress):
                 inputs = _model_inputs(batch, model)
                 mask = inputs.get("attention_mask")
                 valid_tokens[0] = mask.bool() if mask is not None and mask.ndim == 2 else None
@@ -52,14 +45,35 @@ def calibrate(
         state.collector = None
         model.train(was_training)
     if not collected:
-        raise ValueError("calibrate got no batches; pass an iterable of model inputs")
+        raise ValueError("got no batches; pass an iterable of model inputs")
+    return {layer_idx: torch.cat(parts) for layer_idx, parts in collected.items()}
 
-    generator = torch.Generator().manual_seed(0)
-    for layer_idx, quantizer in enumerate(tqdm(quantizers(model), desc="k-means", disable=not progress)):
-        samples = torch.cat(collected.pop(layer_idx))
-        if samples.shape[0] > max_samples:
-            samples = samples[torch.randperm(samples.shape[0], generator=generator)[:max_samples]]
-        quantizer.kmeans_init(samples.to(quantizer.codebook.device), num_iters=kmeans_iters)
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    max_samples: int = 4096,
+    kmeans_iters: int = 10,
+    progress: bool = True,
+    seed: int = 0,
+) -> nn.Module:
+    """Initialise every layer's codebook with k-means on the vectors that layer would send.
+
+    The model runs in full precision and eval mode (see `collect_activations`); at most ``max_samples``
+    vectors per layer, drawn uniformly at random, feed k-means. Returns the model.
+    """
+    activations = collect_activations(model, batches, progress=progress)
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    # k-means draws its first centres from torch's global generator: seed a fork of it, not the caller's.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for layer_idx, quantizer in enumerate(tqdm(quantizers(model), desc="k-means", disable=not progress)):
+            samples = activations.pop(layer_idx)
+            if samples.shape[0] > max_samples:
+                samples = samples[torch.randperm(samples.shape[0], generator=generator)[:max_samples]]
+            quantizer.kmeans_init(samples.to(quantizer.codebook.device), num_iters=kmeans_iters)
     return model
 
 
