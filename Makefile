@@ -1,0 +1,33 @@
+# Quickstart targets. `make demo` runs the main job, `make test` the test suite; both first build
+# .venv with everything the project needs (only once; again when pyproject.toml changes).
+#
+# torch: with no torch in the venv, TORCH_SPEC is installed first. Its default pins the CPU build
+# that pip finds locally on our CI machines; elsewhere bring your own, e.g.
+#   make test TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"
+# or install the package into an environment that already has torch: pip install -e ".[test]".
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.astra-installed
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: $(STAMP)
+	$(PY) examples/quickstart.py
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info
