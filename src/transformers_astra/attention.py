@@ -8,6 +8,8 @@ the 2T keys with a boolean mask. No loop over shards or tokens.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -82,7 +84,9 @@ def boolean_mask(attention_mask, q_len: int, k_len: int, is_causal: bool, device
     return attention_mask == 0  # additive float mask: 0 where allowed
 
 
-def same_shard(layout: ShardLayout, device) -> torch.Tensor:
+@functools.lru_cache(maxsize=64)
+def same_shard(layout: ShardLayout, device: torch.device) -> torch.Tensor:
+    """(T, T) boolean: query and key on the same device. Cached: the layout repeats in every layer."""
     ids = layout.shard_ids(device)
     return ids[:, None] == ids[None, :]
 

@@ -22,7 +22,9 @@ def patch(model: nn.Module, config: AstraConfig | None = None, **overrides: Any)
     ``overrides`` are AstraConfig fields (``patch(model, num_devices=4, groups=32)``). Patching an
     already-patched model with the same config is a no-op; with another config it is an error.
     """
-    config = (config or AstraConfig()).replace(**overrides) if overrides else (config or AstraConfig())
+    config = config or AstraConfig()
+    if overrides:
+        config = config.replace(**overrides)
     adapter = adapter_for(model)
     existing: AstraState | None = getattr(model, "_astra_state", None)
     if existing is not None:

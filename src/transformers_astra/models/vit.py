@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -40,7 +42,8 @@ def distributed_cls_layout(state, num_patches: int) -> ShardLayout:
     return ShardLayout.for_sequence(num_patches + config.num_devices, config.num_devices, config.shard_sizes, 1)
 
 
-def spread_index(layout: ShardLayout, device) -> torch.Tensor:
+@functools.lru_cache(maxsize=64)
+def spread_index(layout: ShardLayout, device: torch.device) -> torch.Tensor:
     """Positions in [CLS, patches...] that make [CLS, shard 0 patches, CLS, shard 1 patches, ...]."""
     index = []
     next_patch = 1
