@@ -1,0 +1,53 @@
+"""Bit packing of codes: exact byte counts, round trips at every width, the documented bit order."""
+
+import math
+
+import pytest
+import torch
+
+from transformers_astra.packing import pack, packed_size, unpack
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+@pytest.mark.parametrize("num_codes", [0, 1, 7, 8, 13, 1000])
+def test_round_trip_and_exact_byte_count(bits, num_codes):
+    generator = torch.Generator().manual_seed(bits * 1000 + num_codes)
+    codes = torch.randint(0, 1 << bits, (num_codes,), generator=generator)
+    packed = pack(codes, bits)
+    assert packed.dtype == torch.uint8
+    assert packed.numel() == math.ceil(num_codes * bits / 8) == packed_size(num_codes, bits)
+    assert torch.equal(unpack(packed, bits, num_codes), codes)
+
+
+def test_extreme_values_and_shapes_survive():
+    codes = torch.tensor([[0, 1023, 512], [1, 1022, 7]])  # (tokens, groups) for K = 1024
+    packed = pack(codes, 10)
+    assert packed.numel() == 8  # 60 bits
+    assert torch.equal(unpack(packed, 10, codes.numel()).reshape(codes.shape), codes)
+
+
+def test_bit_order_is_little_endian_stream():
+    # 3-bit codes 5, 3, 1, lowest bit first: stream 1,0,1, 1,1,0, 1,0,0; byte 0 holds stream bits 0..7 (bit 0 lowest)
+    assert pack(torch.tensor([5, 3, 1]), 3).tolist() == [0b01011101, 0]
+
+
+def test_ten_bit_codes_use_five_bytes_per_four_codes():
+    codes = torch.arange(0, 1024, 3)
+    assert pack(codes, 10).numel() == math.ceil(codes.numel() * 10 / 8)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: pack(torch.tensor([8]), 3), "fit 3 bits"),
+        (lambda: pack(torch.tensor([-1]), 3), "fit 3 bits"),
+        (lambda: pack(torch.tensor([1.0]), 3), "integer tensor"),
+        (lambda: pack(torch.tensor([1]), 17), "bits must be"),
+        (lambda: pack(torch.tensor([1]), 0), "bits must be"),
+        (lambda: unpack(torch.zeros(1, dtype=torch.uint8), 10, 1), "need 2 bytes"),
+        (lambda: unpack(torch.zeros(2, dtype=torch.int64), 10, 1), "uint8"),
+    ],
+)
+def test_bad_input_is_a_clear_error(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
