@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.astra-installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-oldest clean
 
 install: $(STAMP)
 
@@ -29,5 +29,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests
 
+# The same suite against the oldest supported transformers (CI runs both ends of the range).
+OLDEST_VENV ?= .venv-oldest
+$(OLDEST_VENV)/.astra-installed: pyproject.toml
+	test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OLDEST_VENV)/bin/python -c "import torch" 2>/dev/null || $(OLDEST_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
+	$(OLDEST_VENV)/bin/python -m pip install -q -e ".[test]" "transformers==5.9.0"
+	touch $@
+
+test-oldest: $(OLDEST_VENV)/.astra-installed
+	$(OLDEST_VENV)/bin/python -m pytest tests
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) $(OLDEST_VENV) build src/*.egg-info

@@ -1,3 +1,5 @@
+import inspect
+
 import pytest
 import torch
 from conftest import gpt2_batch, main_output, make_pair, tiny_gpt2_config, tiny_vit_config, vit_batch
@@ -157,7 +159,8 @@ def test_quantized_generation_continues_from_the_last_device_view():
         prefill = model(**batch, use_cache=True)
         cache = prefill.past_key_values if hasattr(prefill, "past_key_values") else prefill.cache
         next_token = prefill.logits[:, -1:].argmax(-1)
-        step = model(input_ids=next_token, past_key_values=cache, use_cache=True).logits[:, -1]
+        cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        step = model(input_ids=next_token, use_cache=True, **{cache_argument: cache}).logits[:, -1]
         # The reference for the step: the new token on the last device, with earlier shards decoded.
         keys = cache.layers[0].keys
     layout = astra.ShardLayout.for_sequence(9, 3)
