@@ -91,7 +91,8 @@ class GroupedVQ(nn.Module):
         """Fit the codebook to ``samples`` (n, width) with k-means, one clustering per group."""
         if samples.ndim != 2 or samples.shape[1] != self.width:
             raise ValueError(f"kmeans_init expects samples of shape (n, {self.width}), got {tuple(samples.shape)}")
-        per_group = samples.to(self.codebook.dtype).reshape(-1, self.groups, self.group_width).transpose(0, 1)
+        # k-means in fp32 even for half-precision models: distances in bf16 misassign close points.
+        per_group = samples.float().reshape(-1, self.groups, self.group_width).transpose(0, 1)
         means, _ = kmeans(per_group.contiguous(), self.codebook_size, num_iters=num_iters)
-        self.codebook.copy_(means)
+        self.codebook.copy_(means.to(self.codebook.dtype))
         self.initialized.fill_(True)
