@@ -6,6 +6,8 @@
 
 from .calibration import calibrate, collect_activations
 from .config import AstraConfig
+from .hub import from_pretrained, push_to_hub, save_pretrained
+from .modelcard import create_model_card
 from .patch import auxiliary_loss, capture_codes, full_precision, is_patched, patch, quantizers, unpatch
 from .quantizer import GroupedVQ
 from .sharding import ShardLayout, split_sizes
@@ -20,10 +22,14 @@ __all__ = [
     "calibrate",
     "capture_codes",
     "collect_activations",
+    "create_model_card",
+    "from_pretrained",
     "full_precision",
     "is_patched",
     "patch",
+    "push_to_hub",
     "quantizers",
+    "save_pretrained",
     "split_sizes",
     "unpatch",
 ]

@@ -41,9 +41,10 @@ def patch(model: nn.Module, config: AstraConfig | None = None, **overrides: Any)
     reference = next(model.parameters())
     width = adapter.quantized_width(model, config)
     for layer_idx, module in enumerate(adapter.attention_modules(model)):
+        # A new module starts in training mode; follow the model's, or an eval model would get NAQ noise.
         module.astra_quantizer = GroupedVQ(width, config.codes_per_token, config.codebook_size).to(
             device=reference.device, dtype=reference.dtype
-        )
+        ).train(model.training)
         module._astra_layer = LayerState(state, layer_idx)
         state.hooks.append(module.register_forward_pre_hook(_remember_layer_input, with_kwargs=True))
     state.hooks += adapter.install(model, state)
@@ -53,6 +54,9 @@ def patch(model: nn.Module, config: AstraConfig | None = None, **overrides: Any)
     model.set_attn_implementation(attention.ATTENTION_NAME)
     model.config.astra = config.to_dict()
     model._astra_state = state
+    from .hub import attach_push_to_hub  # imported here: hub.py imports this module
+
+    attach_push_to_hub(model)
     return model
 
 
@@ -67,6 +71,9 @@ def unpatch(model: nn.Module) -> nn.Module:
     model.set_attn_implementation(state.original_attn_implementation or "sdpa")
     del model.config.astra
     del model._astra_state
+    from .hub import detach_push_to_hub
+
+    detach_push_to_hub(model)
     return model
 
 
