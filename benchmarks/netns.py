@@ -1,0 +1,215 @@
+"""Linux network namespaces joined by veth pairs and a bridge, every link shaped with tc tbf.
+
+One namespace per rank stands for one edge device. Rank i lives in namespace ``astra-r{i}`` with
+address 10.77.0.{i+1}; its link is the veth pair ``astra-h{i}`` (host side, on bridge ``astra-br``)
+<-> ``eth0`` (inside the namespace). A link of B Mbps is a tbf of rate B on both ends of the pair:
+inside the namespace it limits what the rank sends, on the host side what it receives.
+
+Cleanup is guaranteed three ways: ``Topology`` is a context manager (try/finally), it registers an
+``atexit`` hook, and SIGTERM/SIGINT/SIGHUP become SystemExit so those run. Leftovers of a killed
+run go with ``python -m benchmarks.netns cleanup``. Verify a shaped rate with
+``python -m benchmarks.netns measure --mbps 10 20 50 100 500 1000``.
+
+Needs root and ``ip``/``tc`` (iproute2) on PATH. No netem: the kernels here lack it, only tbf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import AbstractContextManager
+
+PREFIX = "astra-"
+BRIDGE = f"{PREFIX}br"
+SUBNET = "10.77.0"
+# tbf queue: enough for a few TCP windows so the shaped rate is reached, small enough that a
+# 10 Mbps link does not hold seconds of data (queue delay = limit / rate).
+QUEUE_LATENCY_MS = 100
+# Token bucket depth: at least one max-size packet (64 KiB GSO) and about 2 ms of traffic at the rate,
+# so the timer granularity does not cap throughput at 500-1000 Mbps.
+MIN_BURST_BYTES = 64 * 1024 + 1514
+
+
+def namespace(rank: int) -> str:
+    return f"{PREFIX}r{rank}"
+
+
+def address(rank: int) -> str:
+    return f"{SUBNET}.{rank + 1}"
+
+
+def host_veth(rank: int) -> str:
+    return f"{PREFIX}h{rank}"
+
+
+def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(args, check=check, capture_output=True, text=True)
+
+
+def in_namespace(rank: int, *args: str) -> list[str]:
+    return ["ip", "netns", "exec", namespace(rank), *args]
+
+
+def tbf_args(mbps: float) -> list[str]:
+    rate_bytes = mbps * 1e6 / 8
+    burst = max(MIN_BURST_BYTES, int(rate_bytes * 0.002))
+    return ["tbf", "rate", f"{mbps}mbit", "burst", str(burst), "latency", f"{QUEUE_LATENCY_MS}ms"]
+
+
+def require_tools() -> None:
+    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
+    if missing:
+        raise RuntimeError(
+            f"{missing} not found on PATH: install iproute2 (apt-get install -y iproute2) or unpack the "
+            ".debs of shared/net/get-iproute2.sh and put their bin/sbin on PATH"
+        )
+
+
+class Topology(AbstractContextManager):
+    """``num_ranks`` namespaces on one bridge; ``shape(mbps)`` sets every link's rate (None: unshaped)."""
+
+    def __init__(self, num_ranks: int):
+        if num_ranks < 1:
+            raise ValueError(f"num_ranks must be >= 1, got {num_ranks}")
+        self.num_ranks = num_ranks
+        self._up = False
+
+    def __enter__(self) -> "Topology":
+        require_tools()
+        cleanup()  # leftovers of an earlier killed run would make `ip link add` fail
+        atexit.register(cleanup)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, _exit_on_signal)
+        try:
+            self._create()
+        except BaseException:
+            cleanup()
+            raise
+        self._up = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        cleanup()
+        self._up = False
+
+    def _create(self) -> None:
+        sh("ip", "link", "add", BRIDGE, "type", "bridge")
+        sh("ip", "link", "set", BRIDGE, "up")
+        for rank in range(self.num_ranks):
+            ns, host = namespace(rank), host_veth(rank)
+            sh("ip", "netns", "add", ns)
+            sh("ip", "link", "add", host, "type", "veth", "peer", "name", f"{PREFIX}n{rank}")
+            sh("ip", "link", "set", f"{PREFIX}n{rank}", "netns", ns)
+            sh(*in_namespace(rank, "ip", "link", "set", f"{PREFIX}n{rank}", "name", "eth0"))
+            sh(*in_namespace(rank, "ip", "addr", "add", f"{address(rank)}/24", "dev", "eth0"))
+            sh(*in_namespace(rank, "ip", "link", "set", "eth0", "up"))
+            sh(*in_namespace(rank, "ip", "link", "set", "lo", "up"))
+            sh("ip", "link", "set", host, "master", BRIDGE)
+            sh("ip", "link", "set", host, "up")
+
+    def shape(self, mbps: float | None) -> None:
+        """Rate-limit both directions of every rank's link to ``mbps`` (None removes the limit)."""
+        for rank in range(self.num_ranks):
+            for cmd in (["tc", "qdisc"], in_namespace(rank, "tc", "qdisc")):
+                dev = host_veth(rank) if cmd[0] == "tc" else "eth0"
+                sh(*cmd, "del", "dev", dev, "root", check=False)
+                if mbps is not None:
+                    sh(*cmd, "replace", "dev", dev, "root", *tbf_args(mbps))
+
+    def tx_bytes(self, rank: int) -> int:
+        """Bytes rank ``rank`` has sent on its link (read from the host side's receive counter)."""
+        with open(f"/sys/class/net/{host_veth(rank)}/statistics/rx_bytes") as f:
+            return int(f.read())
+
+
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def cleanup() -> list[str]:
+    """Remove every namespace and link this module creates (also those of a killed run). Idempotent."""
+    removed = []
+    listing = sh("ip", "netns", "list", check=False).stdout.split("\n")
+    for line in listing:
+        name = line.split(" ")[0]
+        if name.startswith(PREFIX):
+            sh("ip", "netns", "del", name, check=False)  # its veth end goes with it, and so the pair
+            removed.append(name)
+    links = sh("ip", "-o", "link", "show", check=False).stdout.split("\n")
+    for line in links:
+        parts = line.split(": ")
+        if len(parts) > 1 and parts[1].split("@")[0].startswith(PREFIX):
+            name = parts[1].split("@")[0]
+            sh("ip", "link", "del", name, check=False)
+            removed.append(name)
+    return removed
+
+
+# A tiny TCP sink/source for checking the shaped rate (no iperf needed on the hosts).
+_SINK = """
+import socket, sys, time
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", int(sys.argv[1]))); srv.listen(1); print("ready", flush=True)
+conn, _ = srv.accept(); total = 0; start = None
+while True:
+    data = conn.recv(1 << 20)
+    if not data: break
+    if start is None: start = time.perf_counter()
+    total += len(data)
+print(total * 8 / (time.perf_counter() - start) / 1e6, flush=True)
+"""
+_SOURCE = """
+import socket, sys, time
+sock = socket.create_connection((sys.argv[1], int(sys.argv[2]))); chunk = b"x" * (1 << 16)
+end = time.perf_counter() + float(sys.argv[3])
+while time.perf_counter() < end: sock.sendall(chunk)
+sock.close()
+"""
+
+
+def measure_mbps(topology: Topology, seconds: float = 3.0, port: int = 5201) -> float:
+    """Goodput of one TCP stream from rank 0 to rank 1 over the current shaping, in Mbps."""
+    sink = subprocess.Popen(in_namespace(1, sys.executable, "-c", _SINK, str(port)), stdout=subprocess.PIPE, text=True)
+    try:
+        sink.stdout.readline()
+        subprocess.run(
+            in_namespace(0, sys.executable, "-c", _SOURCE, address(1), str(port), str(seconds)), check=True
+        )
+        return float(sink.stdout.readline())
+    finally:
+        sink.wait(timeout=60)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("cleanup", help="remove leftover namespaces, veths and the bridge")
+    measure = sub.add_parser("measure", help="TCP goodput between two namespaces at each shaped rate")
+    measure.add_argument("--mbps", type=float, nargs="+", default=[10, 20, 50, 100, 500, 1000])
+    measure.add_argument("--seconds", type=float, default=3.0)
+    measure.add_argument("--json", help="write the measurements here")
+    args = parser.parse_args(argv)
+    if args.command == "cleanup":
+        print("removed:", cleanup() or "nothing")
+        return
+    rows = []
+    with Topology(2) as topology:
+        for mbps in [None, *args.mbps]:
+            topology.shape(mbps)
+            measured = measure_mbps(topology, args.seconds)
+            rows.append({"shaped_mbps": mbps, "measured_mbps": round(measured, 2), "seconds": args.seconds,
+                         "date": time.strftime("%Y-%m-%d")})
+            print(json.dumps(rows[-1]), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
