@@ -6,6 +6,7 @@
 
 from .calibration import calibrate, collect_activations
 from .config import AstraConfig
+from .distributed import DistributedRuntime, Traffic
 from .hub import from_pretrained, push_to_hub, save_pretrained
 from .modelcard import create_model_card
 from .patch import auxiliary_loss, capture_codes, full_precision, is_patched, patch, quantizers, unpatch
@@ -16,8 +17,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AstraConfig",
+    "DistributedRuntime",
     "GroupedVQ",
     "ShardLayout",
+    "Traffic",
     "auxiliary_loss",
     "calibrate",
     "capture_codes",

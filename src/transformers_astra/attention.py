@@ -52,6 +52,8 @@ def astra_attention_forward(module, query, key, value, attention_mask, scaling=N
         return attend(query, key, value, allowed, scaling, dropout, want_weights)
 
     state = layer.model_state
+    if state.runtime is not None:  # a real rank: only its own shard is here, the rest arrives as codes
+        return state.runtime.attention(module, layer, query, key, value, scaling, want_weights)
     layout = state.layout(query.shape[2])
     remote_key, remote_value = remote_keys_values(module, layer, key, value)
     local = same_shard(layout, query.device)

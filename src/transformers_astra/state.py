@@ -29,6 +29,8 @@ class AstraState:
     code_log: dict[int, torch.Tensor] | None = None
     # Set by `calibrate`: called with (layer index, vectors the quantizer would see).
     collector: Callable[[int, torch.Tensor], None] | None = None
+    # Set by `DistributedRuntime` during a distributed forward: attention and CLS pooling go through it.
+    runtime: Any = None
 
     @property
     def cls_per_shard(self) -> int:

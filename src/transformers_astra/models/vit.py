@@ -76,6 +76,8 @@ def _spread_attention_mask(state):
 
 def _pool_class_tokens(state):
     def hook(module, args, output: torch.Tensor) -> torch.Tensor:
+        if state.runtime is not None:  # a real rank holds one CLS copy; the runtime gathers the others
+            return state.runtime.pool_class_tokens(output)
         layout = distributed_cls_layout(state, output.shape[1] - state.config.num_devices)
         cls_positions = torch.tensor(layout.offsets[:-1], device=output.device)
         is_patch = torch.ones(output.shape[1], dtype=torch.bool, device=output.device)
