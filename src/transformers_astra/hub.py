@@ -28,6 +28,11 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
+try:  # transformers renames some weights on save (legacy checkpoint names); this gives the saved names
+    from transformers.core_model_loading import revert_weight_conversion
+except ImportError:  # a transformers version without such renaming
+    revert_weight_conversion = None
+
 from .config import AstraConfig
 from .modelcard import create_model_card
 from .patch import astra_state, patch, quantizers
@@ -37,7 +42,7 @@ ASTRA_KEY_MARKER = ".astra_quantizer."
 ASTRA_FIELDS = frozenset(field.name for field in dataclasses.fields(AstraConfig))
 # What a checkpoint needs on disk; tokenizers and training state are not part of the model.
 CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "README.md"]
-HUB_DOWNLOAD_ARGS = ("revision", "cache_dir", "token", "force_download", "local_files_only")
+HUB_DOWNLOAD_ARGS = ("revision", "cache_dir", "token", "force_download", "local_files_only", "endpoint")
 
 
 def from_pretrained(
@@ -58,8 +63,8 @@ def from_pretrained(
     saved config. A different ``num_devices`` is allowed with a warning: the codebooks do not depend on N,
     but the checkpoint was fine-tuned for its own N. Fields that change the codebook shapes (``groups``,
     ``codebook_size``, ``quantize``) do not fit the saved codebooks and raise an error naming the layer.
-    ``revision``, ``cache_dir``, ``token``, ``force_download`` and ``local_files_only`` go to the Hub
-    download (which respects ``HF_HUB_OFFLINE``); everything else goes to transformers' ``from_pretrained``
+    ``revision``, ``cache_dir``, ``token``, ``force_download``, ``local_files_only`` and ``endpoint`` go to
+    the Hub download (which respects ``HF_HUB_OFFLINE``); everything else goes to transformers' ``from_pretrained``
     (``dtype``, ``device_map``, ...). ``model_class`` picks the class (a model class or an Auto class);
     by default the one named in the config's ``architectures``.
     """
@@ -81,13 +86,21 @@ def from_pretrained(
 
 
 def save_pretrained(
-    model: nn.Module, save_directory: str | os.PathLike, *, max_shard_size: int | str = "50GB", **card_options: Any
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    *,
+    processor: Any = None,
+    max_shard_size: int | str = "50GB",
+    **card_options: Any,
 ) -> Path:
     """``model.save_pretrained`` (config with its ``astra`` block, safetensors with the codebooks) plus a
-    generated ``README.md`` model card (``card_options`` go to `create_model_card`). Returns the directory."""
+    generated ``README.md`` model card (``card_options`` go to `create_model_card`) and, if given, the
+    tokenizer or image processor (anything with ``save_pretrained``). Returns the directory."""
     astra_state(model)  # a clear error for a model that is not patched
     save_directory = Path(save_directory)
     model.save_pretrained(save_directory, max_shard_size=max_shard_size)
+    if processor is not None:
+        processor.save_pretrained(save_directory)
     create_model_card(model, **card_options).save(save_directory / "README.md")
     return save_directory
 
@@ -105,20 +118,24 @@ def push_to_hub(
     max_shard_size: int | str = "50GB",
     tags: list[str] | None = None,
     endpoint: str | None = None,
+    processor: Any = None,
     **card_options: Any,
 ) -> CommitInfo:
     """Upload config, safetensors weights (with the codebooks) and the ASTRA model card in one commit.
 
     Same arguments as transformers' ``push_to_hub`` (``tags`` are added to the card), plus ``endpoint``
-    (a Hub mirror; default ``HF_ENDPOINT``) and the `create_model_card` options (``base_model``,
-    ``datasets``, ``results``, ...). A patched model's own ``model.push_to_hub`` calls this.
+    (a Hub mirror; default ``HF_ENDPOINT``), ``processor`` (a tokenizer or image processor to upload in the
+    same commit) and the `create_model_card` options (``base_model``, ``datasets``, ``results``, ...).
+    A patched model's own ``model.push_to_hub`` calls this.
     """
     api = HfApi(endpoint=endpoint, token=token, library_name="transformers-astra")
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     if revision is not None and not revision.startswith("refs/pr"):
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     with tempfile.TemporaryDirectory() as work_dir:
-        save_pretrained(model, work_dir, max_shard_size=max_shard_size, repo_id=repo_id, tags=tags, **card_options)
+        save_pretrained(
+            model, work_dir, processor=processor, max_shard_size=max_shard_size, repo_id=repo_id, tags=tags, **card_options
+        )
         return api.upload_folder(
             repo_id=repo_id,
             folder_path=work_dir,
@@ -275,28 +292,36 @@ def _load_codebooks(model: nn.Module, locations: dict[str, Path], directory: Pat
     if not locations and not required:
         return  # a plain checkpoint: the codebooks stay uninitialised until calibration
     expected = {name: tensor for name, tensor in model.state_dict().items() if ASTRA_KEY_MARKER in name}
-    model_keys = {_model_key(key, expected, model.base_model_prefix): key for key in locations}
-    strangers = sorted(key for model_key, key in model_keys.items() if model_key is None)
+    sources = {name: _checkpoint_key(model, name, tensor, locations) for name, tensor in expected.items()}
+    missing = sorted(name for name, key in sources.items() if key is None)
+    if missing:
+        layers = sorted({_layer_name(name) for name in missing})
+        raise ValueError(f"{directory} lacks the codebooks of layer(s) {layers} (missing tensors {missing})")
+    strangers = sorted(set(locations) - set(sources.values()))
     if strangers:
         raise ValueError(f"{directory} holds ASTRA tensors for modules this model does not have: {strangers}")
-    missing = sorted(set(expected) - set(model_keys))
-    if missing:
-        layers = sorted({_layer_name(key) for key in missing})
-        raise ValueError(f"{directory} lacks the codebooks of layer(s) {layers} (missing tensors {missing})")
     loaded = {}
-    for model_key, key in model_keys.items():
+    for name, key in sources.items():
         tensor = _read_tensor(locations[key], key)
-        if tensor.shape != expected[model_key].shape:
-            raise ValueError(_shape_error(model, model_key, tuple(tensor.shape), tuple(expected[model_key].shape)))
-        loaded[model_key] = tensor
+        if tensor.shape != expected[name].shape:
+            raise ValueError(_shape_error(model, name, key, tuple(tensor.shape), tuple(expected[name].shape)))
+        loaded[name] = tensor
     model.load_state_dict(loaded, strict=False)
 
 
-def _model_key(key: str, expected: dict[str, torch.Tensor], prefix: str) -> str | None:
-    """The model's name for a checkpoint key; a checkpoint of the base model (``GPT2Model``) has no prefix."""
-    for candidate in (key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")):
-        if candidate in expected:
-            return candidate
+def _checkpoint_key(model: nn.Module, name: str, tensor: torch.Tensor, locations: dict[str, Path]) -> str | None:
+    """The checkpoint's key for the model's tensor ``name``, or None.
+
+    transformers may save under other names than the modules have (ViT: ``vit.layers.0`` is saved as
+    ``vit.encoder.layer.0``); its save-side renaming gives that name. A checkpoint of a model with a head
+    loaded into the bare model (or the other way round) differs by the base model prefix.
+    """
+    saved_names = [name, *revert_weight_conversion(model, {name: tensor})] if revert_weight_conversion else [name]
+    prefix = f"{model.base_model_prefix}."
+    for saved in saved_names:
+        for candidate in (saved, prefix + saved, saved.removeprefix(prefix)):
+            if candidate in locations:
+                return candidate
     return None
 
 
@@ -312,10 +337,10 @@ def _read_tensor(file: Path, key: str) -> torch.Tensor:
         raise ValueError(f"{file} is truncated or corrupt: cannot read {key} ({error})") from error
 
 
-def _shape_error(model: nn.Module, key: str, found: tuple[int, ...], needed: tuple[int, ...]) -> str:
+def _shape_error(model: nn.Module, name: str, key: str, found: tuple[int, ...], needed: tuple[int, ...]) -> str:
     config = astra_state(model).config
     return (
-        f"The codebook of layer {_layer_name(key)} ({key}) has shape {found} in the checkpoint, but "
+        f"The codebook of layer {_layer_name(name)} ({key}) has shape {found} in the checkpoint, but "
         f"AstraConfig(groups={config.groups}, codebook_size={config.codebook_size}, quantize={config.quantize!r}) "
         f"needs {needed}: the checkpoint was saved with other groups/codebook_size/quantize values than its "
         "config.json 'astra' block (or the ones passed) say."
