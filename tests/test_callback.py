@@ -1,0 +1,138 @@
+"""AstraNAQCallback with a real transformers.Trainer: codebook init, loss going down, logs, schedule, 2 ranks."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import make_pair, tiny_gpt2_config
+from transformers import GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+
+import transformers_astra as astra
+from transformers_astra.callback import set_noise_scale
+
+
+class TokenBlocks(torch.utils.data.Dataset):
+    """A learnable language: each sequence counts up from a random start (mod the vocabulary)."""
+
+    def __init__(self, rows: int = 64, length: int = 16, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        starts = torch.randint(3, 61, (rows, 1), generator=generator)
+        self.ids = (starts + torch.arange(length)) % 58 + 3
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        return {"input_ids": self.ids[index], "labels": self.ids[index]}
+
+
+class LogRecorder(TrainerCallback):
+    """Stands for a reporting integration (TensorBoard, W&B): keeps every ``logs`` dict it is shown."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+def training_args(tmp_path, **overrides) -> TrainingArguments:
+    values = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, learning_rate=3e-3, max_steps=24, logging_steps=8,
+        report_to="none", save_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True,
+    )
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def patched_gpt2(**config):
+    model, _ = make_pair(GPT2LMHeadModel, tiny_gpt2_config())
+    astra.patch(model, astra.AstraConfig(num_devices=2, groups=4, codebook_size=16, **config))
+    return model.train()
+
+
+def test_finetuning_initialises_codebooks_lowers_the_loss_and_logs_code_statistics(tmp_path):
+    model = patched_gpt2()
+    assert not any(bool(q.initialized) for q in astra.quantizers(model))
+    recorder = LogRecorder()
+    trainer = Trainer(
+        model=model, args=training_args(tmp_path), train_dataset=TokenBlocks(),
+        callbacks=[recorder, astra.AstraNAQCallback(calibration_batches=2)],
+    )
+    trainer.train()
+    assert all(bool(q.initialized) for q in astra.quantizers(model))
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    # The recorder was added before the ASTRA callback, as the Trainer's reporters are: it still sees the stats.
+    step_logs = [logs for logs in recorder.logs if "loss" in logs]
+    assert all("astra/code_perplexity" in logs and "astra/dead_codes" in logs for logs in step_logs)
+    for logs in step_logs:
+        assert 1.0 <= logs["astra/code_perplexity"] <= 16.0 and 0.0 < logs["astra/code_usage"] <= 1.0
+    assert "astra/code_usage" in trainer.state.log_history[0]
+
+
+def test_unused_codes_are_reseeded_from_recent_inputs(tmp_path):
+    model = patched_gpt2()
+    quantizer = astra.quantizers(model)[0]
+    with torch.no_grad():  # an initialised codebook whose last 8 codewords no input can ever pick
+        quantizer.codebook.normal_()
+        quantizer.codebook[:, 8:] = 1e4
+        quantizer.initialized.fill_(True)
+    for other in astra.quantizers(model)[1:]:
+        other.initialized.fill_(True)
+    callback = astra.AstraNAQCallback()
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=16), train_dataset=TokenBlocks(), callbacks=[callback])
+    trainer.train()
+    assert callback.codes_reset > 0
+    assert quantizer.codebook[:, 8:].abs().max() < 1e3  # the far-away codewords were moved to real inputs
+
+
+def test_noise_warmup_schedule_and_setter():
+    model = patched_gpt2(noise_scale=1.0)
+    callback = astra.AstraNAQCallback(noise_schedule="warmup", noise_warmup_ratio=0.5)
+    callback.target_noise_scale = 1.0
+    assert callback.current_noise_scale(0, 100) == 0.0
+    assert callback.current_noise_scale(25, 100) == pytest.approx(0.5)
+    assert callback.current_noise_scale(80, 100) == 1.0
+    set_noise_scale(model, 0.3)
+    assert model._astra_state.config.noise_scale == 0.3 and model.config.astra["noise_scale"] == 0.3
+    with pytest.raises(ValueError, match="noise_scale"):
+        set_noise_scale(model, -1.0)
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="noise_schedule"):
+        astra.AstraNAQCallback(noise_schedule="cosine")
+    with pytest.raises(ValueError, match="noise_warmup_ratio"):
+        astra.AstraNAQCallback(noise_warmup_ratio=0.0)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _train_on_rank(rank: int, world_size: int, port: int, output_dir: str, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    model = patched_gpt2()
+    args = training_args(output_dir, max_steps=16, ddp_backend="gloo")
+    # A different data order per rank: k-means on each rank's own batches would give different codebooks.
+    trainer = Trainer(model=model, args=args, train_dataset=TokenBlocks(seed=rank), callbacks=[astra.AstraNAQCallback()])
+    trainer.train()
+    results[rank] = [q.codebook.detach().clone() for q in astra.quantizers(model)]
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_keep_identical_codebooks(tmp_path):
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_train_on_rank, args=(2, _free_port(), str(tmp_path), results), nprocs=2, join=True)
+    for first, second in zip(results[0], results[1]):
+        assert torch.equal(first, second)
+    assert not torch.equal(results[0][0], astra.quantizers(patched_gpt2())[0].codebook.detach())
