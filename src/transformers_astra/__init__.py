@@ -4,6 +4,7 @@
     astra.patch(model, astra.AstraConfig(num_devices=4, groups=32))
 """
 
+from .callback import AstraNAQCallback
 from .calibration import calibrate, collect_activations
 from .config import AstraConfig
 from .distributed import DistributedRuntime, Traffic
@@ -16,6 +17,7 @@ from .sharding import ShardLayout, split_sizes
 __version__ = "0.1.0"
 
 __all__ = [
+    "AstraNAQCallback",
     "AstraConfig",
     "DistributedRuntime",
     "GroupedVQ",
