@@ -235,7 +235,8 @@ def test_model_card_holds_the_settings_and_only_matching_results(gpt2_checkpoint
     for fact in ("| N (devices) | 4 |", "| K (codebook size) | 16 (4 bits per code) |", "| G (groups per vector) | 4 |",
                  "`hidden`", "| bits per token and layer | 16 |", "| compression vs fp32 | 64.0x (width 32) |",
                  "| wikitext | perplexity | 17.25 | 15.5 | `python examples/x.py` |",
-                 'astra.from_pretrained("me/gpt2-astra-n4-g4")', "accelerate launch --num_processes 4"):
+                 'astra.from_pretrained("me/gpt2-astra-n4-g4")', "accelerate launch --multi_gpu --num_processes 4 infer.py", "torchrun --nproc_per_node 4 infer.py",
+                 "astra.DistributedRuntime(model)"):
         assert fact in body
     assert "99" not in body
 

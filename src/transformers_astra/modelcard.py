@@ -226,18 +226,34 @@ def _results_section(rows: Rows) -> str:
 def _usage_section(model: nn.Module, config: AstraConfig, repo_id: str | None) -> str:
     name = repo_id or "path/to/this/checkpoint"
     n = config.num_devices
+    inputs = model.main_input_name
+    generate = (
+        "\ntokens = runtime.generate(input_ids=input_ids, max_new_tokens=20)  # decoding runs on the last rank"
+        if _task(model) == "text-generation"
+        else ""
+    )
     return f"""## Usage
 
 ```python
 import transformers_astra as astra
 
-model = astra.from_pretrained("{name}")  # a patched {type(model).__name__}, N={n}, G={config.groups}
+model = astra.from_pretrained("{name}")  # a patched {type(model).__name__}: N={n}, G={config.groups}
 ```
 
-On {n} devices, one process per device (the script loads the model as above):
+On {n} devices, one process per device, every process given the whole input: on one GPU host
+`accelerate launch --multi_gpu --num_processes {n} infer.py`; on CPUs or several hosts
+`torchrun --nproc_per_node {n} infer.py` (see transformers-astra's docs/distributed.md).
 
-```bash
-accelerate launch --num_processes {n} your_script.py
+```python
+# infer.py
+import torch.distributed as dist
+import transformers_astra as astra
+
+dist.init_process_group("gloo")
+model = astra.from_pretrained("{name}")
+runtime = astra.DistributedRuntime(model)  # {n} ranks; each runs the model on its own shard of the tokens
+{inputs} = ...  # the whole input, the same on every rank
+output = runtime({inputs}={inputs}){generate}
 ```
 
 The checkpoint was fine-tuned for N={n}. `astra.from_pretrained("{name}", num_devices=M)` also runs
