@@ -1,8 +1,9 @@
 """Save or push an ASTRA fine-tuned checkpoint: safetensors weights with the codebooks, config, model card.
 
 CHECKPOINT is any directory a patched model was saved to (``model.save_pretrained`` or a Trainer's output,
-e.g. the fine-tuning scripts of examples/), or a Hub repo id. Its tokenizer or image processor, if saved
-there, goes along. Measured results come from --results rows with the same ASTRA settings (never made up):
+e.g. ``examples/finetune_astra.py --save``), or a Hub repo id. Its tokenizer or image processor, if saved
+there, goes along. Measured results for the card (never made up): the checkpoint's own result.json (written
+by finetune_astra.py for this very model) and the --results rows measured with the same ASTRA settings.
 
     python examples/save_checkpoint.py outputs/gpt2-astra --base-model gpt2 --output checkpoints/gpt2-astra-n4-g32
     python examples/save_checkpoint.py outputs/gpt2-astra --base-model gpt2 --push me/gpt2-astra-n4-g32
@@ -16,8 +17,10 @@ from pathlib import Path
 from transformers import AutoImageProcessor, AutoTokenizer
 
 import transformers_astra as astra
+from transformers_astra.modelcard import load_results
 
 DEFAULT_RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results" / "accuracy.json"
+OWN_RESULT = "result.json"  # finetune_astra.py's measurement of the checkpoint it saved
 # File that marks a saved tokenizer / image processor, and the class that loads it.
 PROCESSORS = {"tokenizer_config.json": AutoTokenizer, "preprocessor_config.json": AutoImageProcessor}
 
@@ -40,8 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     model = astra.from_pretrained(args.checkpoint)
-    results = args.results if Path(args.results).is_file() else None
-    card_options = dict(base_model=args.base_model, datasets=args.dataset or None, results=results, license=args.license)
+    card_options = dict(
+        base_model=args.base_model, datasets=args.dataset or None, results=result_rows(args), license=args.license
+    )
     processor = load_processor(args.checkpoint)
     if args.output:
         directory = astra.save_pretrained(model, args.output, processor=processor, **card_options)
@@ -53,6 +57,15 @@ def main(argv=None) -> None:
         print(f"pushed to {commit.commit_url}")
     measured = astra.create_model_card(model, **card_options).data.eval_results or []
     print(f"model card: {len(measured)} measured result(s) with these ASTRA settings")
+
+
+def result_rows(args: argparse.Namespace) -> list[dict]:
+    rows = load_results(args.results) if Path(args.results).is_file() else []
+    own = Path(args.checkpoint) / OWN_RESULT
+    if own.is_file():
+        # It measured this checkpoint, so its "model" (the local base folder it started from) needs no match.
+        rows += [{key: value for key, value in row.items() if key != "model"} for row in load_results(own)]
+    return rows
 
 
 def load_processor(checkpoint: str):

@@ -246,7 +246,7 @@ def test_model_card_without_results_says_nothing_was_measured(gpt2_checkpoint):
     card = astra.create_model_card(model)
     assert "No accuracy or perplexity measured" in card.text
     assert "model-index" not in card_metadata(str(card)) and "metrics" not in card_metadata(str(card))
-    with pytest.raises(ValueError, match="needs dataset, metric and a numeric value"):
+    with pytest.raises(ValueError, match="needs a dataset, a metric and a finite numeric value"):
         astra.create_model_card(model, results=[{"dataset": "wikitext", "metric": "perplexity"}])
 
 
@@ -286,13 +286,20 @@ def test_hub_offline_mode_is_respected(gpt2_checkpoint, hub, tmp_path, monkeypat
 
 def test_example_saves_a_checkpoint_with_its_card(gpt2_checkpoint, tmp_path, capsys):
     _, directory = gpt2_checkpoint
+    # What examples/finetune_astra.py writes beside the checkpoint it saves (a local base folder as "model").
+    run = dict(model="outputs/gpt2-base", dataset="kjv", metric="perplexity", N=4, G=4, K=16, quantize="hidden",
+               noise_scale=1.0, commitment_weight=1e-4, value=41.5, base_value=38.25, command="python examples/finetune_astra.py")
+    (directory / "result.json").write_text(json.dumps(run))
+    (tmp_path / "table.json").write_text(json.dumps({"rows": [run, {**run, "N": 2, "value": 40.0}]}))
     spec = importlib.util.spec_from_file_location("save_checkpoint", Path(__file__).parent.parent / "examples" / "save_checkpoint.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    example.main([str(directory), "--output", str(tmp_path / "out"), "--base-model", "gpt2", "--dataset", "wikitext",
-                  "--results", str(tmp_path / "none.json")])
+    example.main([str(directory), "--output", str(tmp_path / "out"), "--base-model", "gpt2", "--dataset", "kjv",
+                  "--results", str(tmp_path / "table.json")])
     saved = tmp_path / "out"
     assert {"config.json", "model.safetensors", "README.md"} <= {path.name for path in saved.iterdir()}
-    metadata = card_metadata((saved / "README.md").read_text())
-    assert metadata["base_model"] == "gpt2" and metadata["datasets"] == ["wikitext"]
-    assert "0 measured result(s)" in capsys.readouterr().out
+    card = (saved / "README.md").read_text()
+    metadata = card_metadata(card)
+    assert metadata["base_model"] == "gpt2" and metadata["datasets"] == ["kjv"]
+    assert "| kjv | perplexity | 41.5 | 38.25 | `python examples/finetune_astra.py` |" in card and "40" not in card
+    assert "1 measured result(s)" in capsys.readouterr().out

@@ -90,8 +90,9 @@ def create_model_card(
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")
 
 
-def load_results(results: str | os.PathLike | Rows | None) -> Rows:
-    """Result rows from a JSON file or a list; each must have dataset, metric and a numeric value."""
+def load_results(results: str | os.PathLike | Rows | dict[str, Any] | None) -> Rows:
+    """Result rows from a JSON file, a list of rows, ``{"rows": [...]}`` or one row; each needs a dataset,
+    a metric and a finite numeric value."""
     if results is None:
         return []
     if isinstance(results, (str, os.PathLike)):
@@ -99,18 +100,23 @@ def load_results(results: str | os.PathLike | Rows | None) -> Rows:
         if not path.is_file():
             raise ValueError(f"results file {path} does not exist")
         results = json.loads(path.read_text())
-        results = results.get("rows", []) if isinstance(results, dict) else results
+    if isinstance(results, dict):
+        results = results["rows"] if "rows" in results else [results]
     rows = list(results)
     for row in rows:
-        missing = [key for key in ("dataset", "metric", "value") if row.get(key) is None]
-        if missing or not isinstance(row["value"], (int, float)):
-            raise ValueError(f"A result row needs dataset, metric and a numeric value; got {row!r}")
+        value = row.get("value")
+        finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if row.get("dataset") is None or row.get("metric") is None or not finite:
+            raise ValueError(f"A result row needs a dataset, a metric and a finite numeric value; got {row!r}")
     return rows
 
 
 def matching_results(rows: Rows, config: AstraConfig, base_model: str | None, has_class_tokens: bool = True) -> Rows:
-    """The rows measured with this model's ASTRA settings (and base model, when a row names one)."""
-    return [row for row in rows if _row_matches(row, config, base_model, has_class_tokens)]
+    """The rows measured with this model's ASTRA settings (and base model, when a row names one), each once."""
+    matching = [row for row in rows if _row_matches(row, config, base_model, has_class_tokens)]
+    # The same run may come from a results table and from the checkpoint's own result file.
+    by_run = {(row["dataset"], row["metric"], row["value"], row.get("command")): row for row in matching}
+    return list(by_run.values())
 
 
 def _row_matches(row: dict[str, Any], config: AstraConfig, base_model: str | None, has_class_tokens: bool) -> bool:
