@@ -196,6 +196,15 @@ def test_missing_codebook_names_the_layer(gpt2_checkpoint):
         astra.from_pretrained(directory)
 
 
+def test_codebooks_for_layers_the_model_lacks_are_named(gpt2_checkpoint):
+    _, directory = gpt2_checkpoint
+    config = json.loads((directory / "config.json").read_text())
+    config["n_layer"] = 1
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"modules this model does not have: \['transformer\.h\.1\.attn\.astra_quantizer"):
+        astra.from_pretrained(directory)
+
+
 def test_invalid_astra_block_names_the_field(gpt2_checkpoint):
     _, directory = gpt2_checkpoint
     config = json.loads((directory / "config.json").read_text())
