@@ -341,7 +341,9 @@ class DistributedRuntime:
             exchange = _PointToPointExchange(self, payload, sizes, receivers, sources)
         else:
             exchange = _AllGatherExchange(self, payload, sizes, sources)
-        self.traffic.code_bytes_per_layer.append(len(receivers) * sizes[self.rank])
+        if payload.numel() != sizes[self.rank]:  # the receivers size their buffers by the formula
+            raise RuntimeError(f"packed {payload.numel()} code bytes, the layout promises {sizes[self.rank]}")
+        self.traffic.code_bytes_per_layer.append(len(receivers) * payload.numel())
         width = self.state.adapter.quantized_width(self.model, self.config)
         element = next(self.model.parameters()).element_size()
         self.traffic.full_precision_bytes += len(receivers) * self._batch * self.layout.sizes[self.rank] * width * element
@@ -439,14 +441,16 @@ class DistributedRuntime:
         size = mine.numel() * mine.element_size()
         self._count("control", (self.world_size - 1) * size, (self.world_size - 1) * size)
         table = torch.stack(gathered).cpu()
+        mismatches = []
         for column, name in enumerate(fields):
-            values = table[:, column]
-            differing = [rank for rank in range(self.world_size) if values[rank] != values[0]]
+            differing = [rank for rank in range(self.world_size) if table[rank, column] != table[0, column]]
             if differing:
-                raise error(
-                    f"ASTRA ranks disagree on {prefix}{name!r}: ranks {differing} differ from rank 0 "
-                    f"(found during {what}); every rank must load the same patched model and get the same inputs"
-                )
+                mismatches.append(f"{prefix}{name!r} (ranks {differing} differ from rank 0)")
+        if mismatches:
+            raise error(
+                f"ASTRA ranks disagree on {', '.join(mismatches)}, found during {what}; every rank must load "
+                "the same patched model and get the same inputs"
+            )
 
 
 class _CodeExchange:

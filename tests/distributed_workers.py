@@ -1,0 +1,153 @@
+"""What each rank of the multi-process tests runs (imported by spawned processes, so not a test module).
+
+Every worker builds the same tiny patched, calibrated model as the others (seeded), runs it through
+`DistributedRuntime`, compares with the single-process simulation of the same model, and saves a result
+file per rank for the parent test to check.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from conftest import gpt2_batch, tiny_gpt2_config, tiny_vit_config, vit_batch
+from transformers import GPT2LMHeadModel, ViTForImageClassification
+
+import transformers_astra as astra
+from transformers_astra.distributed import DistributedRuntime
+
+# (name, model family, AstraConfig overrides); "uneven" cases weight the shards 1 : 2 : ... : N.
+CASES = [
+    ("gpt2-hidden", "gpt2", {"quantize": "hidden"}),
+    ("gpt2-kv-uneven", "gpt2", {"quantize": "kv", "uneven": True}),
+    ("vit-hidden-padded", "vit", {"quantize": "hidden"}),
+    ("vit-kv-uneven", "vit", {"quantize": "kv", "uneven": True}),
+]
+GENERATED_TOKENS = 4
+
+
+def build_model(family: str, num_devices: int, quantize: str = "hidden", uneven: bool = False, **overrides):
+    torch.manual_seed(0)
+    if family == "gpt2":
+        model, calibration = GPT2LMHeadModel(tiny_gpt2_config()), gpt2_batch(batch=4, length=12, seed=1)
+    else:
+        model, calibration = ViTForImageClassification(tiny_vit_config()), vit_batch(batch=4, seed=1)
+    shard_sizes = list(range(1, num_devices + 1)) if uneven else None
+    settings = dict(num_devices=num_devices, groups=4, codebook_size=16, quantize=quantize, shard_sizes=shard_sizes)
+    astra.patch(model.eval(), **{**settings, **overrides})
+    astra.calibrate(model, [calibration], progress=False)
+    return model
+
+
+def case_batch(family: str) -> dict:
+    if family == "gpt2":
+        return gpt2_batch(batch=2, length=11, left_pad=3)  # 11 tokens: uneven for N = 2, 3, 4
+    batch = vit_batch()
+    mask = torch.ones(2, 17, dtype=torch.long)
+    mask[1, -3:] = 0  # the second image hides its last three patches
+    return {**batch, "attention_mask": mask}
+
+
+def init(rank: int, world_size: int, port: int) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+
+
+def equivalence_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """For N = 2 .. world_size (a subgroup of the first N ranks each), every case, overlap on and off."""
+    init(rank, world_size, port)
+    groups = {n: dist.new_group(list(range(n))) for n in range(2, world_size + 1)}
+    results = {}
+    for num_devices, group in groups.items():
+        if rank >= num_devices:
+            continue
+        for name, family, settings in CASES:
+            model = build_model(family, num_devices, **settings)
+            batch = case_batch(family)
+            with torch.no_grad():
+                simulated = model(**batch).logits
+            for overlap in (True, False):
+                runtime = DistributedRuntime(model, group=group, overlap=overlap, timeout=30)
+                got = runtime(**batch).logits
+                result = {"diff": max_abs_diff(got, simulated, runtime, batch), "traffic": runtime.traffic.to_dict()}
+                result["layout"], result["batch_size"] = runtime.layout.sizes, case_batch(family)["attention_mask"].shape[0]
+                if family == "gpt2" and overlap:
+                    generated = runtime.generate(batch["input_ids"], batch["attention_mask"], GENERATED_TOKENS)
+                    with torch.no_grad():
+                        wanted = model.generate(**batch, max_new_tokens=GENERATED_TOKENS, do_sample=False)
+                    result["generated"], result["wanted"] = generated, wanted
+                runtime.close()
+                results[(num_devices, name, overlap)] = result
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    os._exit(0)
+
+
+def max_abs_diff(got: torch.Tensor, simulated: torch.Tensor, runtime: DistributedRuntime, batch: dict) -> float:
+    """GPT2: this rank's positions of the simulation, real tokens only. ViT: the pooled logits."""
+    if not runtime.causal:
+        return (got - simulated).abs().max().item()
+    start, end = runtime.layout.bounds(runtime.rank)
+    valid = batch["attention_mask"][:, start:end].bool()
+    if not valid.any():
+        return 0.0
+    return (got - simulated[:, start:end])[valid].abs().max().item()
+
+
+def fault_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """Bad set-ups and failing ranks, in order; each outcome is recorded as the error text (or "ok")."""
+    init(rank, world_size, port)
+    timeout = 2.0
+    main, stalled, dying = (dist.new_group(list(range(world_size)), timeout=timedelta(seconds=30)) for _ in range(3))
+    outcomes = {}
+
+    def attempt(name, action):
+        started = time.monotonic()
+        try:
+            action()
+            outcomes[name] = ("ok", time.monotonic() - started)
+        except (ValueError, RuntimeError) as error:
+            outcomes[name] = (f"{type(error).__name__}: {error}", time.monotonic() - started)
+
+    batch = gpt2_batch(batch=1, length=8)
+    attempt("world size", lambda: DistributedRuntime(build_model("gpt2", 3), group=main, timeout=timeout))
+    attempt("config", lambda: DistributedRuntime(build_model("gpt2", 2, groups=4 if rank == 0 else 8), group=main, timeout=timeout))
+
+    def different_codebook():
+        model = build_model("gpt2", 2)
+        if rank == 1:
+            with torch.no_grad():
+                astra.quantizers(model)[1].codebook[0, 0, 0] += 1e-3
+        DistributedRuntime(model, group=main, timeout=timeout)
+
+    attempt("codebooks", different_codebook)
+
+    def different_inputs():
+        runtime = DistributedRuntime(build_model("gpt2", 2), group=main, timeout=timeout)
+        runtime(**(batch if rank == 0 else gpt2_batch(batch=1, length=8, seed=5)))
+
+    attempt("inputs", different_inputs)
+
+    def stalled_rank():
+        runtime = DistributedRuntime(build_model("gpt2", 2), group=stalled, timeout=timeout)
+        if rank == 1:
+            time.sleep(3 * timeout)  # never joins the forward
+            return
+        runtime(**batch)
+
+    attempt("stalled", stalled_rank)
+
+    def dead_rank():
+        runtime = DistributedRuntime(build_model("gpt2", 2), group=dying, timeout=timeout)
+        if rank == 1:
+            torch.save(outcomes, os.path.join(out_dir, f"rank{rank}.pt"))
+            os._exit(3)  # dies between the handshake and the forward
+        runtime(**batch)
+
+    attempt("dead", dead_rank)
+    torch.save(outcomes, os.path.join(out_dir, f"rank{rank}.pt"))
+    os._exit(0)

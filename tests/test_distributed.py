@@ -1,0 +1,156 @@
+"""The distributed runtime through real multi-process launches (gloo on CPU).
+
+Process start-up costs seconds, so one launch of 4 processes checks N = 2, 3 and 4 (subgroups of the
+first N ranks), GPT2 and ViT, both quantize modes, uneven shards, overlap on and off; one launch of 2
+processes walks through the faults; one launch runs the example with torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import distributed_workers as workers
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+TOL = 1e-4
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(worker, world_size: int, out_dir: Path) -> list[dict]:
+    """Start ``world_size`` processes running ``worker``; a hang fails the test instead of blocking it."""
+    context = mp.get_context("spawn")
+    port = free_port()
+    processes = [context.Process(target=worker, args=(rank, world_size, port, str(out_dir))) for rank in range(world_size)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(LAUNCH_TIMEOUT_S)
+    hung = [rank for rank, process in enumerate(processes) if process.is_alive()]
+    for rank in hung:
+        processes[rank].kill()
+    assert not hung, f"ranks {hung} did not finish within {LAUNCH_TIMEOUT_S}s"
+    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
+
+
+@pytest.fixture(scope="module")
+def equivalence_results(tmp_path_factory):
+    return launch(workers.equivalence_worker, 4, tmp_path_factory.mktemp("equivalence"))
+
+
+def all_runs(results):
+    for rank, per_rank in enumerate(results):
+        for (num_devices, name, overlap), result in per_rank.items():
+            yield rank, num_devices, name, overlap, result
+
+
+def test_every_case_ran(equivalence_results):
+    ran = {(n, name, overlap) for _, n, name, overlap, _ in all_runs(equivalence_results)}
+    assert ran == {(n, name, overlap) for n in (2, 3, 4) for name, _, _ in workers.CASES for overlap in (True, False)}
+
+
+def test_outputs_match_the_single_process_simulation(equivalence_results):
+    for rank, num_devices, name, overlap, result in all_runs(equivalence_results):
+        assert result["diff"] <= TOL, (rank, num_devices, name, overlap, result["diff"])
+
+
+def test_uneven_shards_were_exercised(equivalence_results):
+    layouts = {tuple(result["layout"]) for *_, result in all_runs(equivalence_results)}
+    assert any(len(set(layout)) > 1 for layout in layouts)
+
+
+def test_greedy_generation_matches_the_simulation_on_every_rank(equivalence_results):
+    generated = [result for *_, result in all_runs(equivalence_results) if "generated" in result]
+    assert len(generated) == 2 * (2 + 3 + 4)  # two GPT2 cases, every rank of every N
+    for result in generated:
+        assert torch.equal(result["generated"], result["wanted"])
+        assert result["generated"].shape[1] > 11
+
+
+def packed_bytes(tokens: int, codes_per_token: int, bits: int = 4) -> int:
+    return math.ceil(tokens * codes_per_token * bits / 8)  # K = 16 codewords: 4 bits a code
+
+
+def test_code_bytes_follow_the_formula(equivalence_results):
+    num_layers = 2
+    for rank, num_devices, name, _, result in all_runs(equivalence_results):
+        codes_per_token = 4 * (2 if "-kv" in name else 1)
+        sizes = [packed_bytes(result["batch_size"] * tokens, codes_per_token) for tokens in result["layout"]]
+        traffic, causal = result["traffic"], name.startswith("gpt2")
+        receivers = num_devices - 1 - rank if causal else num_devices - 1
+        sources = list(range(rank)) if causal else [peer for peer in range(num_devices) if peer != rank]
+        assert traffic["code_bytes_per_layer"] == [receivers * sizes[rank]] * num_layers
+        assert traffic["sent"]["codes"] == num_layers * receivers * sizes[rank]
+        assert traffic["received"]["codes"] == num_layers * sum(sizes[peer] for peer in sources)
+        # Documented overhead: all_gather pads every payload to the largest; point-to-point sends no pad.
+        padding = 0 if causal else num_layers * receivers * (max(sizes) - sizes[rank])
+        assert traffic["sent"]["padding"] == padding
+        assert traffic["sent"]["pooling"] == (0 if causal else (num_devices - 1) * result["batch_size"] * 32 * 4)
+        assert traffic["full_precision_bytes"] == 64 * traffic["sent"]["codes"]  # fp32 width 32 vs 4 x 4-bit codes
+
+
+def test_bytes_sent_equal_bytes_received_across_ranks(equivalence_results):
+    totals = {}
+    for _, num_devices, name, overlap, result in all_runs(equivalence_results):
+        sent, received = totals.get((num_devices, name, overlap), (0, 0))
+        traffic = result["traffic"]
+        totals[(num_devices, name, overlap)] = (sent + traffic["total_sent"], received + traffic["total_received"])
+    assert all(sent == received for sent, received in totals.values())
+
+
+@pytest.fixture(scope="module")
+def fault_outcomes(tmp_path_factory):
+    return launch(workers.fault_worker, 2, tmp_path_factory.mktemp("faults"))
+
+
+@pytest.mark.parametrize(
+    "scenario, ranks, expected",
+    [
+        ("world size", (0, 1), "ValueError: The process group has 2 ranks but AstraConfig.num_devices=3"),
+        ("config", (0, 1), "ValueError: ASTRA ranks disagree on 'AstraConfig'"),
+        ("codebooks", (0, 1), "ValueError: ASTRA ranks disagree on 'codebooks' (ranks [1]"),
+        ("inputs", (0, 1), "ValueError: ASTRA ranks disagree on inputs 'input_ids'"),
+        ("stalled", (0,), "RuntimeError: ASTRA rank 0/2"),
+        ("dead", (0,), "RuntimeError: ASTRA rank 0/2"),
+    ],
+)
+def test_faults_are_clear_errors_not_hangs(fault_outcomes, scenario, ranks, expected):
+    for rank in ranks:
+        message, seconds = fault_outcomes[rank][scenario]
+        assert message.startswith(expected), (rank, message)
+    if scenario == "config":
+        assert "'model weights'" not in fault_outcomes[0][scenario][0]  # names only what differs
+
+
+def test_example_runs_under_torchrun_and_reports_json(tmp_path):
+    result_path = tmp_path / "result.json"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        str(REPO / "examples" / "distributed_inference.py"), "--task", "gpt2", "--json", str(result_path),
+        "--tokens", "32", "--codebook-size", "256", "--repeats", "1", "--max-new-tokens", "3",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(result_path.read_text())
+    assert result["task"] == "gpt2" and result["N"] == 2
+    assert result["max_abs_diff_vs_simulation"] <= TOL
+    assert len(result["bytes_sent_per_rank"]) == len(result["code_bytes_sent_per_rank"]) == 2
+    assert result["code_bytes_sent_per_rank"] == result["expected_code_bytes"]
+    assert result["code_bytes_sent_per_rank"][0] > 0 and result["code_bytes_sent_per_rank"][1] == 0  # causal
+    assert result["latency_s"] > 0
+    assert "prediction" in completed.stdout
