@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-eval-samples", type=int)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--save", action="store_true", help="save the fine-tuned patched model in --output-dir")
+    parser.add_argument("--save-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                        help="storage type of the saved weights (float16 halves the checkpoint)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     defaults = {"vit": dict(epochs=5, batch_size=256, lr=2e-4), "gpt2": dict(epochs=2, batch_size=32, lr=2e-4)}
@@ -75,16 +77,14 @@ def astra_config(args) -> astra.AstraConfig:
 def build(args):
     """(base model, collator or None, train set, test set)."""
     dataset = tasks.load_task_dataset(args.task, args.dataset, args.dataset_config)
-    if args.max_train_samples:
-        dataset["train"] = dataset["train"].select(range(min(args.max_train_samples, len(dataset["train"]))))
+    dataset["train"] = tasks.first_rows(dataset["train"], args.max_train_samples)
     model = tasks.load_pretrained(args.task, args.base, dataset)
     if args.task == "vit":
         train, test, collator = tasks.image_datasets(dataset, model.config)
     else:
         blocks = tasks.lm_datasets(dataset, tasks.load_tokenizer(args.base), model.config.n_positions)
         train, test, collator = blocks["train"], blocks["test"], None
-    if args.max_eval_samples:
-        test = test.select(range(min(args.max_eval_samples, len(test))))
+    test = tasks.first_rows(test, args.max_eval_samples)
     return model, collator, train, test
 
 
@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
     finetune_seconds = time.perf_counter() - start
     value = tasks.finite(tasks.evaluate_task(trainer, args.task, test))
     if args.save:
-        model.save_pretrained(output_dir)
+        model.to(getattr(torch, args.save_dtype)).save_pretrained(output_dir)
     hidden_size = model.config.hidden_size
     result = {
         "model": str(args.base),

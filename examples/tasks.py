@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import platform
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
     PreTrainedTokenizerFast,
+    TrainerCallback,
     TrainingArguments,
     ViTConfig,
     ViTForImageClassification,
@@ -67,9 +69,9 @@ def new_gpt2(vocab_size: int, layers: int, width: int, block_size: int, eos_id: 
 
 
 def load_pretrained(task: str, name_or_path: str, dataset: DatasetDict | None = None):
-    """A checkpoint saved by train_base.py, or a Hub checkpoint (``google/vit-base-patch16-224``, ``gpt2``)."""
+    """A checkpoint saved by train_base.py, or a Hub checkpoint (``google/vit-base-patch16-224``, ``gpt2``), in float32."""
     if task == "gpt2":
-        return AutoModelForCausalLM.from_pretrained(name_or_path)
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
     config = AutoConfig.from_pretrained(name_or_path)
     kwargs: dict[str, Any] = {}
     if dataset is not None:
@@ -78,7 +80,8 @@ def load_pretrained(task: str, name_or_path: str, dataset: DatasetDict | None = 
         if config.num_labels != len(labels):  # a Hub checkpoint with another head: replace the classifier
             kwargs = dict(num_labels=len(labels), ignore_mismatched_sizes=True,
                           id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
-    return AutoModelForImageClassification.from_pretrained(name_or_path, **kwargs)
+    # float32 whatever the checkpoint's storage type (transformers 5 would otherwise keep a float16 checkpoint's type).
+    return AutoModelForImageClassification.from_pretrained(name_or_path, dtype=torch.float32, **kwargs)
 
 
 # --- images -----------------------------------------------------------------------------------------------
@@ -99,60 +102,58 @@ def image_shape(image) -> tuple[int, int, int]:
     return array.shape[0], array.shape[1], channels
 
 
-class ImageCollator:
-    """Rows of a torch-formatted image dataset -> normalised (B, C, H, W) ``pixel_values`` at the model's size."""
+class ImageTensors(torch.utils.data.Dataset):
+    """An image split held in memory as one uint8 tensor (fast to index), with optional augmentation.
 
-    def __init__(self, model_config, image_column: str, label_column: str):
+    Augmentation (training): random horizontal flip and a random shift of up to ``shift`` pixels.
+    """
+
+    def __init__(self, split, image_column: str, label_column: str, augment: bool, shift: int = 2):
+        columns = split.with_format("torch", columns=[image_column, label_column])[:]
+        images = columns[image_column].to(torch.uint8)
+        self.images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)  # (N, C, H, W)
+        self.labels = columns[label_column].long()
+        self.augment, self.shift = augment, shift
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image = self.images[index]
+        if self.augment:
+            if torch.rand(()) < 0.5:
+                image = image.flip(-1)
+            padded = F.pad(image, (self.shift,) * 4)
+            dx, dy = torch.randint(0, 2 * self.shift + 1, (2,)).tolist()
+            image = padded[:, dy : dy + image.shape[-2], dx : dx + image.shape[-1]]
+        return {"image": image, "label": self.labels[index]}
+
+
+class ImageCollator:
+    """Rows of `ImageTensors` -> normalised (B, C, H, W) ``pixel_values`` at the model's size and ``labels``."""
+
+    def __init__(self, model_config):
         self.size, self.channels = model_config.image_size, model_config.num_channels
         self.mean = torch.tensor(getattr(model_config, "image_mean", [0.5] * self.channels)).view(1, -1, 1, 1)
         self.std = torch.tensor(getattr(model_config, "image_std", [0.5] * self.channels)).view(1, -1, 1, 1)
-        self.image_column, self.label_column = image_column, label_column
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        pixels = torch.stack([_to_chw(row[self.image_column]) for row in rows]).float() / 255.0
+        pixels = torch.stack([row["image"] for row in rows]).float() / 255.0
         if pixels.shape[1] != self.channels:  # grey images for an RGB model, or the reverse
             pixels = pixels.mean(1, keepdim=True).expand(-1, self.channels, -1, -1)
         if pixels.shape[-1] != self.size or pixels.shape[-2] != self.size:
             pixels = F.interpolate(pixels, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        labels = torch.tensor([int(row[self.label_column]) for row in rows])
+        labels = torch.stack([row["label"] for row in rows])
         return {"pixel_values": (pixels - self.mean) / self.std, "labels": labels}
 
 
-def _to_chw(image) -> torch.Tensor:
-    array = torch.as_tensor(np.asarray(image))
-    return array.unsqueeze(0) if array.ndim == 2 else array.permute(2, 0, 1)
-
-
-class AugmentedImages(torch.utils.data.Dataset):
-    """Training images with light augmentation: random horizontal flip and a random shift of up to 2 pixels."""
-
-    def __init__(self, images, image_column: str, shift: int = 2):
-        self.images, self.image_column, self.shift = images, image_column, shift
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> dict:
-        row = dict(self.images[index])
-        image = _to_chw(row[self.image_column])
-        if torch.rand(()) < 0.5:
-            image = image.flip(-1)
-        padded = F.pad(image, (self.shift,) * 4)
-        dx, dy = torch.randint(0, 2 * self.shift + 1, (2,)).tolist()
-        row[self.image_column] = padded[:, dy : dy + image.shape[-2], dx : dx + image.shape[-1]]
-        return row
-
-
 def image_datasets(dataset: DatasetDict, model_config, augment: bool = True):
-    """(train, test, collator); the test split is "test" (or "validation")."""
+    """(train, test, collator); the test split is "test" (or "validation"). Images must share one size."""
     image_column, label_column = image_columns(dataset["train"])
     test_split = "test" if "test" in dataset else "validation"
-    columns = [image_column, label_column]
-    train = dataset["train"].with_format("torch", columns=columns)
-    test = dataset[test_split].with_format("torch", columns=columns)
-    if augment:
-        train = AugmentedImages(train, image_column)
-    return train, test, ImageCollator(model_config, image_column, label_column)
+    train = ImageTensors(dataset["train"], image_column, label_column, augment)
+    test = ImageTensors(dataset[test_split], image_column, label_column, augment=False)
+    return train, test, ImageCollator(model_config)
 
 
 def accuracy_metrics():
@@ -281,3 +282,26 @@ def task_trainer_kwargs(task: str, collator) -> dict[str, Any]:
     if task != "vit":
         return {}
     return dict(data_collator=collator, compute_metrics=accuracy_metrics(), preprocess_logits_for_metrics=argmax_logits)
+
+
+def first_rows(dataset, rows: int | None):
+    """The first ``rows`` rows (all when None) of a `datasets.Dataset` or a torch dataset."""
+    if not rows or rows >= len(dataset):
+        return dataset
+    if hasattr(dataset, "select"):
+        return dataset.select(range(rows))
+    return torch.utils.data.Subset(dataset, range(rows))
+
+
+class TimeLimit(TrainerCallback):
+    """Stops training after ``seconds`` of wall-clock time (the run then reports the epochs it reached)."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.start = seconds, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.monotonic() - self.start > self.seconds:
+            control.should_training_stop = True

@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from transformers import Trainer, set_seed
 
 import tasks
@@ -47,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-train-samples", type=int, help="use only this many training rows (smoke tests)")
     parser.add_argument("--max-eval-samples", type=int, help="use only this many test rows (smoke tests)")
     parser.add_argument("--workers", type=int, default=4, help="dataloader worker processes")
+    parser.add_argument("--save-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                        help="storage type of the saved weights (float16 halves the checkpoint)")
+    parser.add_argument("--max-minutes", type=float, help="stop training after this many minutes (wall clock)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     defaults = {"vit": dict(width=192, epochs=30, batch_size=256, lr=1e-3), "gpt2": dict(width=256, epochs=12, batch_size=32, lr=6e-4)}
@@ -60,8 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build(args):
     """(model, tokenizer (gpt2) or image collator (vit), train set, evaluation set, test set)."""
     dataset = tasks.load_task_dataset(args.task, args.dataset, args.dataset_config)
-    if args.max_train_samples:
-        dataset["train"] = dataset["train"].select(range(min(args.max_train_samples, len(dataset["train"]))))
+    dataset["train"] = tasks.first_rows(dataset["train"], args.max_train_samples)
     if args.task == "vit":
         model = tasks.load_pretrained("vit", args.model, dataset) if args.model else tasks.new_vit(
             dataset, args.layers, args.width, args.patch_size
@@ -80,15 +83,11 @@ def build(args):
     return model, tokenizer, blocks["train"], blocks["validation"], blocks["test"]
 
 
-def limit(dataset, rows: int | None):
-    return dataset.select(range(min(rows, len(dataset)))) if rows else dataset
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     set_seed(args.seed)
     model, helper, train, evaluation, test = build(args)
-    evaluation, test = limit(evaluation, args.max_eval_samples), limit(test, args.max_eval_samples)
+    evaluation, test = tasks.first_rows(evaluation, args.max_eval_samples), tasks.first_rows(test, args.max_eval_samples)
     output_dir = Path(args.output_dir)
     # gpt2 keeps the epoch with the best validation loss; vit has no validation split (its eval set is test).
     selection = (
@@ -102,13 +101,14 @@ def main(argv=None) -> dict:
     )
     trainer = Trainer(
         model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
+        callbacks=[tasks.TimeLimit(args.max_minutes * 60)] if args.max_minutes else None,
         **tasks.task_trainer_kwargs(args.task, helper),
     )
     start = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - start
     value = tasks.finite(tasks.evaluate_task(trainer, args.task, test))
-    model.save_pretrained(output_dir)
+    model.to(getattr(torch, args.save_dtype)).save_pretrained(output_dir)
     if args.task == "gpt2":
         helper.save_pretrained(output_dir)  # the tokenizer
     result = {
@@ -118,8 +118,10 @@ def main(argv=None) -> dict:
         "metric": tasks.metric_name(args.task),
         "value": value,
         "parameters": sum(p.numel() for p in model.parameters()),
+        "saved_dtype": args.save_dtype,
         "train_seconds": round(train_seconds, 1),
         "epochs": args.epochs,
+        "epochs_done": round(trainer.state.epoch or 0.0, 2),
         "hardware": tasks.hardware(),
         "command": shlex.join(["python", "examples/train_base.py", *(argv if argv is not None else sys.argv[1:])]),
     }
