@@ -277,6 +277,8 @@ def test_push_to_hub_uploads_weights_config_and_card_and_pulls_back(gpt2_checkpo
     loaded = astra.from_pretrained("me/gpt2-astra-n4-g4", cache_dir=tmp_path / "cache", token=False)
     batch = gpt2_batch(seed=3)
     assert torch.equal(outputs(loaded, batch), outputs(model, batch))
+    # Pushed again after more fine-tuning, its card names the checkpoint it came from as the base model.
+    assert astra.create_model_card(loaded).data.base_model == "me/gpt2-astra-n4-g4"
 
 
 def test_hub_offline_mode_is_respected(gpt2_checkpoint, hub, tmp_path, monkeypatch):

@@ -40,7 +40,7 @@ from .patch import astra_state, patch, quantizers
 # Every tensor `astra.patch` adds to the state dict lives under an attention module's `astra_quantizer`.
 ASTRA_KEY_MARKER = ".astra_quantizer."
 ASTRA_FIELDS = frozenset(field.name for field in dataclasses.fields(AstraConfig))
-# What a checkpoint needs on disk; tokenizers and training state are not part of the model.
+# What a Hub download fetches: config (and tokenizer) JSON, weights, card; no training state or other formats.
 CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "README.md"]
 HUB_DOWNLOAD_ARGS = ("revision", "cache_dir", "token", "force_download", "local_files_only", "endpoint")
 
@@ -79,6 +79,8 @@ def from_pretrained(
     concrete_class = _concrete_model_class(config, model_class)
     with _astra_keys_expected(concrete_class):
         model = concrete_class.from_pretrained(directory, **kwargs)
+    if directory != Path(pretrained_model_name_or_path):
+        model.config._name_or_path = str(pretrained_model_name_or_path)  # the repo id, as transformers keeps it
     patch(model, effective)
     _load_codebooks(model, codebook_files, directory, required=saved_block is not None)
     _warn_if_uninitialised(model)
