@@ -105,6 +105,14 @@ def test_round_trip_gives_identical_outputs(tmp_path, model_class, make_config, 
         assert torch.equal(outputs(loaded, batch), outputs(model, batch))
 
 
+def test_sharded_checkpoint_round_trip(gpt2_checkpoint, tmp_path):
+    model, _ = gpt2_checkpoint
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="10KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    batch = gpt2_batch(seed=5)
+    assert torch.equal(outputs(astra.from_pretrained(tmp_path / "sharded"), batch), outputs(model, batch))
+
+
 def test_auto_class_and_base_model_class(gpt2_checkpoint):
     model, directory = gpt2_checkpoint
     base = astra.from_pretrained(directory, model_class=AutoModel)  # the checkpoint's LM keys carry "transformer."
