@@ -140,6 +140,8 @@ def fault_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         runtime(**batch)
 
     attempt("stalled", stalled_rank)
+    dist.barrier()  # rank 0 gave up on the stalled rank; wait until it is awake again
+
 
     def dead_rank():
         runtime = DistributedRuntime(build_model("gpt2", 2), group=dying, timeout=timeout)

@@ -241,8 +241,38 @@ class DistributedRuntime:
     def _install_hooks(self) -> list:
         if self.causal:
             return []
-        # Registered after `patch`'s own hook, so it sees [CLS, shard 0, CLS, shard 1, ...] and keeps this rank's part.
-        return [self.model.base_model.embeddings.register_forward_hook(self._keep_own_tokens)]
+        embeddings = self.model.base_model.embeddings
+        projection = embeddings.patch_embeddings.projection
+        return [
+            projection.register_forward_pre_hook(self._crop_to_own_patch_rows),
+            projection.register_forward_hook(self._pad_to_patch_grid),
+            # Registered after `patch`'s own hook, so it sees [CLS, shard 0, CLS, shard 1, ...] and keeps this rank's part.
+            embeddings.register_forward_hook(self._keep_own_tokens),
+        ]
+
+    def _own_patch_rows(self, grid_width: int) -> tuple[int, int]:
+        """Rows of the patch grid that hold this rank's patches (its first and last row may be partial)."""
+        start, end = self.layout.bounds(self.rank)
+        first_patch, last_patch = start - self.rank, end - self.rank - 2  # minus one CLS copy per earlier shard
+        return first_patch // grid_width, last_patch // grid_width + 1
+
+    def _crop_to_own_patch_rows(self, module, args):
+        """Each rank embeds only the rows of patches it holds: the patch convolution sees just those pixels."""
+        if self.state.runtime is not self:
+            return None
+        pixel_values = args[0]
+        patch = module.stride[0]
+        first_row, end_row = self._own_patch_rows(pixel_values.shape[-1] // module.stride[1])
+        self._patch_grid_rows = (first_row, end_row, pixel_values.shape[-2] // patch)
+        return (pixel_values[..., first_row * patch : end_row * patch, :],)
+
+    def _pad_to_patch_grid(self, module, args, output: torch.Tensor) -> torch.Tensor | None:
+        # Zeros where other ranks' patches would be, so that transformers' embeddings keep their shapes;
+        # `_keep_own_tokens` drops those positions right after.
+        if self.state.runtime is not self:
+            return None
+        first_row, end_row, grid_rows = self._patch_grid_rows
+        return torch.nn.functional.pad(output, (0, 0, first_row, grid_rows - end_row))
 
     def _keep_own_tokens(self, module, args, embeddings: torch.Tensor) -> torch.Tensor | None:
         if self.state.runtime is not self:
@@ -274,8 +304,7 @@ class DistributedRuntime:
             sent = torch.cat([merge_heads(key), merge_heads(value)], dim=-1)
         else:
             sent, layer.pending_input = layer.pending_input, None
-        codes = module.astra_quantizer.encode(sent)
-        exchange = self._start_code_exchange(codes)
+        exchange = self._start_code_exchange(module.astra_quantizer, sent)
         local_allowed, remote_allowed = self._masks(query.device)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         if self.overlap:  # the exact part runs while the codes travel
@@ -331,18 +360,21 @@ class DistributedRuntime:
         cache_layer.values = torch.cat([remote_value, value], dim=2)
 
     # ------------------------------------------------------------------------------- code exchange
-    def _start_code_exchange(self, codes: torch.Tensor) -> "_CodeExchange":
-        self._batch = codes.shape[0]
-        payload = pack(codes, self.config.bits_per_code).to(self.comm_device)
+    def _start_code_exchange(self, quantizer, sent: torch.Tensor) -> "_CodeExchange":
+        """Encode and send this shard's codes (if any rank needs them) and post the receives."""
+        self._batch = sent.shape[0]
         sizes = [payload_bytes(self.config, self.layout, shard, self._batch) for shard in range(self.world_size)]
         receivers = code_receivers(self.world_size, self.rank, self.causal)
         sources = code_sources(self.world_size, self.rank, self.causal)
+        payload = torch.empty(0, dtype=torch.uint8, device=self.comm_device)
+        if receivers:  # causal: nobody needs the last shard's codes, so the last rank never encodes
+            payload = pack(quantizer.encode(sent), self.config.bits_per_code).to(self.comm_device)
+            if payload.numel() != sizes[self.rank]:  # the receivers size their buffers by the formula
+                raise RuntimeError(f"packed {payload.numel()} code bytes, the layout promises {sizes[self.rank]}")
         if self.causal:
             exchange = _PointToPointExchange(self, payload, sizes, receivers, sources)
         else:
             exchange = _AllGatherExchange(self, payload, sizes, sources)
-        if payload.numel() != sizes[self.rank]:  # the receivers size their buffers by the formula
-            raise RuntimeError(f"packed {payload.numel()} code bytes, the layout promises {sizes[self.rank]}")
         self.traffic.code_bytes_per_layer.append(len(receivers) * payload.numel())
         width = self.state.adapter.quantized_width(self.model, self.config)
         element = next(self.model.parameters()).element_size()
