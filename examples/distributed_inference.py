@@ -71,7 +71,7 @@ def accelerate_num_processes() -> int | None:
         parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
     except OSError:
         return None
-    if not any("accelerate" in part for part in parent[:2]):
+    if not any("accelerate" in part for part in parent[:3]):  # `accelerate ...` or `python -m accelerate...`
         return None
     for i, part in enumerate(parent):
         if part.startswith("--num_processes="):

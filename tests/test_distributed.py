@@ -2,7 +2,7 @@
 
 Process start-up costs seconds, so one launch of 4 processes checks N = 2, 3 and 4 (subgroups of the
 first N ranks), GPT2 and ViT, both quantize modes, uneven shards, overlap on and off; one launch of 2
-processes walks through the faults; one launch runs the example with torchrun.
+processes walks through the faults; the example runs under torchrun (ViT) and accelerate launch (GPT2).
 """
 
 from __future__ import annotations
@@ -138,21 +138,31 @@ def test_faults_are_clear_errors_not_hangs(fault_outcomes, scenario, ranks, expe
         assert "'model weights'" not in fault_outcomes[0][scenario][0]  # names only what differs
 
 
-def test_example_runs_under_torchrun_and_reports_json(tmp_path):
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "{port}"],
+    # Without a config file `accelerate launch --cpu` runs the script once; the example starts the 2 processes.
+    "accelerate": ["-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no"],
+}
+
+
+@pytest.mark.parametrize("launcher, task", [("torchrun", "vit"), ("accelerate", "gpt2")])
+def test_example_runs_under_a_launcher_and_reports_json(tmp_path, launcher, task):
     result_path = tmp_path / "result.json"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        str(REPO / "examples" / "distributed_inference.py"), "--task", "gpt2", "--json", str(result_path),
-        "--tokens", "32", "--codebook-size", "256", "--repeats", "1", "--max-new-tokens", "3",
-    ]
+    command = [sys.executable, *(part.format(port=free_port()) for part in LAUNCHERS[launcher])]
+    command += [str(REPO / "examples" / "distributed_inference.py"), "--task", task, "--json", str(result_path),
+                "--tokens", "32", "--codebook-size", "256", "--repeats", "1", "--max-new-tokens", "3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env, cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
     result = json.loads(result_path.read_text())
-    assert result["task"] == "gpt2" and result["N"] == 2
+    assert result["task"] == task and result["N"] == 2 and result["K"] == 256
     assert result["max_abs_diff_vs_simulation"] <= TOL
+    assert result["prediction"]["matches_simulation"]
     assert len(result["bytes_sent_per_rank"]) == len(result["code_bytes_sent_per_rank"]) == 2
     assert result["code_bytes_sent_per_rank"] == result["expected_code_bytes"]
-    assert result["code_bytes_sent_per_rank"][0] > 0 and result["code_bytes_sent_per_rank"][1] == 0  # causal
-    assert result["latency_s"] > 0
-    assert "prediction" in completed.stdout
+    sent_by_last_rank = result["code_bytes_sent_per_rank"][1]
+    assert result["code_bytes_sent_per_rank"][0] > 0 and (sent_by_last_rank == 0) == (task == "gpt2")  # causal
+    assert all(sent >= codes for sent, codes in zip(result["bytes_sent_per_rank"], result["code_bytes_sent_per_rank"]))
+    assert result["latency_s"] > 0 and result["latency_no_overlap_s"] > 0
+    assert "prediction" in completed.stdout and "full-precision sequence parallelism" in completed.stdout
