@@ -166,3 +166,18 @@ def test_example_runs_under_a_launcher_and_reports_json(tmp_path, launcher, task
     assert all(sent >= codes for sent, codes in zip(result["bytes_sent_per_rank"], result["code_bytes_sent_per_rank"]))
     assert result["latency_s"] > 0 and result["latency_no_overlap_s"] > 0
     assert "prediction" in completed.stdout and "full-precision sequence parallelism" in completed.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+@pytest.mark.parametrize("task", ["gpt2", "vit"])
+def test_example_on_two_gpus_with_nccl(tmp_path, task):
+    result_path = tmp_path / "result.json"
+    command = [sys.executable, *(part.format(port=free_port()) for part in LAUNCHERS["torchrun"])]
+    command += [str(REPO / "examples" / "distributed_inference.py"), "--task", task, "--json", str(result_path)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(result_path.read_text())
+    assert result["backend"] == "nccl" and result["device"] == "cuda"
+    assert result["max_abs_diff_vs_simulation"] <= TOL and result["prediction"]["matches_simulation"]
+    assert result["code_bytes_sent_per_rank"] == result["expected_code_bytes"]

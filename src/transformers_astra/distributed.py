@@ -171,6 +171,8 @@ class DistributedRuntime:
             raise ValueError("DistributedRuntime runs inference only; call model.eval() first")
         if inputs.get("output_attentions"):
             raise ValueError("output_attentions is not supported by DistributedRuntime")
+        if self.state.full_precision:
+            raise ValueError("DistributedRuntime always sends codes; leave the astra.full_precision context first")
         self.traffic = Traffic()
         if self.check_inputs:
             self._check_same_inputs(inputs)
@@ -220,7 +222,7 @@ class DistributedRuntime:
         self._key_mask = attention_mask.bool() if attention_mask is not None else None
         kwargs["use_cache"] = self._keep_cache
         if self._keep_cache:
-            kwargs[_cache_argument(self.model)] = _new_cache(self.model)
+            kwargs[_cache_argument(self.model)] = DynamicCache()  # filled with the last rank's view
         local_mask = attention_mask[:, start:end] if attention_mask is not None else None
         return self.model(
             input_ids=input_ids[:, start:end], attention_mask=local_mask, position_ids=position_ids[:, start:end], **kwargs
@@ -420,7 +422,7 @@ class DistributedRuntime:
         eos = torch.tensor([eos] if isinstance(eos, int) else (eos or []), device=new_tokens.device)
         pad = getattr(generation_config, "pad_token_id", None)
         pad = pad if pad is not None else (int(eos[0]) if eos.numel() else 0)
-        cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+        cache = _output_cache(output)
         logits, unfinished = output.logits[:, -1], torch.ones(new_tokens.shape[0], dtype=torch.bool, device=new_tokens.device)
         for step in range(max_new_tokens):
             token = torch.where(unfinished, logits.argmax(dim=-1), torch.full_like(unfinished, pad, dtype=torch.long))
@@ -434,7 +436,7 @@ class DistributedRuntime:
                 input_ids=token[:, None], attention_mask=attention_mask, position_ids=position_ids,
                 use_cache=True, **{_cache_argument(self.model): cache},
             )
-            logits, cache = out.logits[:, -1], getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+            logits, cache = out.logits[:, -1], _output_cache(out)
         return new_tokens
 
     def _broadcast_from_last(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -552,8 +554,10 @@ def _cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _new_cache(model: nn.Module) -> DynamicCache:
-    return DynamicCache()
+def _output_cache(output):
+    """The KV cache of a model output: ``cache`` in recent transformers, ``past_key_values`` before."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 def _model_config_json(model: nn.Module) -> str:
