@@ -70,10 +70,13 @@ def equivalence_worker(rank: int, world_size: int, port: int, out_dir: str) -> N
             batch = case_batch(family)
             with torch.no_grad():
                 simulated = model(**batch).logits
+                with astra.full_precision(model):
+                    unquantized = model(**batch).logits
             for overlap in (True, False):
                 runtime = DistributedRuntime(model, group=group, overlap=overlap, timeout=30)
                 got = runtime(**batch).logits
                 result = {"diff": max_abs_diff(got, simulated, runtime, batch), "traffic": runtime.traffic.to_dict()}
+                result["diff_to_full_precision"] = max_abs_diff(got, unquantized, runtime, batch)
                 result["layout"], result["batch_size"] = runtime.layout.sizes, case_batch(family)["attention_mask"].shape[0]
                 if family == "gpt2" and overlap:
                     generated = runtime.generate(batch["input_ids"], batch["attention_mask"], GENERATED_TOKENS)
