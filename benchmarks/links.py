@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 MODES = ("real", "simulated", "compute")
 
@@ -110,6 +111,10 @@ def _local_nothing(args, kwargs) -> None:
     return None
 
 
+def _local_receive(args, kwargs) -> None:
+    (args[0] if args else kwargs["tensor"]).zero_()  # defined contents: zeros decode to codeword 0
+
+
 # name -> (bytes this rank sends, what the collective does without a network)
 COLLECTIVES = {
     "all_gather": (_all_gather_sent, _local_all_gather),
@@ -118,8 +123,8 @@ COLLECTIVES = {
     "broadcast": (_broadcast_sent, _local_nothing),
     "send": (_send_sent, _local_nothing),
     "isend": (_send_sent, _local_nothing),
-    "recv": (_no_bytes, _local_nothing),
-    "irecv": (_no_bytes, _local_nothing),
+    "recv": (_no_bytes, _local_receive),
+    "irecv": (_no_bytes, _local_receive),
 }
 
 
@@ -147,8 +152,14 @@ def _wrap(name: str, collective):
 
 
 def install() -> None:
-    """Wrap the collectives of ``torch.distributed`` (idempotent). Call before importing code that uses them."""
+    """Wrap the collectives of ``torch.distributed`` (idempotent). Call before importing code that uses them.
+
+    Patched in both ``torch.distributed`` and ``distributed_c10d``, where they are defined:
+    ``batch_isend_irecv`` tells sends from receives by ``op is isend`` against the latter.
+    """
     for name in COLLECTIVES:
-        collective = getattr(dist, name)
+        collective = getattr(c10d, name)
         if not getattr(collective, "__wrapped_by_links__", False):
-            setattr(dist, name, _wrap(name, collective))
+            wrapped = _wrap(name, collective)
+            setattr(c10d, name, wrapped)
+            setattr(dist, name, wrapped)

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from . import links
 from .baselines.sequence_parallel import SequenceParallel
 from .baselines.single import SingleDevice
 from .baselines.tensor_parallel import TensorParallel
@@ -41,6 +42,7 @@ def free_port() -> int:
 
 def _loopback_rank(rank: int, world: int, port: int, cases: list[tuple[str, str]], results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    links.install()  # as in the benchmark: the collectives go through the byte-counting wrappers
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:

@@ -1,0 +1,105 @@
+"""One rank of the latency benchmark: one edge device, a process in its own network namespace.
+
+Started by `benchmarks.run_latency` (``ip netns exec ... taskset -c CORES python -m benchmarks.rank_worker``).
+It joins the gloo group over TCP at rank 0's namespace address, builds the workload (same seed on
+every rank) and its part of the method, then serves commands, one JSON object per stdin line:
+
+    {"mode": "real" | "simulated" | "compute", "mbps": 10, "warmup": 1, "runs": 5}
+
+and answers each with one stdout line ``RESULT {"times": [...], "bytes_sent": [...], ...}``: per
+timed run, the seconds from leaving a barrier to this rank's output, the payload bytes this rank's
+collectives sent, the bytes its network interface sent (wire bytes, headers included) and the
+simulated link's sleep. ``{"quit": true}`` ends it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+from . import links
+
+links.install()  # before anything imports torch.distributed's collectives by name
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from .methods import make_method  # noqa: E402
+from .workloads import build  # noqa: E402
+
+INTERFACE_COUNTER = "/sys/class/net/eth0/statistics/tx_bytes"
+
+
+def wire_bytes() -> int | None:
+    """Bytes sent by this namespace's link so far (None outside a benchmark namespace)."""
+    try:
+        with open(INTERFACE_COUNTER) as f:
+            return int(f.read())
+    except OSError:
+        return None
+
+
+def timed_runs(method, count: int) -> dict:
+    out = {"times": [], "bytes_sent": [], "wire_bytes": [], "slept_s": []}
+    for _ in range(count):
+        dist.barrier()
+        links.STATE.reset()
+        wire_before = wire_bytes()
+        start = time.perf_counter()
+        method.forward()
+        out["times"].append(time.perf_counter() - start)
+        wire_after = wire_bytes()
+        out["bytes_sent"].append(links.STATE.bytes_sent)
+        out["wire_bytes"].append(None if wire_before is None else wire_after - wire_before)
+        out["slept_s"].append(links.STATE.slept_s)
+    return out
+
+
+def serve(method) -> None:
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command.get("quit"):
+            return
+        links.set_mode(command["mode"], command.get("mbps"))
+        for _ in range(command.get("warmup", 0)):
+            dist.barrier()
+            method.forward()
+        result = timed_runs(method, command["runs"])
+        links.set_mode("real", None)
+        print("RESULT " + json.dumps(result), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world", type=int, required=True)
+    parser.add_argument("--master", required=True, help="rank 0's address")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--workload", required=True)
+    parser.add_argument("--method", required=True)
+    parser.add_argument("--groups", type=int, default=32)
+    parser.add_argument("--quantize", default="hidden")
+    parser.add_argument("--threads", type=int, required=True)
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://{args.master}:{args.port}", rank=args.rank, world_size=args.world,
+        timeout=datetime.timedelta(minutes=10),  # a collective at 10 Mbps can take minutes, not hours
+    )
+    try:
+        method = make_method(args.method, groups=args.groups, quantize=args.quantize)
+        method.setup(build(args.workload), args.rank, args.world)
+        cores = sorted(os.sched_getaffinity(0))
+        print("RESULT " + json.dumps({"ready": True, "cores": cores, "threads": torch.get_num_threads()}), flush=True)
+        serve(method)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
