@@ -112,7 +112,8 @@ def embedded_model(task: str, num_devices: int, args: argparse.Namespace, calibr
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(1)
     if task == "gpt2":
-        config = GPT2Config(n_embd=256, n_layer=4, n_head=8, vocab_size=1024, n_positions=512, bos_token_id=1, eos_token_id=2)
+        positions = max(512, args.tokens + args.max_new_tokens)  # room for any --tokens
+        config = GPT2Config(n_embd=256, n_layer=4, n_head=8, vocab_size=1024, n_positions=positions, bos_token_id=1, eos_token_id=2)
         model = GPT2LMHeadModel(config)
         calibration = [{"input_ids": torch.randint(3, config.vocab_size, (8, args.tokens), generator=generator)}]
     else:
