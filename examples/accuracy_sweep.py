@@ -28,7 +28,7 @@ BASE_COMMANDS = {
     "vit": ["--task", "vit", "--layers", "6", "--width", "192", "--epochs", "20", "--save-dtype", "float16"],
     "gpt2": ["--task", "gpt2", "--layers", "6", "--width", "256", "--epochs", "12", "--save-dtype", "float16"],
 }
-FINETUNE_EPOCHS = {"vit": "8", "gpt2": "3"}
+FINETUNE_EPOCHS = {"vit": "1", "gpt2": "3"}
 SAVED_RUNS = ("vit-g32-hidden", "gpt2-g32-hidden")  # fine-tuned checkpoints kept (save_pretrained)
 ABLATIONS = {  # run-name suffix -> finetune_astra.py flags; on top of G=1, hidden, lambda=1, beta=1e-4, DCT
     "naq0": ["--noise-scale", "0"],
@@ -46,6 +46,8 @@ def plan() -> dict[str, list[str]]:
         for task in ("vit", "gpt2"):
             for quantize in ("hidden", "kv"):
                 runs[f"{task}-g{groups}-{quantize}"] = finetune_args(task, ["--groups", groups, "--quantize", quantize])
+    for task in ("vit", "gpt2"):  # the same fine-tuning without ASTRA: what the base gains from more training
+        runs[f"{task}-control"] = finetune_args(task, ["--control"])
     for task in ("vit", "gpt2"):
         for suffix, flags in ABLATIONS.items():
             if suffix == "nodct" and task != "vit":
@@ -159,8 +161,8 @@ def json_row(row: dict) -> dict:
     return {"run": run_name(row), **{key: row[key] for key in keys}}
 
 
-def targets(rows: list[dict]) -> list[str]:
-    """The issue's targets, read off the rows."""
+def targets(rows: list[dict], controls: dict[str, dict]) -> list[str]:
+    """The issue's targets, read off the rows (against the base, and against the control where there is one)."""
     lines = []
     checks = [("vit", 32, "within 0.5 points of base", lambda r: r["value"] - r["base_value"] >= -0.5),
               ("vit", 1, "within 2.5 points of base", lambda r: r["value"] - r["base_value"] >= -2.5),
@@ -169,7 +171,61 @@ def targets(rows: list[dict]) -> list[str]:
         for row in rows:
             if run_name(row) == f"{task}-g{groups}-{row['quantize']}":
                 verdict = "met" if check(row) else "MISSED"
-                lines.append(f"- {task.upper()} G={groups} {row['quantize']}: {goal} -> {change(row)}: **{verdict}**")
+                line = f"- {task.upper()} G={groups} {row['quantize']}: {goal} -> {change(row)}: **{verdict}**"
+                if task in controls:
+                    line += f" (against the control: {change({**row, 'base_value': controls[task]['value']})})"
+                lines.append(line)
+    return lines
+
+
+PREAMBLE = """# Accuracy of ASTRA after NAQ fine-tuning
+
+Written by `examples/accuracy_sweep.py report` from the per-run JSON files of `examples/finetune_astra.py`
+(one per row; the same rows are in `docs/results/accuracy.json`, the controls in `docs/results/controls.json`).
+
+Setup (no pretrained weights can be downloaded here, so the base models were trained here first):
+- ViT: 6 layers, width 192, 3 heads, 4x4 patches on 28x28 Fashion-MNIST (49 patches + CLS), trained from scratch
+  (`train_base.py`, 20 epochs, AdamW 1e-3, cosine, flip/shift augmentation). Metric: test accuracy in percent
+  (10 000 images), through `evaluate` with the offline accuracy module `transformers_astra/metrics/accuracy.py`.
+- GPT2: 6 layers, width 256, 4 heads, context 256, byte-level BPE of 8192 tokens trained here with `tokenizers`
+  on the training split; the King James Bible split by chapter (every 20th chapter test, the one before it
+  validation, the rest train). Metric: perplexity = exp(mean token cross-entropy) on the test split's blocks
+  of 256 tokens (evaluate's "perplexity" metric downloads a model by name, so it cannot score a local model).
+- Base checkpoints are stored in float16 and loaded in float32: the "base" column is that checkpoint
+  re-evaluated by the same script, so it can differ from the training script's float32 number in the last digit.
+- ASTRA: N = 4 devices, K = 1024 codewords (10 bits per code), codebooks initialised by k-means on 8 training
+  batches, learned by gradient, dead-code reset each logging window (`AstraNAQCallback`), λ constant,
+  β = 1e-4, DCT on (ViT), AdamW 2e-4 cosine, no weight decay (so the codebooks do not decay).
+- Fine-tuning budget: ViT 1 epoch of Fashion-MNIST (235 steps of 256 images) against the paper's 32 epochs of
+  CIFAR-100; GPT2 3 epochs of the KJV training split (324 steps of 32 x 256 tokens) against the paper's 1 epoch
+  of WikiText-103. All fine-tunings of one table ran concurrently on one GPU (12 to 17 processes), so the
+  "FT seconds" column is wall time under sharing, not the time of a run alone.
+- "ASTRA before FT" is the patched base model with k-means codebooks only; "change" is after fine-tuning
+  against the base (points for accuracy, percent for perplexity). Bits per token are per layer; compression
+  is against fp32 sequence parallelism (32 D / (10 G) in both modes).
+- Every row is one run with seed 0; no run was repeated, so differences of a few tenths of a point (or of a
+  perplexity) between rows are not established as effects.
+- Data: Debian's `dataset-fashion-mnist` and `bible-kjv-text`. The GPU host has no apt, so the runs there read
+  copies of the same files through `ASTRA_FASHION_MNIST_DIR` and `ASTRA_KJV_TEXT` (`bible -f gen1:1-rev22:21`).
+"""
+
+
+def analysis(rows: list[dict], controls: dict[str, dict]) -> list[str]:
+    """One line per ablation: its change against the G=1 hidden row it varies."""
+    by_name = {run_name(row): row for row in rows}
+    lines = []
+    for name, row in by_name.items():
+        reference = by_name.get("-".join(name.split("-")[:3]))
+        if name.count("-") <= 2 or reference is None:
+            continue
+        difference = row["value"] - reference["value"]
+        unit = "points" if row["metric"] == "accuracy" else "perplexity"
+        lines.append(f"- {name}: {row['metric']} {row['value']:.2f} against {reference['value']:.2f} "
+                     f"({difference:+.2f} {unit}; before fine-tuning {row['value_before_finetune']:.2f} against "
+                     f"{reference['value_before_finetune']:.2f})")
+    for task, control in controls.items():
+        lines.append(f"- {run_name(control)}: the base fine-tuned the same way without ASTRA goes from "
+                     f"{control['base_value']:.2f} to {control['value']:.2f} ({change(control)})")
     return lines
 
 
@@ -179,21 +235,31 @@ def cmd_report(args) -> None:
     if not rows:
         raise SystemExit(f"no results under {out / 'sweep'}")
     (DOCS / "results").mkdir(parents=True, exist_ok=True)
+    controls = {row["task"]: row for row in rows if run_name(row).endswith("-control")}
+    rows = [row for row in rows if not run_name(row).endswith("-control")]
+    (DOCS / "results" / "controls.json").write_text(json.dumps(list(controls.values()), indent=1) + "\n")
     (DOCS / "results" / "accuracy.json").write_text(json.dumps([json_row(row) for row in rows], indent=1) + "\n")
     main_rows = [row for row in rows if run_name(row).count("-") == 2]
     ablation_rows = [row for row in rows if run_name(row).count("-") > 2]
     reference = {task: next(r for r in rows if r["task"] == task and run_name(r) == f"{task}-g1-hidden")
                  for task in ("vit", "gpt2") if any(run_name(r) == f"{task}-g1-hidden" for r in rows)}
-    lines = [args.preamble.read_text().rstrip() + "\n" if args.preamble else "", "## Base models\n",
+    lines = [PREAMBLE, "## Base models\n",
              "| model | dataset | metric (test) | parameters | training seconds | hardware | command |", "|---" * 7 + "|"]
     for name, base in bases.items():
         lines.append(f"| {base['model']} | {base['dataset']} | {base['metric']} {base['value']:.2f} | {base['parameters']:,} "
                      f"| {base['train_seconds']:.0f} | {base['hardware']} | `{base['command']}` |")
+    if controls:
+        lines += ["", "Controls: the base model fine-tuned with the same recipe and budget, without ASTRA "
+                  "(what more training alone gives):", "", "| control | base | after the same fine-tuning | change | command |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {run_name(c)} | {c['base_value']:.2f} | {c['value']:.2f} | {change(c)} | `{c['command']}` |"
+                  for c in controls.values()]
     lines += ["", "## ASTRA fine-tuning, N = 4, K = 1024\n", HEADER, *map(table_row, main_rows)]
     if ablation_rows:
         lines += ["", "## Ablations (G = 1, hidden; one change each from the G=1 hidden row)\n", HEADER]
         lines += [table_row(reference[task]) for task in reference] + list(map(table_row, ablation_rows))
-    lines += ["", "## Targets\n", *targets(rows), "", "## Commands\n",
+    lines += ["", "## Targets\n", *targets(rows, controls), "", "## Ablations and controls, read off the rows\n",
+              *analysis(rows, controls), "", "## Commands\n",
               "Every row above, in order (run from the repository root after the base models exist):", "", "```"]
     lines += [row["command"] for row in rows] + ["```", ""]
     hardware = sorted({row["hardware"] for row in rows})
@@ -218,7 +284,6 @@ def main() -> None:
     run.add_argument("--only", nargs="*", help="run names (see `plan`)")
     report = commands.add_parser("report", help="write docs/results.md and docs/results/accuracy.json")
     report.add_argument("--out", default="outputs")
-    report.add_argument("--preamble", type=Path, help="Markdown put before the tables")
     commands.add_parser("plan", help="print the run names and their arguments")
     args = parser.parse_args()
     if args.command == "plan":

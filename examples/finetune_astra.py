@@ -45,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--commitment-weight", type=float, default=1e-4, help="beta")
     parser.add_argument("--no-distributed-cls", action="store_true", help="vit: one class token (no DCT)")
     parser.add_argument("--no-dead-code-reset", action="store_true")
+    parser.add_argument("--control", action="store_true",
+                        help="fine-tune the unpatched model with the same recipe (the fair reference for ASTRA rows)")
     parser.add_argument("--epochs", type=float, default=None, help="default: vit 5, gpt2 2")
     parser.add_argument("--batch-size", type=int, default=None, help="default: vit 256, gpt2 32")
     parser.add_argument("--lr", type=float, default=None, help="default: vit 2e-4, gpt2 2e-4")
@@ -114,16 +116,18 @@ def main(argv=None) -> dict:
         noise_schedule=args.noise_schedule, reset_dead_codes=not args.no_dead_code_reset, seed=args.seed
     )
     trainer = Trainer(
-        model=model, args=training_args, train_dataset=train, callbacks=[callback],
+        model=model, args=training_args, train_dataset=train, callbacks=None if args.control else [callback],
         **tasks.task_trainer_kwargs(args.task, collator),
     )
     base_value = tasks.evaluate_task(trainer, args.task, test)
 
     config = astra_config(args)
-    astra.patch(model, config)
-    # K-means now (the callback would do it at train start) so that the table can show ASTRA before fine-tuning.
-    astra.calibrate(model, calibration_batches(trainer, args.calibration_batches), max_samples=8192, seed=args.seed)
-    before_value = tasks.evaluate_task(trainer, args.task, test)
+    before_value = None
+    if not args.control:
+        astra.patch(model, config)
+        # K-means now (the callback would do it at train start) so that the table can show ASTRA before fine-tuning.
+        astra.calibrate(model, calibration_batches(trainer, args.calibration_batches), max_samples=8192, seed=args.seed)
+        before_value = tasks.evaluate_task(trainer, args.task, test)
 
     start = time.perf_counter()
     trainer.train()
@@ -139,7 +143,7 @@ def main(argv=None) -> dict:
         "N": args.num_devices,
         "G": args.groups,
         "K": args.codebook_size,
-        "quantize": args.quantize,
+        "quantize": "none (control)" if args.control else args.quantize,
         "noise_scale": args.noise_scale,
         "noise_schedule": args.noise_schedule,
         "distributed_cls": config.distributed_cls,
@@ -148,8 +152,8 @@ def main(argv=None) -> dict:
         "value": value,
         "value_before_finetune": before_value,
         "base_value": base_value,
-        "bits_per_token": config.bits_per_token,
-        "compression_ratio": config.compression_ratio(hidden_size),
+        "bits_per_token": None if args.control else config.bits_per_token,
+        "compression_ratio": None if args.control else config.compression_ratio(hidden_size),
         "hidden_size": hidden_size,
         "epochs": args.epochs,
         "train_steps": trainer.state.global_step,
