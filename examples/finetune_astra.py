@@ -77,17 +77,19 @@ def astra_config(args) -> astra.AstraConfig:
 
 
 def build(args):
-    """(base model, collator or None, train set, test set)."""
+    """(base model, collator or None, train set, test set, tokenizer or None)."""
     dataset = tasks.load_task_dataset(args.task, args.dataset, args.dataset_config)
     dataset["train"] = tasks.first_rows(dataset["train"], args.max_train_samples)
     model = tasks.load_pretrained(args.task, args.base, dataset)
     if args.task == "vit":
         train, test, collator = tasks.image_datasets(dataset, model.config)
+        tokenizer = None
     else:
-        blocks = tasks.lm_datasets(dataset, tasks.load_tokenizer(args.base), model.config.n_positions)
+        tokenizer = tasks.load_tokenizer(args.base)
+        blocks = tasks.lm_datasets(dataset, tokenizer, model.config.n_positions)
         train, test, collator = blocks["train"], blocks["test"], None
     test = tasks.first_rows(test, args.max_eval_samples)
-    return model, collator, train, test
+    return model, collator, train, test, tokenizer
 
 
 def calibration_batches(trainer: Trainer, count: int) -> list:
@@ -107,7 +109,7 @@ def last_code_stats(log_history: list[dict]) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     set_seed(args.seed)
-    model, collator, train, test = build(args)
+    model, collator, train, test, tokenizer = build(args)
     output_dir = Path(args.output_dir)
     training_args = tasks.training_arguments(
         str(output_dir / "trainer"), args.epochs, args.batch_size, args.lr, args.weight_decay, args.workers, args.seed
@@ -135,6 +137,8 @@ def main(argv=None) -> dict:
     value = tasks.finite(tasks.evaluate_task(trainer, args.task, test))
     if args.save:
         model.to(getattr(torch, args.save_dtype)).save_pretrained(output_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(output_dir)
     hidden_size = model.config.hidden_size
     result = {
         "model": str(args.base),
