@@ -161,20 +161,38 @@ def json_row(row: dict) -> dict:
     return {"run": run_name(row), **{key: row[key] for key in keys}}
 
 
+TARGETS = [  # (task, G, goal, allowed drop: accuracy points, or perplexity increase as a fraction)
+    ("vit", 32, "within 0.5 points of base", 0.5),
+    ("vit", 1, "within 2.5 points of base", 2.5),
+    ("gpt2", 32, "perplexity within +8% of base", 0.08),
+]
+
+
+def shortfall(row: dict, allowed: float) -> float:
+    """How far a row is past its target (<= 0: met); points for accuracy, a fraction for perplexity."""
+    if row["metric"] == "accuracy":
+        return (row["base_value"] - row["value"]) - allowed
+    return row["value"] / row["base_value"] - 1 - allowed
+
+
 def targets(rows: list[dict], controls: dict[str, dict]) -> list[str]:
     """The issue's targets, read off the rows (against the base, and against the control where there is one)."""
     lines = []
-    checks = [("vit", 32, "within 0.5 points of base", lambda r: r["value"] - r["base_value"] >= -0.5),
-              ("vit", 1, "within 2.5 points of base", lambda r: r["value"] - r["base_value"] >= -2.5),
-              ("gpt2", 32, "perplexity within +8% of base", lambda r: r["value"] <= 1.08 * r["base_value"])]
-    for task, groups, goal, check in checks:
+    for task, groups, goal, allowed in TARGETS:
         for row in rows:
-            if run_name(row) == f"{task}-g{groups}-{row['quantize']}":
-                verdict = "met" if check(row) else "MISSED"
-                line = f"- {task.upper()} G={groups} {row['quantize']}: {goal} -> {change(row)}: **{verdict}**"
-                if task in controls:
-                    line += f" (against the control: {change({**row, 'base_value': controls[task]['value']})})"
-                lines.append(line)
+            if run_name(row) != f"{task}-g{groups}-{row['quantize']}":
+                continue
+            gap = shortfall(row, allowed)
+            unit = " points" if row["metric"] == "accuracy" else ""
+            verdict = "met" if gap <= 0 else f"MISSED by {gap:.2f}{unit}" if unit else f"MISSED by {100 * gap:.1f}%"
+            line = f"- {task.upper()} G={groups} {row['quantize']}: {goal} -> {change(row)}: **{verdict}**"
+            if task in controls:
+                line += f" (against the control: {change({**row, 'base_value': controls[task]['value']})})"
+            variants = [r for r in rows if run_name(r).startswith(run_name(row) + "-")]
+            if gap > 0 and variants:
+                best = min(variants, key=lambda r: shortfall(r, allowed))
+                line += f"; best ablation variant of this row: {run_name(best)} {change(best)}"
+            lines.append(line)
     return lines
 
 
@@ -207,6 +225,15 @@ Setup (no pretrained weights can be downloaded here, so the base models were tra
   perplexity) between rows are not established as effects.
 - Data: Debian's `dataset-fashion-mnist` and `bible-kjv-text`. The GPU host has no apt, so the runs there read
   copies of the same files through `ASTRA_FASHION_MNIST_DIR` and `ASTRA_KJV_TEXT` (`bible -f gen1:1-rev22:21`).
+"""
+
+
+TARGET_NOTES = """Notes. The base models were trained here for a few minutes and are not converged: the controls show
+what the same fine-tuning does without ASTRA, and the GPT2 rows that beat their base owe that to the extra
+training, so compare them with the control. The GPU allotment of this work (about 16 device-minutes in two
+calls, one H200) allowed one fine-tuning budget per task, far below the paper's (see Setup); every variant
+tried for a missed target is a row of the ablation table (quantize mode, NAQ λ, β, DCT). A longer run on the
+2-core CPU of the development machine was started and abandoned as too slow to finish in the session.
 """
 
 
@@ -258,7 +285,7 @@ def cmd_report(args) -> None:
     if ablation_rows:
         lines += ["", "## Ablations (G = 1, hidden; one change each from the G=1 hidden row)\n", HEADER]
         lines += [table_row(reference[task]) for task in reference] + list(map(table_row, ablation_rows))
-    lines += ["", "## Targets\n", *targets(rows, controls), "", "## Ablations and controls, read off the rows\n",
+    lines += ["", "## Targets\n", *targets(rows, controls), "", TARGET_NOTES, "## Ablations and controls, read off the rows\n",
               *analysis(rows, controls), "", "## Commands\n",
               "Every row above, in order (run from the repository root after the base models exist):", "", "```"]
     lines += [row["command"] for row in rows] + ["```", ""]
