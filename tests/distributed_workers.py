@@ -116,38 +116,40 @@ def fault_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         except (ValueError, RuntimeError) as error:
             outcomes[name] = (f"{type(error).__name__}: {error}", time.monotonic() - started)
 
+    def runtime_of(model, group):
+        dist.barrier()  # start the handshake together: model building must not eat into the short timeout
+        return DistributedRuntime(model, group=group, timeout=timeout)
+
     batch = gpt2_batch(batch=1, length=8)
-    attempt("world size", lambda: DistributedRuntime(build_model("gpt2", 3), group=main, timeout=timeout))
-    attempt("config", lambda: DistributedRuntime(build_model("gpt2", 2, groups=4 if rank == 0 else 8), group=main, timeout=timeout))
+    attempt("world size", lambda: runtime_of(build_model("gpt2", 3), main))
+    attempt("config", lambda: runtime_of(build_model("gpt2", 2, groups=4 if rank == 0 else 8), main))
 
     def different_codebook():
         model = build_model("gpt2", 2)
         if rank == 1:
             with torch.no_grad():
                 astra.quantizers(model)[1].codebook[0, 0, 0] += 1e-3
-        DistributedRuntime(model, group=main, timeout=timeout)
+        runtime_of(model, main)
 
     attempt("codebooks", different_codebook)
 
     def different_inputs():
-        runtime = DistributedRuntime(build_model("gpt2", 2), group=main, timeout=timeout)
+        runtime = runtime_of(build_model("gpt2", 2), main)
         runtime(**(batch if rank == 0 else gpt2_batch(batch=1, length=8, seed=5)))
 
     attempt("inputs", different_inputs)
 
     def stalled_rank():
-        runtime = DistributedRuntime(build_model("gpt2", 2), group=stalled, timeout=timeout)
+        runtime = runtime_of(build_model("gpt2", 2), stalled)
         if rank == 1:
-            time.sleep(3 * timeout)  # never joins the forward
+            time.sleep(2 * timeout)  # never joins the forward
             return
         runtime(**batch)
 
     attempt("stalled", stalled_rank)
-    dist.barrier()  # rank 0 gave up on the stalled rank; wait until it is awake again
-
 
     def dead_rank():
-        runtime = DistributedRuntime(build_model("gpt2", 2), group=dying, timeout=timeout)
+        runtime = runtime_of(build_model("gpt2", 2), dying)  # the barrier also waits for the stalled rank to wake
         if rank == 1:
             torch.save(outcomes, os.path.join(out_dir, f"rank{rank}.pt"))
             os._exit(3)  # dies between the handshake and the forward

@@ -20,6 +20,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from transformers_astra.attention import attend
+from transformers_astra.distributed import (
+    DistributedRuntime,
+    code_receivers,
+    code_sources,
+    merge_partials,
+    partial_attention,
+)
+
 TOL = 1e-4
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_TIMEOUT_S = 120
@@ -45,6 +54,32 @@ def launch(worker, world_size: int, out_dir: Path) -> list[dict]:
         processes[rank].kill()
     assert not hung, f"ranks {hung} did not finish within {LAUNCH_TIMEOUT_S}s"
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
+
+
+def test_partial_attentions_merge_into_one_masked_attention():
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(2, 3, 5, 4, generator=generator) for _ in range(3))
+    allowed = torch.rand(2, 1, 5, 5, generator=generator) > 0.4
+    allowed[0, 0, 1] = False  # a query with no key at all: zeros, as `attend` gives
+    allowed[1, 0, 2, :2] = False  # a query with no key in the first part only
+    first = partial_attention(query, key[:, :, :2], value[:, :, :2], allowed[..., :2], 0.5)
+    second = partial_attention(query, key[:, :, 2:], value[:, :, 2:], allowed[..., 2:], 0.5)
+    merged = merge_partials(first, second).transpose(1, 2)
+    expected, _ = attend(query, key, value, allowed, 0.5, 0.0, False)
+    assert torch.allclose(merged, expected, atol=1e-6)
+    assert torch.all(merged[0, 1] == 0)
+
+
+def test_who_sends_codes_to_whom():
+    assert code_receivers(4, 1, causal=True) == [2, 3] and code_sources(4, 1, causal=True) == [0]
+    assert code_receivers(4, 3, causal=True) == [] and code_sources(4, 3, causal=True) == [0, 1, 2]
+    assert code_receivers(3, 1, causal=False) == [0, 2] == code_sources(3, 1, causal=False)
+
+
+def test_runtime_without_a_process_group_is_a_clear_error():
+    model = workers.build_model("gpt2", 2)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        DistributedRuntime(model)
 
 
 @pytest.fixture(scope="module")

@@ -57,6 +57,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from .attention import attend, merge_heads, split_heads
+from .models.vit import distributed_cls_layout, spread_index
 from .packing import pack, packed_size, unpack
 from .patch import astra_state, quantizers
 from .sharding import ShardLayout
@@ -152,6 +153,7 @@ class DistributedRuntime:
         self.traffic = Traffic()
         self.layout: ShardLayout | None = None
         self._key_mask: torch.Tensor | None = None  # (B, T) global padding mask, True = real token
+        self._layer_masks: tuple[torch.Tensor, torch.Tensor] | None = None
         self._keep_cache = False
         self._hooks = self._install_hooks()
         self._handshake()
@@ -173,7 +175,7 @@ class DistributedRuntime:
             raise ValueError("output_attentions is not supported by DistributedRuntime")
         if self.state.full_precision:
             raise ValueError("DistributedRuntime always sends codes; leave the astra.full_precision context first")
-        self.traffic = Traffic()
+        self.traffic, self._layer_masks = Traffic(), None
         if self.check_inputs:
             self._check_same_inputs(inputs)
         with self._active():
@@ -190,6 +192,8 @@ class DistributedRuntime:
         """
         if not self.causal:
             raise ValueError("generate needs a causal language model (GPT2)")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         # Position ids as `model.generate` derives them from the padding mask.
@@ -231,8 +235,6 @@ class DistributedRuntime:
     def _forward_vit(self, pixel_values: torch.Tensor, attention_mask=None, **kwargs):
         if not self.config.distributed_cls:
             raise ValueError("DistributedRuntime supports ViT with distributed_cls=True (each rank pools its CLS copy)")
-        from .models.vit import distributed_cls_layout, spread_index
-
         num_patches = self.model.base_model.embeddings.patch_embeddings.num_patches
         self.layout = distributed_cls_layout(self.state, num_patches)
         self._key_mask = None
@@ -307,7 +309,9 @@ class DistributedRuntime:
         else:
             sent, layer.pending_input = layer.pending_input, None
         exchange = self._start_code_exchange(module.astra_quantizer, sent)
-        local_allowed, remote_allowed = self._masks(query.device)
+        if self._layer_masks is None:  # the same for every layer of one forward
+            self._layer_masks = self._masks(query.device)
+        local_allowed, remote_allowed = self._layer_masks
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         if self.overlap:  # the exact part runs while the codes travel
             local = partial_attention(query, key, value, local_allowed, scale)
