@@ -175,3 +175,13 @@ def test_quantized_generation_continues_from_the_last_device_view():
     assert generated[0, -1] == next_token[0, 0]
     assert torch.isfinite(step).all()
     assert main_output(prefill).shape[1] == 9
+
+
+def test_training_after_an_inference_mode_forward():
+    # Masks and indices cached during an inference-mode forward must not poison later training steps.
+    batch = vit_batch(batch=2)
+    model = train_step_model(ViTForImageClassification, tiny_vit_config, batch, num_devices=3, groups=4, codebook_size=8)
+    with torch.inference_mode():
+        model.eval()(**batch)
+    model.train()(**batch).logits.sum().backward()
+    assert astra.quantizers(model)[0].codebook.grad is not None

@@ -88,9 +88,14 @@ def boolean_mask(attention_mask, q_len: int, k_len: int, is_causal: bool, device
 
 @functools.lru_cache(maxsize=64)
 def same_shard(layout: ShardLayout, device: torch.device) -> torch.Tensor:
-    """(T, T) boolean: query and key on the same device. Cached: the layout repeats in every layer."""
-    ids = layout.shard_ids(device)
-    return ids[:, None] == ids[None, :]
+    """(T, T) boolean: query and key on the same device. Cached: the layout repeats in every layer.
+
+    Built outside inference mode even when first asked for inside it: an inference tensor in the cache
+    would break every later forward that autograd records.
+    """
+    with torch.inference_mode(False):
+        ids = layout.shard_ids(device)
+        return ids[:, None] == ids[None, :]
 
 
 def attend(query, keys, values, allowed, scaling, dropout, want_weights):

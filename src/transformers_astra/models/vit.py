@@ -51,7 +51,8 @@ def spread_index(layout: ShardLayout, device: torch.device) -> torch.Tensor:
         index.append(0)
         index.extend(range(next_patch, next_patch + size - 1))
         next_patch += size - 1
-    return torch.tensor(index, device=device)
+    with torch.inference_mode(False):  # cached: must stay usable by forwards that autograd records
+        return torch.tensor(index, device=device)
 
 
 def _spread_class_token(state):
