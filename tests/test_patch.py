@@ -179,8 +179,14 @@ def test_quantized_generation_continues_from_the_last_device_view():
 
 def test_training_after_an_inference_mode_forward():
     # Masks and indices cached during an inference-mode forward must not poison later training steps.
+    from transformers_astra.attention import same_shard
+    from transformers_astra.models.vit import spread_index
+
+    model, _ = make_pair(ViTForImageClassification, tiny_vit_config())
+    astra.patch(model, num_devices=3, groups=4, codebook_size=8)
+    same_shard.cache_clear()
+    spread_index.cache_clear()
     batch = vit_batch(batch=2)
-    model = train_step_model(ViTForImageClassification, tiny_vit_config, batch, num_devices=3, groups=4, codebook_size=8)
     with torch.inference_mode():
         model.eval()(**batch)
     model.train()(**batch).logits.sum().backward()
