@@ -534,11 +534,24 @@ class _PointToPointExchange(_CodeExchange):
         return [self.runtime._unpack(self.buffers[s], s) for s in self.sources]
 
 
+# The CPU flash kernel behind SDPA, which also returns the log-sum-exp (torch's own op, private name).
+_FUSED_CPU_ATTENTION = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
 def partial_attention(query, key, value, allowed, scale):
     """Attention over a subset of the keys: (output, log-sum-exp), mergeable with `merge_partials`.
 
-    A query with no allowed key in this subset gets output 0 and log-sum-exp -inf.
+    A query with no allowed key in this subset gets output 0 and log-sum-exp -inf. On CPU this is one
+    fused kernel (SDPA's flash kernel, which returns the log-sum-exp too); elsewhere explicit scores.
     """
+    no_key = ~allowed.any(dim=-1, keepdim=True)
+    if key.shape[2] == 0:
+        lse = torch.full((*query.shape[:-1], 1), float("-inf"), dtype=torch.float32, device=query.device)
+        return query.new_zeros(*query.shape[:-1], value.shape[-1]), lse
+    if query.device.type == "cpu" and _FUSED_CPU_ATTENTION is not None:
+        bias = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(~allowed, float("-inf"))
+        output, lse = _FUSED_CPU_ATTENTION(query, key, value, 0.0, False, attn_mask=bias, scale=scale)
+        return output, lse.unsqueeze(-1).masked_fill(no_key, float("-inf"))
     scores = torch.matmul(query, key.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
@@ -551,7 +564,8 @@ def merge_partials(first, second):
     (out_a, lse_a), (out_b, lse_b) = first, second
     lse = torch.logaddexp(lse_a, lse_b)
     lse = lse.masked_fill(torch.isinf(lse), 0.0)
-    return out_a * torch.exp(lse_a - lse) + out_b * torch.exp(lse_b - lse)
+    merged = out_a * torch.exp(lse_a - lse) + out_b * torch.exp(lse_b - lse)
+    return merged.to(out_a.dtype)
 
 
 def _cache_argument(model: nn.Module) -> str:
