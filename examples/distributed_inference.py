@@ -234,7 +234,10 @@ def report(result: dict) -> None:
     print(f"ASTRA distributed inference: task={result['task']}, N={result['N']} processes ({result['backend']}, "
           f"{result['device']}), G={result['G']}, K={result['K']} ({bits}-bit codes), quantize={result['quantize']}")
     print(f"input: {result['batch_size']} x {result['tokens']} tokens, shards {result['shard_sizes']}; model: {result['model']}")
-    print(f"prediction: {result['prediction']}")
+    prediction = result["prediction"]
+    what = "greedy next tokens" if "next_tokens" in prediction else "classes"
+    predicted = prediction.get("next_tokens", prediction.get("classes"))
+    print(f"prediction ({what}): {predicted}; same as the single-process simulation: {prediction['matches_simulation']}")
     print(f"max |distributed - single-process simulation| = {result['max_abs_diff_vs_simulation']:.2e}")
     print(f"latency per forward: {result['latency_s'] * 1e3:.1f} ms with overlap, "
           f"{result['latency_no_overlap_s'] * 1e3:.1f} ms without (median of {result['repeats']})")

@@ -18,8 +18,11 @@ API
 - ``DistributedRuntime(model, group=None, overlap=True, timeout=60.0, check_inputs=True)``. ``group``: the
   process group whose size must equal ``num_devices`` (default: the default group). ``overlap``: attend
   to the local keys while the codes are in flight. ``timeout``: seconds any rank waits for any exchange
-  before raising (a dead or stalled rank). Construction runs a checksum handshake (AstraConfig, model
-  config, weights, codebooks) and raises ValueError naming what differs.
+  before raising (a dead or stalled rank). ``check_inputs``: compare a hash of every call's inputs
+  across ranks first (one 48-byte all_gather; ValueError naming the input that differs). Construction
+  runs a checksum handshake (AstraConfig, model config, weights, codebooks) and raises ValueError
+  naming what differs. Inference only; ``runtime.layout`` is the `ShardLayout` of the latest call and
+  ``runtime.traffic`` its bytes; ``close()`` removes the runtime's hooks.
 - ``runtime(**inputs)``: the model's output for this rank's shard. GPT2: ``logits`` (B, T_r, V) of the
   shard's tokens with global positions; the next-token logits are ``logits[:, -1]`` on the last rank
   (``runtime.is_last``). ViT (distributed class tokens): every rank returns the same pooled CLS, so the
@@ -30,7 +33,7 @@ API
 - ``runtime.traffic``: `Traffic` of the latest call: ``sent``/``received`` bytes by kind ("codes",
   "padding", "pooling", "control"), ``code_bytes_per_layer`` and ``full_precision_bytes`` (what
   full-precision sequence parallelism would have sent from this rank in the same exchanges).
-- ``expected_code_bytes(config, layout, rank, batch_size, num_layers)``: the formula the traffic obeys.
+- ``expected_code_bytes(config, layout, rank, batch_size, num_layers, causal)``: the formula the traffic obeys.
 
 Exchanges (one per layer). Bidirectional models (ViT): an all_gather; shards may be uneven, so every
 payload is padded to the largest one (gloo has no all_to_all) and the pad is counted as "padding".
