@@ -1,6 +1,6 @@
 """Distributed ASTRA inference: one process per device, each holding only its shard of the tokens.
 
-    accelerate launch --cpu --num_processes 2 examples/distributed_inference.py --task gpt2
+    accelerate launch --multi_gpu --num_processes 2 examples/distributed_inference.py --task gpt2   # CPU too
     torchrun --nproc_per_node 2 examples/distributed_inference.py --task vit --json result.json
     python examples/distributed_inference.py --task gpt2 --num-processes 3     # starts 3 local processes
 
@@ -60,25 +60,14 @@ def launched_world_size() -> int | None:
     return None
 
 
-def accelerate_num_processes() -> int | None:
-    """``--num_processes`` of the `accelerate launch` that started us as one process.
+def started_by_accelerate_alone() -> bool:
+    """True when `accelerate launch` ran this script as a single process with no process group.
 
-    Without a config file, ``accelerate launch --cpu --num_processes N`` runs the script once (its CPU
-    multi-process launcher needs mpirun), so the script reads N from its parent's command line and starts
-    the N processes itself.
+    Without a config file, ``accelerate launch --cpu --num_processes N`` (and ``--num_processes N`` on a
+    machine with no GPU) starts the script once: accelerate's CPU multi-process launcher needs mpirun.
+    ``accelerate launch --multi_gpu --num_processes N`` uses torchrun and works on CPU (gloo) as well.
     """
-    try:
-        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
-    except OSError:
-        return None
-    if not any("accelerate" in part for part in parent[:3]):  # `accelerate ...` or `python -m accelerate...`
-        return None
-    for i, part in enumerate(parent):
-        if part.startswith("--num_processes="):
-            return int(part.split("=", 1)[1])
-        if part == "--num_processes" and i + 1 < len(parent):
-            return int(parent[i + 1])
-    return None
+    return any(name.startswith("ACCELERATE_") for name in os.environ)
 
 
 def spawn_locally(args: argparse.Namespace, num_processes: int) -> None:
@@ -254,8 +243,15 @@ def main(argv=None) -> None:
     if launched_world_size() is not None:
         run(args)
         return
-    num_processes = args.num_processes or accelerate_num_processes() or 2
-    spawn_locally(args, num_processes)
+    if started_by_accelerate_alone() and args.num_processes is None:
+        sys.exit(
+            "accelerate launch started a single process with no process group (without a config file, "
+            "`--cpu --num_processes N` does not start N processes). Use\n"
+            "  accelerate launch --multi_gpu --num_processes N examples/distributed_inference.py ...   (gloo on CPU)\n"
+            "  torchrun --nproc_per_node N examples/distributed_inference.py ...\n"
+            "or run it with python and --num-processes N to start N local processes."
+        )
+    spawn_locally(args, args.num_processes or 2)
 
 
 if __name__ == "__main__":

@@ -182,10 +182,19 @@ def test_faults_are_clear_errors_not_hangs(fault_outcomes, scenario, ranks, expe
 
 LAUNCHERS = {
     "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "{port}"],
-    # Without a config file `accelerate launch --cpu` runs the script once; the example starts the 2 processes.
-    "accelerate": ["-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-                   "--mixed_precision", "no", "--dynamo_backend", "no"],
+    # `--multi_gpu` makes accelerate start the processes through torchrun; with no GPU they use gloo.
+    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "{port}"],
 }
+
+
+def test_accelerate_single_process_launch_is_a_clear_error(tmp_path):
+    # Without a config file `accelerate launch --cpu --num_processes 2` runs the script once, with no group.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines",
+               "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "examples" / "distributed_inference.py")]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, cwd=tmp_path)
+    assert completed.returncode != 0
+    assert "accelerate launch --multi_gpu --num_processes N" in completed.stderr
 
 
 @pytest.mark.parametrize("launcher, task", [("torchrun", "vit"), ("accelerate", "gpt2")])
