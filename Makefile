@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.astra-installed
 
-.PHONY: install demo test test-oldest clean
+.PHONY: install data demo test test-oldest clean
 
 install: $(STAMP)
 
@@ -23,10 +23,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
+# Main job: distributed ASTRA inference, 2 CPU processes (gloo), embedded default model, offline.
 demo: $(STAMP)
-	$(PY) examples/quickstart.py
+	$(VENV)/bin/accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
+		--dynamo_backend no examples/distributed_inference.py --task gpt2 --cpu
 
-test: $(STAMP)
+# Offline datasets from Debian (Fashion-MNIST, KJV Bible) for the examples and the tests that read them.
+# Where apt is not available the tests that need them are skipped, saying which package is missing.
+data:
+	sh scripts/install-data.sh || echo "warning: could not install the Debian datasets; tests needing them will be skipped"
+
+test: $(STAMP) data
 	$(PY) -m pytest tests
 
 # The same suite against the oldest supported transformers (CI runs both ends of the range).
@@ -38,7 +45,7 @@ $(OLDEST_VENV)/.astra-installed: pyproject.toml
 	$(OLDEST_VENV)/bin/python -m pip install -q -e ".[test]" "transformers==5.9.0"
 	touch $@
 
-test-oldest: $(OLDEST_VENV)/.astra-installed
+test-oldest: $(OLDEST_VENV)/.astra-installed data
 	$(OLDEST_VENV)/bin/python -m pytest tests
 
 clean:
