@@ -3,6 +3,10 @@
 Codebooks keep their random initialisation (every rank gets the same from the shared seed): the
 latency of encode, exchange and decode does not depend on the codewords' values. The runtime's
 per-call input check (one small all_gather) is off, as a deployed pipeline would not pay it per request.
+
+``overlap=False``: on one CPU thread the runtime's overlapped path (two unfused partial attentions merged
+by log-sum-exp) made the last rank's GPT2 prefill 2.0-2.2 s against 1.45-1.6 s for one fused SDPA
+over [own | received] keys (N=2, compute only; `benchmarks.profile_astra` measures both).
 """
 
 from __future__ import annotations
@@ -18,13 +22,14 @@ from .workloads import Workload
 class AstraMethod:
     name = "astra"
 
-    def __init__(self, groups: int = 32, quantize: str = "hidden"):
+    def __init__(self, groups: int = 32, quantize: str = "hidden", overlap: bool = False):
         self.config = astra.AstraConfig(groups=groups, quantize=quantize)
+        self.overlap = overlap
 
     def setup(self, workload: Workload, rank: int, world: int) -> None:
         self.workload, self.rank, self.world = workload, rank, world
         astra.patch(workload.model, self.config.replace(num_devices=world))
-        self.runtime = DistributedRuntime(workload.model, check_inputs=False, timeout=1800.0)
+        self.runtime = DistributedRuntime(workload.model, overlap=self.overlap, check_inputs=False, timeout=1800.0)
         # Prefill: only the last token's logits (the runtime passes extra keyword arguments to the model).
         self.extra = {"logits_to_keep": 1} if workload.causal else {}
 

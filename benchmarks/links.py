@@ -5,7 +5,8 @@
 
 - ``real``: the collective runs as is over the (tc-shaped) sockets; only its bytes are counted.
 - ``simulated``: the paper's method. The collective runs over an unshaped link, then the rank
-  sleeps ``bytes sent / bandwidth``.
+  sleeps ``bytes / bandwidth``: the bytes it sends, or for a point-to-point receive the bytes it
+  receives (links are full duplex, so a symmetric collective costs its sent bytes).
 - ``compute``: no network. Collectives return local data of the right shape at once, so a run
   times the per-rank compute alone: the ceiling that non-local work puts on the speed-up.
 
@@ -56,6 +57,31 @@ class _DoneWork:
 
     def is_completed(self) -> bool:
         return True
+
+
+class _SleepAfterWork:
+    """An async collective's Work that, once complete, also spends the simulated link's transfer time."""
+
+    def __init__(self, work, pause: float):
+        self.work, self.pause = work, pause
+
+    def wait(self, *args, **kwargs):
+        result = self.work.wait(*args, **kwargs)
+        if self.pause:
+            _sleep(self.pause)
+            self.pause = 0.0
+        return result
+
+    def is_completed(self) -> bool:
+        return self.work.is_completed() and not self.pause
+
+    def __getattr__(self, name):
+        return getattr(self.work, name)
+
+
+def _sleep(seconds: float) -> None:
+    STATE.slept_s += seconds
+    time.sleep(seconds)
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -135,16 +161,17 @@ def _wrap(name: str, collective):
     def wrapper(*args, **kwargs):
         sent = count_sent(args, kwargs)
         STATE.bytes_sent += sent
+        # Simulated transfer time: what this rank puts on its link, or for a receive what arrives on it.
+        on_link = _send_sent(args, kwargs) if name in ("recv", "irecv") else sent
         if STATE.mode == "compute":
             run_locally(args, kwargs)
             return _DoneWork() if kwargs.get("async_op") or name.startswith("i") else None
         result = collective(*args, **kwargs)
-        if STATE.mode == "simulated" and sent:
+        if STATE.mode == "simulated" and on_link:
+            pause = on_link * 8 / (STATE.mbps * 1e6)
             if result is not None and hasattr(result, "wait"):
-                result.wait()
-            pause = sent * 8 / (STATE.mbps * 1e6)
-            STATE.slept_s += pause
-            time.sleep(pause)
+                return _SleepAfterWork(result, pause)  # a gloo Work must be waited on once, by its owner
+            _sleep(pause)
         return result
 
     wrapper.__wrapped_by_links__ = True

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import fcntl
 import json
 import shutil
 import signal
@@ -28,6 +29,7 @@ from contextlib import AbstractContextManager
 PREFIX = "astra-"
 BRIDGE = f"{PREFIX}br"
 SUBNET = "10.77.0"
+LOCK_PATH = "/tmp/astra-bench-netns.lock"
 # tbf queue: enough for a few TCP windows so the shaped rate is reached, small enough that a
 # 10 Mbps link does not hold seconds of data (queue delay = limit / rate).
 QUEUE_LATENCY_MS = 100
@@ -82,6 +84,12 @@ class Topology(AbstractContextManager):
 
     def __enter__(self) -> "Topology":
         require_tools()
+        self._lock = open(LOCK_PATH, "w")
+        try:  # one benchmark at a time: the start-up cleanup would tear down a running one's links
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise RuntimeError(f"another benchmark holds {LOCK_PATH}; wait for it to end") from None
         cleanup()  # leftovers of an earlier killed run would make `ip link add` fail
         atexit.register(cleanup)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -97,6 +105,7 @@ class Topology(AbstractContextManager):
     def __exit__(self, *exc) -> None:
         cleanup()
         self._up = False
+        self._lock.close()  # releases the lock
 
     def _create(self) -> None:
         sh("ip", "link", "add", BRIDGE, "type", "bridge")

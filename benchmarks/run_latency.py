@@ -80,13 +80,13 @@ def cores_of(rank: int, cores_per_rank: int) -> list[int]:
 class Ranks:
     """The N worker processes of one method, each in its namespace; killed on exit whatever happens."""
 
-    def __init__(self, variant: Variant, workload: str, world: int, cores_per_rank: int, port: int):
+    def __init__(self, variant: Variant, workload: str, world: int, cores_per_rank: int, port: int, nice: int = 0):
         LOG_DIR.mkdir(exist_ok=True)
         self.processes, self.logs = [], []
         for rank in range(world):
             cores = ",".join(map(str, cores_of(rank, cores_per_rank)))
             command = netns.in_namespace(
-                rank, "taskset", "-c", cores, sys.executable, "-m", "benchmarks.rank_worker",
+                rank, "nice", "-n", str(nice), "taskset", "-c", cores, sys.executable, "-m", "benchmarks.rank_worker",
                 "--rank", str(rank), "--world", str(world), "--master", netns.address(0), "--port", str(port),
                 "--workload", workload, "--method", variant.method, "--threads", str(cores_per_rank),
                 "--groups", str(variant.groups or 1), "--quantize", variant.quantize or "hidden",
@@ -203,7 +203,7 @@ def measure_row(ranks: Ranks, mode: str, mbps, runs: int, budget_s: float, predi
 def row_command(args, variant: Variant, world: int, link: str, mbps) -> str:
     parts = ["python -m benchmarks.run_latency", f"--workload {args.workload}", f"--n {world}",
              f"--methods {variant.method}", f"--links {link}", f"--runs {args.runs}",
-             f"--cores-per-rank {args.cores_per_rank}", f"--row-budget-s {args.row_budget_s:g}"]  # fmt: skip
+             f"--cores-per-rank {args.cores_per_rank}", f"--row-budget-s {args.row_budget_s:g}", f"--nice {args.nice}"]  # fmt: skip
     if variant.groups is not None:
         parts += [f"--groups {variant.groups}", f"--quantize {variant.quantize}"]
     if mbps is not None:
@@ -237,6 +237,7 @@ def make_row(args, variant: Variant, world: int, link: str, mbps, merged: dict, 
         "pinned_cores": [r["cores"] for r in ready],
         "machine": args.machine,
         "load_average_1m": os.getloadavg()[0],
+        "nice": args.nice,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": row_command(args, variant, world, link, mbps),
     }
@@ -244,10 +245,11 @@ def make_row(args, variant: Variant, world: int, link: str, mbps, merged: dict, 
 
 def benchmark_variant(args, topology, variant: Variant, world: int, port: int, out) -> None:
     links = ["none"] if variant.method == "single" else args.links
-    with Ranks(variant, args.workload, world, args.cores_per_rank, port) as ranks:
+    with Ranks(variant, args.workload, world, args.cores_per_rank, port, args.nice) as ranks:
         previous: tuple[float, float] | None = None  # (median, mbps) of the last real/simulated row
         for link in links:
-            bandwidths = [None] if link in ("none", "compute") else sorted(args.bandwidths, reverse=True)
+            chosen = args.simulated_bandwidths if link == "simulated" and args.simulated_bandwidths else args.bandwidths
+            bandwidths = [None] if link in ("none", "compute") else sorted(chosen, reverse=True)
             for mbps in bandwidths:
                 topology.shape(mbps if link == "real" else None)
                 predicted = previous[0] * previous[1] / mbps if previous and mbps else None
@@ -275,10 +277,15 @@ def parse_args(argv):
     parser.add_argument("--quantize", nargs="+", default=["hidden"], choices=["hidden", "kv"])
     parser.add_argument("--links", nargs="+", default=["compute", "simulated", "real"], choices=["compute", "simulated", "real"])
     parser.add_argument("--bandwidths", type=float, nargs="+", default=[10, 20, 50, 100, 500, 1000], help="Mbps")
+    parser.add_argument("--simulated-bandwidths", type=float, nargs="+", help="Mbps of the simulated link (default: --bandwidths)")
     parser.add_argument("--runs", type=int, default=10, help="timed runs per row (fewer when over the budget)")
     parser.add_argument("--row-budget-s", type=float, default=60.0, help="seconds of timed runs per row at most")
     parser.add_argument("--cores-per-rank", type=int, default=1)
     parser.add_argument("--machine", default=machine_label())
+    parser.add_argument(
+        "--nice", type=int, default=0,
+        help="niceness of the rank processes (only orders them against processes of the same session: autogroups)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "docs/results/raw/latency.jsonl")
     args = parser.parse_args(argv)
     if max(args.n) * args.cores_per_rank > os.cpu_count():
