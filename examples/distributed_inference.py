@@ -87,7 +87,11 @@ def spawned_rank(rank: int, world_size: int, args: argparse.Namespace) -> None:
 def init_process_group(args: argparse.Namespace) -> torch.device:
     """gloo on CPU, NCCL on GPU; one device per process (LOCAL_RANK picks the GPU)."""
     use_cuda = torch.cuda.is_available() and not args.cpu and os.environ.get("ACCELERATE_USE_CPU", "").lower() != "true"
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        sys.exit(f"process LOCAL_RANK={local_rank} has no GPU of its own ({torch.cuda.device_count()} visible): "
+                 "start at most one process per GPU, or pass --cpu to run on the CPU over gloo")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
