@@ -5,8 +5,8 @@ latency of encode, exchange and decode does not depend on the codewords' values.
 per-call input check (one small all_gather) is off, as a deployed pipeline would not pay it per request.
 
 ``overlap=False``: on one CPU thread the runtime's overlapped path (two unfused partial attentions merged
-by log-sum-exp) made the last rank's GPT2 prefill 2.0-2.2 s against 1.45-1.6 s for one fused SDPA
-over [own | received] keys (N=2, compute only; `benchmarks.profile_astra` measures both).
+by log-sum-exp) never made the slowest rank faster than one SDPA over [own | received] keys, and was
+slower at N=2 (`benchmarks.profile_astra` measures both; docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ export LD_LIBRARY_PATH=$net/usr/lib/x86_64-linux-gnu:$net/lib/x86_64-linux-gnu
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .bench_gpu/whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD PYTHONUNBUFFERED=1
 nproc; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)"
-run() { python3 -m benchmarks.run_latency --cores-per-rank 2 --row-budget-s 5 --out "$out/latency-gpu-host.jsonl" "$@"; }
+machine="GPU host (nvidia-h200 kind, CPU cores only): $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores"
+run() { python3 -m benchmarks.run_latency --cores-per-rank 2 --row-budget-s 5 --machine "$machine" --out "$out/latency-gpu-host.jsonl" "$@"; }
 
 python3 -m benchmarks.netns measure --seconds 1 --mbps 10 100 1000 --json "$out/shaping-gpu-host.json"
 # The goal: GPT2 prefill of 1024 tokens over N=4 devices.

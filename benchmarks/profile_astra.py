@@ -8,7 +8,9 @@ torch.distributed reports rank r of N, so `DistributedRuntime` does exactly rank
 - per layer: encoding this rank's tokens (G=1 vs G=32), decoding + projecting the received tokens
   (hidden mode), and the rest of the layer's local work (one GPT2 block on the shard);
 - a proposed encoder (one bmm against codebooks augmented with -|c|^2/2, argmax, in cache-sized
-  chunks) against `GroupedVQ.encode`, checked to give the same codes.
+  chunks) against `GroupedVQ.encode`, checked to give the same codes;
+- hidden mode, G=1: decoding through a precomputed table of every codeword's K/V projection (exact:
+  the projection is linear) against decode + projection, checked to give the same keys/values.
 
     python -m benchmarks.profile_astra --out docs/results/astra_profile.json
 """
@@ -90,6 +92,24 @@ def encode_augmented(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return codes.T.reshape(*x.shape[:-1], groups)
 
 
+def projected_table_parts(model, attention, quantizer, remote_codes, decode_project, repeats: int) -> dict:
+    """G=1 hidden mode: K/V of every codeword computed once per layer, so a receiver only gathers rows."""
+    adapter = model._astra_state.adapter
+    table_key, table_value = adapter.project_kv(attention, quantizer.codebook.detach()[0][None])  # (1, H, K, d)
+
+    def gather():
+        index = remote_codes[0, :, 0]
+        return table_key[:, :, index], table_value[:, :, index]
+
+    exact_key, exact_value = decode_project()
+    key, value = gather()
+    return {
+        "decode_project_table_s": best_time(gather, repeats),
+        "table_matches": bool(torch.allclose(key, exact_key, atol=1e-4) and torch.allclose(value, exact_value, atol=1e-4)),
+        "table_bytes_per_layer": 2 * table_key.numel() * table_key.element_size(),
+    }
+
+
 def layer_parts(world: int, groups: int, quantize: str, repeats: int) -> dict:
     """Per-layer costs of rank 0 (encodes) and the last rank (decodes and projects all earlier tokens)."""
     workload = build("gpt2")
@@ -107,8 +127,12 @@ def layer_parts(world: int, groups: int, quantize: str, repeats: int) -> dict:
         decode_project = (lambda: attention.astra_quantizer.decode(remote_codes)) if quantize == "kv" else (
             lambda: model._astra_state.adapter.project_kv(attention, quantizer.decode(remote_codes))
         )
+        table_parts = {}
+        if quantize == "hidden" and groups == 1:
+            table_parts = projected_table_parts(model, attention, quantizer, remote_codes, decode_project, repeats)
         model.set_attn_implementation("sdpa")  # the plain block: the local work every scheme shares
         return {
+            **table_parts,
             "encode_s": best_time(lambda: quantizer.encode(sent), repeats),
             "encode_proposed_s": best_time(lambda: encode_augmented(sent, table), repeats),
             "proposed_codes_identical": same,

@@ -151,10 +151,54 @@ def section(key: tuple, rows: list[dict], single: dict | None) -> str:
     return "\n".join(out)
 
 
-def markdown(rows: list[dict]) -> str:
+def shaping_section(results: Path) -> str:
+    """The TCP goodput measured through each tbf rate (`python -m benchmarks.netns measure`)."""
+    lines = []
+    for path in sorted(results.glob("shaping*.json")):
+        for row in json.loads(path.read_text()):
+            shaped = "unshaped" if row["shaped_mbps"] is None else f"{row['shaped_mbps']:g}"
+            lines.append([row.get("machine", ""), shaped, f"{row['measured_mbps']:g}", row["date"], f"`{row.get('command', '')}`"])
+    if not lines:
+        return ""
+    return "### Shaped links: TCP goodput of one stream (Mbps)\n" + table(["machine", "tbf rate", "measured", "date", "command"], lines)
+
+
+def profile_section(results: Path) -> str:
+    """Per-layer and per-rank costs of ASTRA on one thread (`python -m benchmarks.profile_astra`)."""
+    path = results / "astra_profile.json"
+    if not path.exists():
+        return ""
+    rows = json.loads(path.read_text())
+    ms = lambda seconds: f"{seconds * 1e3:.1f}"  # noqa: E731
+    lines = [[str(r["N"]), str(r["G"]), r["quantize"], str(r["tokens_encoded"]), ms(r["encode_s"]), ms(r["encode_proposed_s"]),
+              "yes" if r["proposed_codes_identical"] else "NO", ms(r["decode_and_project_last_rank_s"]), ms(r["block_on_shard_s"]),
+              " / ".join(f"{t:.2f}" for t in r["rank_compute_s_overlap_false"]),
+              " / ".join(f"{t:.2f}" for t in r["rank_compute_s_overlap_true"]),
+              f"{r['single_device_s'] / max(r['rank_compute_s_overlap_false']):.2f}×"] for r in rows]  # fmt: skip
+    first = rows[0]
+    table_rows = [r for r in rows if "decode_project_table_s" in r]
+    note = ""
+    if table_rows:
+        note = "\n\nHidden mode, G=1, last rank: decode + project K/V vs a gather from a precomputed table of each codeword's K/V " \
+            "(same keys/values: " + ", ".join(f"N={r['N']}: {'yes' if r['table_matches'] else 'NO'}" for r in table_rows) + ")\n" + table(
+            ["N", "decode + project ms/layer", "table gather ms/layer", "table MB/layer"],
+            [[str(r["N"]), ms(r["decode_and_project_last_rank_s"]), ms(r["decode_project_table_s"]), f"{r['table_bytes_per_layer'] / 1e6:.1f}"] for r in table_rows],
+        )  # fmt: skip
+    return (
+        f"### Where an ASTRA rank's time goes (GPT2, {first['tokens']} tokens, {first['threads']} thread, no network; "
+        f"one device: {first['single_device_s']:.2f} s; {first['date']}; `{first['command']}`)\n"
+        + table(["N", "G", "quantize", "tokens encoded", "encode ms/layer", "proposed encode ms/layer", "same codes",
+                 "last rank: decode + project K/V ms/layer", "one block on the shard ms", "rank compute s (overlap off)",
+                 "rank compute s (overlap on)", "ceiling: one device / slowest rank"], lines)  # fmt: skip
+        + note
+    )
+
+
+def markdown(rows: list[dict], results: Path) -> str:
     singles = {(r["machine"], r["model"], r["cores_per_rank"]): r for r in rows if r["method"] == "single"}
     parts = [section(key, group, singles.get((key[0], key[1], key[3]))) for key, group in group_rows(rows).items()]
-    return "\n\n".join(parts)
+    parts += [shaping_section(results), profile_section(results)]
+    return "\n\n".join(part for part in parts if part)
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -166,15 +210,15 @@ def plot(rows: list[dict], path: Path) -> None:
     groups = group_rows(rows)
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.8), squeeze=False)
     singles = {(r["machine"], r["model"], r["cores_per_rank"]): r for r in rows if r["method"] == "single"}
+    names = sorted({variant(r) for r in rows if r["method"] != "single"}, key=variant_order)
+    colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}  # one colour per method, both links
     for ax, (key, group) in zip(axes[0], groups.items()):
         machine, model, world, cores = key
         for name in sorted({variant(r) for r in group}, key=variant_order):
             for link, style in (("real", "-o"), ("simulated", ":x")):
                 points = sorted((r["bandwidth_mbps"], r["median_s"]) for r in group if variant(r) == name and r["link"] == link)
                 if points:
-                    line = ax.plot(*zip(*points), style, label=f"{name} ({link})", alpha=1.0 if link == "real" else 0.6)
-                    if link == "simulated":
-                        line[0].set_color(ax.lines[-2].get_color() if len(ax.lines) > 1 else None)
+                    ax.plot(*zip(*points), style, color=colors[name], label=f"{name} ({link})", alpha=1.0 if link == "real" else 0.7)
         single = singles.get((machine, model, cores))
         if single:
             ax.axhline(single["median_s"], color="black", linestyle="--", label="one device")
@@ -205,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     text = page.read_text() if page.exists() else f"# Latency benchmark\n\n{START}\n{END}\n"
     head, _, rest = text.partition(START)
     _, _, tail = rest.partition(END)
-    page.write_text(f"{head}{START}\n{markdown(ordered)}\n{END}{tail}")
+    page.write_text(f"{head}{START}\n{markdown(ordered, args.docs / 'results')}\n{END}{tail}")
     plot(ordered, args.docs / "benchmarks_latency.png")
     print(f"{len(results)} rows -> {args.docs / 'results/latency.json'}, {page}, {args.docs / 'benchmarks_latency.png'}")
 

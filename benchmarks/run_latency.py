@@ -9,8 +9,9 @@ to a JSON-lines file that `benchmarks.report` turns into docs/benchmarks.md.
     python -m benchmarks.run_latency --workload gpt2 --n 2 --methods single tp sp-fp32 astra \
         --groups 1 32 --quantize hidden kv --links compute simulated real
 
-Latency of a run: the slowest rank's time from leaving a barrier to its output. Rows slower than
-``--row-budget-s`` get fewer timed runs (at least one; the row says how many). Needs root.
+Latency of a run: the slowest rank's time from leaving a barrier to its output. Rows whose runs take
+more than 3 s get only as many timed runs as fit in ``--row-budget-s`` (at least one; the row says
+how many). Needs root.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .workloads import WORKLOADS
 REPO = Path(__file__).resolve().parent.parent
 LOG_DIR = Path("/tmp/astra-bench-logs")
 WARMUP_LIMIT_S = 10.0  # a warm-up run predicted slower than this is skipped (the row says so)
+FAST_RUN_S = 3.0  # rows whose runs take at most this always get all --runs timed runs; slower ones obey the budget
 
 
 @dataclass(frozen=True)
@@ -186,11 +188,11 @@ def quantiles(times: list[float]) -> tuple[float, float, float]:
 
 
 def measure_row(ranks: Ranks, mode: str, mbps, runs: int, budget_s: float, predicted_s: float | None) -> dict:
-    """Warm-up (unless predicted slow), one timed run, then as many more as the budget allows (up to ``runs``)."""
+    """Warm-up (unless predicted slow), one timed run, then the rest of ``runs``, or for slow runs as many as the budget allows."""
     warmup = 0 if predicted_s is not None and predicted_s > WARMUP_LIMIT_S else 1
     first = ranks.run(mode, mbps, warmup, 1)
     first_time = max(answer["times"][0] for answer in first)
-    more = min(runs - 1, int((budget_s - first_time) // max(first_time, 1e-6)))
+    more = runs - 1 if first_time <= FAST_RUN_S else min(runs - 1, int((budget_s - first_time) // first_time))
     answers = [[answer] for answer in first]
     if more > 0:
         for rank, answer in enumerate(ranks.run(mode, mbps, 0, more)):
