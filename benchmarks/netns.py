@@ -205,7 +205,12 @@ def main(argv: list[str] | None = None) -> None:
     measure.add_argument("--json", help="write the measurements here")
     args = parser.parse_args(argv)
     if args.command == "cleanup":
-        print("removed:", cleanup() or "nothing")
+        with open(LOCK_PATH, "w") as lock:
+            try:  # a running benchmark holds the lock: its links are not leftovers
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                sys.exit(f"a benchmark is running (it holds {LOCK_PATH}); nothing removed")
+            print("removed:", cleanup() or "nothing")
         return
     rows = []
     with Topology(2) as topology:
