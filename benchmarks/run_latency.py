@@ -204,7 +204,7 @@ def measure_row(ranks: Ranks, mode: str, mbps, runs: int, budget_s: float, predi
 
 def row_command(args, variant: Variant, world: int, link: str, mbps) -> str:
     parts = ["python -m benchmarks.run_latency", f"--workload {args.workload}", f"--n {world}",
-             f"--methods {variant.method}", f"--links {link}", f"--runs {args.runs}",
+             f"--methods {variant.method}", *([] if link == "none" else [f"--links {link}"]), f"--runs {args.runs}",
              f"--cores-per-rank {args.cores_per_rank}", f"--row-budget-s {args.row_budget_s:g}", f"--nice {args.nice}"]  # fmt: skip
     if variant.groups is not None:
         parts += [f"--groups {variant.groups}", f"--quantize {variant.quantize}"]
