@@ -73,7 +73,8 @@ def equivalence_worker(rank: int, world_size: int, port: int, out_dir: str) -> N
                 with astra.full_precision(model):
                     unquantized = model(**batch).logits
             for overlap in (True, False):
-                runtime = DistributedRuntime(model, group=group, overlap=overlap, timeout=30)
+                # The overlapped runs also use the codeword-projection tables, the others decode and project.
+                runtime = DistributedRuntime(model, group=group, overlap=overlap, projection_table=overlap, timeout=30)
                 got = runtime(**batch).logits
                 result = {"diff": max_abs_diff(got, simulated, runtime, batch), "traffic": runtime.traffic.to_dict()}
                 result["diff_to_full_precision"] = max_abs_diff(got, unquantized, runtime, batch)

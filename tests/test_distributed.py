@@ -20,13 +20,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from transformers_astra.attention import attend
+from transformers_astra.attention import attend, split_heads
 from transformers_astra.distributed import (
     DistributedRuntime,
     code_receivers,
     code_sources,
     merge_partials,
     partial_attention,
+    projected_from_codes,
+    projection_tables,
 )
 
 TOL = 1e-4
@@ -232,3 +234,24 @@ def test_example_on_two_gpus_with_nccl(tmp_path, task):
     assert result["backend"] == "nccl" and result["device"] == "cuda"
     assert result["max_abs_diff_vs_simulation"] <= TOL and result["prediction"]["matches_simulation"]
     assert result["code_bytes_sent_per_rank"] == result["expected_code_bytes"]
+
+
+@pytest.mark.parametrize("family, groups", [("gpt2", 1), ("gpt2", 4), ("vit", 1), ("vit", 8)])
+def test_projection_tables_equal_decode_then_project(family, groups):
+    import transformers_astra as astra
+    from conftest import make_pair, tiny_gpt2_config, tiny_vit_config
+    from transformers import GPT2LMHeadModel, ViTModel
+
+    model_class, config = (GPT2LMHeadModel, tiny_gpt2_config()) if family == "gpt2" else (ViTModel, tiny_vit_config())
+    model, _ = make_pair(model_class, config)
+    astra.patch(model, num_devices=2, groups=groups, codebook_size=16)
+    state = model._astra_state
+    module = state.adapter.attention_modules(model)[1]
+    quantizer = module.astra_quantizer
+    codes = torch.randint(0, 16, (3, 5, groups))
+    with torch.no_grad():
+        want_key, want_value = state.adapter.project_kv(module, quantizer.decode(codes))
+        key, value = projected_from_codes(projection_tables(module, state.adapter, quantizer), codes, 16)
+    heads = want_key.shape[1]
+    assert torch.allclose(split_heads(key, heads), want_key, atol=1e-5)
+    assert torch.allclose(split_heads(value, heads), want_value, atol=1e-5)

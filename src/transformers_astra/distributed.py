@@ -15,7 +15,7 @@ full precision and to the other shards' keys/values decoded from the codes it re
     runtime.traffic  # bytes sent/received by this rank in the latest call, by kind
 
 API
-- ``DistributedRuntime(model, group=None, overlap=True, timeout=60.0, check_inputs=True)``. ``group``: the
+- ``DistributedRuntime(model, group=None, overlap=True, timeout=60.0, check_inputs=True, projection_table=True)``. ``group``: the
   process group whose size must equal ``num_devices`` (default: the default group). ``overlap``: attend
   to the local keys while the codes are in flight. ``timeout``: seconds any rank waits for any exchange
   before raising (a dead or stalled rank). ``check_inputs``: compare a hash of every call's inputs
@@ -23,6 +23,10 @@ API
   runs a checksum handshake (AstraConfig, model config, weights, codebooks) and raises ValueError
   naming what differs. Inference only; ``runtime.layout`` is the `ShardLayout` of the latest call and
   ``runtime.traffic`` its bytes; ``close()`` removes the runtime's hooks.
+  ``projection_table``: hidden mode precomputes every codeword's K/V projection (when the pair of tables
+  of a layer fits in 64 MiB: G·K·D·2 values, e.g. G=1, K=1024, D=768: 6.3 MB in fp32), so a receiver
+  gathers and sums instead of decoding and projecting every received token. Built at construction
+  from the current codebooks and weights: build a new runtime after changing either.
 - ``runtime(**inputs)``: the model's output for this rank's shard. GPT2: ``logits`` (B, T_r, V) of the
   shard's tokens with global positions; the next-token logits are ``logits[:, -1]`` on the last rank
   (``runtime.is_last``). ViT (distributed class tokens): every rank returns the same pooled CLS, so the
@@ -70,6 +74,35 @@ TRAFFIC_KINDS = ("codes", "padding", "pooling", "control")
 # Inputs whose equality across ranks is checked by name; anything else is checked as one "other inputs".
 CHECKED_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "inputs_embeds")
 DEFAULT_TIMEOUT_S = 60.0
+# Largest pair of K/V codeword-projection tables (one layer) the runtime precomputes in hidden mode.
+PROJECTION_TABLE_MAX_BYTES = 64 * 2**20
+
+
+@torch.no_grad()
+def projection_tables(module: nn.Module, adapter, quantizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every codeword's contribution to K and to V, (G*K, D) each, and the K/V biases, (D,) each.
+
+    The receiver's K/V projection is affine, so projecting a decoded vector equals summing the projections
+    of its G codewords (each placed in its own group's columns) plus the bias once: decode + project
+    becomes a gather and a sum over groups. Built once per layer, from the current codebook and weights.
+    """
+    groups, size, group_width = quantizer.codebook.shape
+    width = groups * group_width
+    placed = quantizer.codebook.new_zeros(groups, size, width)
+    for group in range(groups):  # set-up only: each group's codewords in its own columns, zeros elsewhere
+        placed[group, :, group * group_width : (group + 1) * group_width] = quantizer.codebook[group]
+    bias_key, bias_value = (merge_heads(t).reshape(width) for t in adapter.project_kv(module, placed[:1, :1] * 0))
+    table_key, table_value = (merge_heads(t) for t in adapter.project_kv(module, placed))
+    return (table_key - bias_key).reshape(groups * size, width), (table_value - bias_value).reshape(groups * size, width), bias_key, bias_value
+
+
+def projected_from_codes(tables, codes: torch.Tensor, codebook_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V, (B, n, D) each, of (B, n, G) codes through `projection_tables`."""
+    table_key, table_value, bias_key, bias_value = tables
+    index = codes + torch.arange(codes.shape[-1], device=codes.device) * codebook_size
+    key = torch.nn.functional.embedding(index, table_key).sum(dim=-2) + bias_key
+    value = torch.nn.functional.embedding(index, table_value).sum(dim=-2) + bias_value
+    return key, value
 
 
 @dataclass
@@ -131,6 +164,7 @@ class DistributedRuntime:
         overlap: bool = True,
         timeout: float = DEFAULT_TIMEOUT_S,
         check_inputs: bool = True,
+        projection_table: bool = True,
     ):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
@@ -160,6 +194,8 @@ class DistributedRuntime:
         self._keep_cache = False
         self._hooks = self._install_hooks()
         self._handshake()
+        # Hidden mode: layer index -> precomputed codeword projections, where they fit (see projection_tables).
+        self._tables = self._projection_tables() if projection_table and self.config.quantize == "hidden" else {}
 
     # ----------------------------------------------------------------------------------------- API
     @property
@@ -346,6 +382,16 @@ class DistributedRuntime:
             allowed = allowed & self._key_mask[:, None, None, keys.to(self._key_mask.device)].to(queries.device)
         return allowed
 
+    def _projection_tables(self) -> dict[int, tuple[torch.Tensor, ...]]:
+        table_bytes = 2 * self.config.codes_per_token * self.config.codebook_size * self.state.adapter.hidden_size(self.model)
+        table_bytes *= next(self.model.parameters()).element_size()
+        if table_bytes > PROJECTION_TABLE_MAX_BYTES:
+            return {}
+        return {
+            layer_idx: projection_tables(module, self.state.adapter, module.astra_quantizer)
+            for layer_idx, module in enumerate(self.state.adapter.attention_modules(self.model))
+        }
+
     def _remote_keys_values(self, module, received: list[torch.Tensor], heads: int):
         """K and V of the other shards, rebuilt from their codes as the simulation does."""
         quantizer = module.astra_quantizer
@@ -353,7 +399,12 @@ class DistributedRuntime:
             width = self.state.adapter.hidden_size(self.model)
             empty = torch.zeros(self._batch, heads, 0, width // heads, device=quantizer.codebook.device, dtype=quantizer.codebook.dtype)
             return empty, empty
-        decoded = quantizer.decode(torch.cat(received, dim=1))
+        codes = torch.cat(received, dim=1)
+        tables = self._tables.get(module._astra_layer.layer_idx)
+        if tables is not None:
+            key, value = projected_from_codes(tables, codes, quantizer.codebook_size)
+            return split_heads(key, heads), split_heads(value, heads)
+        decoded = quantizer.decode(codes)
         if self.config.quantize == "kv":
             remote_key, remote_value = decoded.chunk(2, dim=-1)
             return split_heads(remote_key, heads), split_heads(remote_value, heads)
