@@ -11,6 +11,7 @@ def test_encode_matches_brute_force_nearest_codeword(monkeypatch):
     expected = torch.stack([torch.cdist(groups[:, g], vq.codebook[g].detach()).argmin(-1) for g in range(4)], -1)
     assert torch.equal(vq.encode(x).reshape(-1, 4), expected)
     monkeypatch.setattr(quantizer_module, "_ENCODE_CHUNK_ELEMENTS", 64)  # force several chunks
+    monkeypatch.setattr(quantizer_module, "_ENCODE_CHUNK_ELEMENTS_CPU", 64)
     assert torch.equal(vq.encode(x).reshape(-1, 4), expected)
 
 
