@@ -29,7 +29,11 @@ class AstraMethod:
     def setup(self, workload: Workload, rank: int, world: int) -> None:
         self.workload, self.rank, self.world = workload, rank, world
         astra.patch(workload.model, self.config.replace(num_devices=world))
-        self.runtime = DistributedRuntime(workload.model, overlap=self.overlap, check_inputs=False, timeout=1800.0)
+        # projection_table=False: the recorded rows were measured before the runtime had codeword-projection
+        # tables; their effect is measured by benchmarks.profile_astra (rank_compute_s_table).
+        self.runtime = DistributedRuntime(
+            workload.model, overlap=self.overlap, check_inputs=False, timeout=1800.0, projection_table=False
+        )
         # Prefill: only the last token's logits (the runtime passes extra keyword arguments to the model).
         self.extra = {"logits_to_keep": 1} if workload.causal else {}
 

@@ -60,13 +60,13 @@ def as_rank(rank: int, world: int):
         dist.get_rank, dist.get_world_size = saved
 
 
-def rank_compute(world: int, groups: int, quantize: str, overlap: bool, repeats: int) -> list[float]:
+def rank_compute(world: int, groups: int, quantize: str, overlap: bool, repeats: int, table: bool = False) -> list[float]:
     times = []
     for rank in range(world):
         workload = build("gpt2")
         astra.patch(workload.model, astra.AstraConfig(num_devices=world, groups=groups, quantize=quantize))
         with as_rank(rank, world), torch.inference_mode():
-            runtime = DistributedRuntime(workload.model, overlap=overlap, check_inputs=False)
+            runtime = DistributedRuntime(workload.model, overlap=overlap, check_inputs=False, projection_table=table)
             times.append(best_time(lambda: runtime(**workload.inputs, logits_to_keep=1), repeats))
             runtime.close()
     return times
@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
                        "single_device_s": single_s, **layer_parts(world, groups, quantize, args.repeats)}  # fmt: skip
                 for overlap in (False, True):
                     row[f"rank_compute_s_overlap_{overlap}".lower()] = rank_compute(world, groups, quantize, overlap, args.repeats)
+                # The runtime's codeword-projection tables (hidden mode), overlap off.
+                row["rank_compute_s_table"] = rank_compute(world, groups, quantize, False, args.repeats, table=True)
                 row["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
                 row["load_average_1m"] = __import__("os").getloadavg()[0]
                 row["command"] = "python -m benchmarks.profile_astra " + " ".join(argv or __import__("sys").argv[1:])

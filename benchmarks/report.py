@@ -174,7 +174,10 @@ def profile_section(results: Path) -> str:
               "yes" if r["proposed_codes_identical"] else "NO", ms(r["decode_and_project_last_rank_s"]), ms(r["block_on_shard_s"]),
               " / ".join(f"{t:.2f}" for t in r["rank_compute_s_overlap_false"]),
               " / ".join(f"{t:.2f}" for t in r["rank_compute_s_overlap_true"]),
-              f"{r['single_device_s'] / max(r['rank_compute_s_overlap_false']):.2f}×"] for r in rows]  # fmt: skip
+              " / ".join(f"{t:.2f}" for t in r.get("rank_compute_s_table", [])),
+              f"{r['single_device_s'] / max(r['rank_compute_s_overlap_false']):.2f}×",
+              f"{r['single_device_s'] / max(r['rank_compute_s_table']):.2f}×" if r.get("rank_compute_s_table") else ""]
+             for r in rows]  # fmt: skip
     first = rows[0]
     table_rows = [r for r in rows if "decode_project_table_s" in r]
     note = ""
@@ -189,7 +192,8 @@ def profile_section(results: Path) -> str:
         f"one device: {first['single_device_s']:.2f} s; {first['date']}; `{first['command']}`)\n"
         + table(["N", "G", "quantize", "tokens encoded", "encode ms/layer", "proposed encode ms/layer", "same codes",
                  "last rank: decode + project K/V ms/layer", "one block on the shard ms", "rank compute s (overlap off)",
-                 "rank compute s (overlap on)", "ceiling: one device / slowest rank"], lines)  # fmt: skip
+                 "rank compute s (overlap on)", "rank compute s (projection tables, overlap off)",
+                 "ceiling: one device / slowest rank", "ceiling with projection tables"], lines)  # fmt: skip
         + note
     )
 
