@@ -168,8 +168,16 @@ def store_last_device_view(layer: LayerState, layout: ShardLayout, key, value, r
     cache, layer.cache = layer.cache, None
     if cache is None or layer.model_state.full_precision:
         return
-    cache = getattr(cache, "self_attention_cache", cache)
     start = layout.offsets[-2]
-    cache_layer = cache.layers[layer.layer_idx]
-    cache_layer.keys = torch.cat([remote_key[:, :, :start], key[:, :, start:]], dim=2)
-    cache_layer.values = torch.cat([remote_value[:, :, :start], value[:, :, start:]], dim=2)
+    replace_cached_keys_values(
+        cache,
+        layer.layer_idx,
+        torch.cat([remote_key[:, :, :start], key[:, :, start:]], dim=2),
+        torch.cat([remote_value[:, :, :start], value[:, :, start:]], dim=2),
+    )
+
+
+def replace_cached_keys_values(cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Put (B, H, T, d) keys/values in place of what a transformers KV cache holds for one layer."""
+    cache_layer = getattr(cache, "self_attention_cache", cache).layers[layer_idx]
+    cache_layer.keys, cache_layer.values = keys, values

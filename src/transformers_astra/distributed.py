@@ -63,7 +63,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import DynamicCache
 
-from .attention import attend, merge_heads, split_heads
+from .attention import attend, merge_heads, replace_cached_keys_values, split_heads
 from .models.vit import distributed_cls_layout, spread_index
 from .packing import pack, packed_size, unpack
 from .patch import astra_state, quantizers
@@ -415,9 +415,9 @@ class DistributedRuntime:
         cache, layer.cache = layer.cache, None
         if not self._keep_cache or cache is None:
             return
-        cache_layer = getattr(cache, "self_attention_cache", cache).layers[layer.layer_idx]
-        cache_layer.keys = torch.cat([remote_key, key], dim=2)
-        cache_layer.values = torch.cat([remote_value, value], dim=2)
+        replace_cached_keys_values(
+            cache, layer.layer_idx, torch.cat([remote_key, key], dim=2), torch.cat([remote_value, value], dim=2)
+        )
 
     # ------------------------------------------------------------------------------- code exchange
     def _start_code_exchange(self, quantizer, sent: torch.Tensor) -> "_CodeExchange":
