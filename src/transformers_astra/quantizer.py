@@ -18,8 +18,8 @@ from torch import nn
 from vector_quantize_pytorch.vector_quantize_pytorch import kmeans
 
 # Bounds the (groups, tokens, K) score tensor of one encode step: 64 MiB of fp32 on accelerators (few
-# launches), 4 MiB on CPU, where scores that stay in cache make G=32 encoding 1.6x faster (same codes;
-# 512 tokens, D=768, K=1024, one thread: 54 -> 35 ms).
+# launches), 4 MiB on CPU, where scores that stay in cache make G=32 encoding about 1.8x faster with the
+# same codes (`python -m benchmarks.profile_astra`, docs/benchmarks.md).
 _ENCODE_CHUNK_ELEMENTS = 1 << 24
 _ENCODE_CHUNK_ELEMENTS_CPU = 1 << 20
 
