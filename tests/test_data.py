@@ -1,7 +1,9 @@
 """Offline loaders (IDX -> Dataset, KJV -> held-out split), their errors, and the offline accuracy metric."""
 
 import gzip
+import re
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,7 +79,7 @@ def test_kjv_is_split_by_chapter(tmp_path):
 def test_missing_kjv_names_the_debian_package(monkeypatch, tmp_path):
     monkeypatch.delenv(data.KJV_TEXT_ENV, raising=False)
     monkeypatch.setattr(data, "KJV_DATA", tmp_path / "absent.data")
-    with pytest.raises(FileNotFoundError, match="apt-get install bible-kjv-text"):
+    with pytest.raises(FileNotFoundError, match="apt-get install bible-kjv-text bible-kjv"):
         data.load_kjv()
 
 
@@ -100,3 +102,11 @@ def test_offline_accuracy_metric(monkeypatch):
     metric = load_accuracy()
     assert metric.compute(predictions=[1, 2, 3, 4], references=[1, 2, 0, 4])["accuracy"] == 0.75
     assert perplexity_from_loss(0.0) == 1.0
+
+
+def test_install_script_installs_the_bible_program():
+    """bible-kjv (the `bible` program) is only a Recommends of bible-kjv-text: the script must name it."""
+    script = (Path(__file__).resolve().parents[1] / "scripts" / "install-data.sh").read_text()
+    packages = re.search(r'^PACKAGES="([^"]*)"', script, re.M).group(1).split()
+    assert {"dataset-fashion-mnist", "bible-kjv-text", "bible-kjv"} <= set(packages)
+    assert "--no-install-recommends" not in script or "bible-kjv" in packages

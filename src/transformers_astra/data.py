@@ -2,7 +2,7 @@
 
 - ``"fashion-mnist"``: the IDX files of Debian's ``dataset-fashion-mnist`` (/usr/share/datasets/fashion-mnist).
 - ``"kjv"``: the King James Bible of Debian's ``bible-kjv-text``, read through its ``bible`` program (package
-  ``bible-kjv``, pulled in by ``bible-kjv-text``), or from a plain-text dump of it (``bible -f gen1:1-rev22:21``).
+  ``bible-kjv``; install both), or from a plain-text dump of it (``bible -f gen1:1-rev22:21``).
 - anything else: a Hugging Face Hub dataset name, passed to `datasets.load_dataset` (needs a network or a cache).
 
 A missing Debian source raises `FileNotFoundError` naming the package to install.
@@ -138,7 +138,7 @@ def _kjv_text(text_file: str | os.PathLike | None) -> str:
     if program is None or not KJV_DATA.is_file():
         raise FileNotFoundError(
             f"The King James Bible is not installed ({KJV_DATA} or the `bible` program is missing). Install the "
-            f"Debian package: `apt-get install bible-kjv-text` (it pulls in bible-kjv), or set {KJV_TEXT_ENV} to a "
+            f"Debian package: `apt-get install bible-kjv-text bible-kjv` (the data and the `bible` program), or set {KJV_TEXT_ENV} to a "
             f"text dump made with `bible -f {KJV_WHOLE_TEXT}`."
         )
     # -f turns pretty-printing off: one "Ge1:1 text" line per verse.
