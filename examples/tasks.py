@@ -32,6 +32,7 @@ from transformers import (
     ViTForImageClassification,
 )
 
+import english_data
 from transformers_astra.data import load_image_dataset, load_text_dataset
 from transformers_astra.metrics import load_accuracy, perplexity_from_loss
 
@@ -197,7 +198,8 @@ def text_column(split) -> str:
 
 def lm_datasets(dataset: DatasetDict, tokenizer, block_size: int) -> DatasetDict:
     """Every split tokenised, concatenated (one text per line) and cut into blocks of ``block_size`` tokens."""
-    column = text_column(dataset["train"])
+    first = next(iter(dataset.values()))
+    column = text_column(first)
 
     def tokenize(batch):
         return tokenizer([text + "\n" for text in batch[column] if text], add_special_tokens=False)
@@ -208,8 +210,8 @@ def lm_datasets(dataset: DatasetDict, tokenizer, block_size: int) -> DatasetDict
         blocks = [ids[i : i + block_size] for i in range(0, usable, block_size)]
         return {"input_ids": blocks, "labels": [list(block) for block in blocks]}
 
-    tokenized = dataset.map(tokenize, batched=True, remove_columns=dataset["train"].column_names, desc="tokenize")
-    tokenized = tokenized.remove_columns([c for c in tokenized["train"].column_names if c != "input_ids"])
+    tokenized = dataset.map(tokenize, batched=True, remove_columns=first.column_names, desc="tokenize")
+    tokenized = tokenized.remove_columns([c for c in next(iter(tokenized.values())).column_names if c != "input_ids"])
     return tokenized.map(group, batched=True, batch_size=10_000, desc=f"blocks of {block_size}")
 
 
@@ -223,7 +225,11 @@ def perplexity_metrics(loss: float) -> float:
 def load_task_dataset(task: str, name: str, config_name: str | None = None) -> DatasetDict:
     if task not in TASKS:
         raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
-    return load_image_dataset(name) if task == "vit" else load_text_dataset(name, config_name)
+    if task == "vit":
+        return load_image_dataset(name)
+    if name in english_data.DATASETS:  # the broader English mix of Debian sources (examples/english_data.py)
+        return english_data.load_english_dataset(name)
+    return load_text_dataset(name, config_name)
 
 
 def hardware() -> str:

@@ -12,6 +12,7 @@ from .hub import from_pretrained, push_to_hub, save_pretrained
 from .modelcard import create_model_card
 from .patch import auxiliary_loss, capture_codes, full_precision, is_patched, patch, quantizers, unpatch
 from .quantizer import GroupedVQ
+from .random_shards import RandomShardsCallback, set_shards
 from .sharding import ShardLayout, split_sizes
 
 __version__ = "0.1.0"
@@ -21,6 +22,7 @@ __all__ = [
     "AstraConfig",
     "DistributedRuntime",
     "GroupedVQ",
+    "RandomShardsCallback",
     "ShardLayout",
     "Traffic",
     "auxiliary_loss",
@@ -35,6 +37,7 @@ __all__ = [
     "push_to_hub",
     "quantizers",
     "save_pretrained",
+    "set_shards",
     "split_sizes",
     "unpatch",
 ]

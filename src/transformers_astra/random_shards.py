@@ -1,0 +1,92 @@
+"""N-agnostic fine-tuning: a new number of devices and new shard boundaries for every training step.
+
+ASTRA's paper retrains when the number of devices changes. The codebooks and weights do not depend on N;
+only the shard layout (which tokens are local, which arrive as codes) does. Fine-tuning with N and the
+boundaries drawn afresh every optimizer step teaches one checkpoint every layout:
+
+    astra.patch(model, astra.AstraConfig(num_devices=4, groups=32))
+    trainer = Trainer(model=model, args=args, train_dataset=train,
+                      callbacks=[astra.AstraNAQCallback(), RandomShardsCallback(num_devices=(2, 3, 4, 6, 8))])
+
+Between steps (evaluation, saving) and after training the model has its own config back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from .patch import astra_state
+
+
+def set_shards(model: nn.Module, num_devices: int, shard_sizes: Sequence[float] | None = None) -> None:
+    """Change the number of devices and the shard sizes of a patched model (the config is replaced, validated)."""
+    state = astra_state(model)
+    state.config = state.config.replace(
+        num_devices=int(num_devices), shard_sizes=None if shard_sizes is None else list(shard_sizes)
+    )
+    model.config.astra = state.config.to_dict()
+
+
+class RandomShardsCallback(TrainerCallback):
+    """Draws N from ``num_devices`` and, with probability ``uneven_probability``, uneven shard sizes, per step.
+
+    Args:
+        num_devices: the device counts to draw from (uniformly).
+        uneven_probability: chance that a step's shards get random relative sizes instead of an even split.
+        min_relative_size: the smallest shard's size relative to the largest, for uneven draws (0 < x <= 1).
+        seed: seeds the draws (identical on every data-parallel rank, so every rank uses the same layout).
+    """
+
+    def __init__(
+        self,
+        num_devices: Sequence[int] = (2, 3, 4, 6, 8),
+        uneven_probability: float = 0.5,
+        min_relative_size: float = 0.25,
+        seed: int = 0,
+    ):
+        choices = list(num_devices)
+        if not choices or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in choices):
+            raise ValueError(f"RandomShardsCallback.num_devices must be a non-empty list of integers >= 1, got {num_devices!r}")
+        if not 0.0 <= uneven_probability <= 1.0:
+            raise ValueError(f"RandomShardsCallback.uneven_probability must be in [0, 1], got {uneven_probability!r}")
+        if not 0.0 < min_relative_size <= 1.0:
+            raise ValueError(f"RandomShardsCallback.min_relative_size must be in (0, 1], got {min_relative_size!r}")
+        self.choices = choices
+        self.uneven_probability = float(uneven_probability)
+        self.min_relative_size = float(min_relative_size)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.original = None
+        self.history: list[tuple[int, list[float] | None]] = []  # every step's draw
+
+    def draw(self) -> tuple[int, list[float] | None]:
+        """The next (N, shard sizes or None for even)."""
+        index = int(torch.randint(len(self.choices), (1,), generator=self.generator))
+        num_devices = self.choices[index]
+        uneven = float(torch.rand((), generator=self.generator)) < self.uneven_probability
+        if not uneven or num_devices == 1:
+            return num_devices, None
+        low = self.min_relative_size
+        sizes = (low + (1.0 - low) * torch.rand(num_devices, generator=self.generator)).tolist()
+        return num_devices, [round(size, 4) for size in sizes]
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.original = astra_state(model).config
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        num_devices, sizes = self.draw()
+        self.history.append((num_devices, sizes))
+        set_shards(model, num_devices, sizes)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._restore(model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._restore(model)
+
+    def _restore(self, model) -> None:
+        if self.original is not None:
+            set_shards(model, self.original.num_devices, self.original.shard_sizes)
