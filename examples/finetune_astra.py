@@ -8,7 +8,14 @@
 Writes one JSON (``--result-json``, default <output-dir>/result.json) with the base model's metric, the
 metric of the patched model before fine-tuning (k-means codebooks only) and after, bits per token, the
 compression ratio, the fine-tuning time, the hardware and the command. ``--save`` also saves the fine-tuned
-patched model with ``save_pretrained`` (codebooks included).
+patched model with ``save_pretrained`` (codebooks included), its tokenizer (gpt2) or image processor (vit), and
+the command in command.txt.
+
+Evaluation beyond the training layout (cheap, after fine-tuning; each an entry of ``evals`` in the JSON):
+``--eval-num-devices 2 3 6 8`` (the same checkpoint at other N), ``--eval-shard-sizes 1,2,3,4`` (uneven shards,
+relative sizes, N = their count), ``--extra-eval english-ood`` (perplexity on other text, also of the base and
+the control). ``--random-shards 2,3,4,6,8`` fine-tunes N-agnostically (`RandomShardsCallback`: N and shard
+boundaries drawn per step).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from transformers import Trainer, set_seed
 
 import tasks
 import transformers_astra as astra
+from transformers_astra.random_shards import RandomShardsCallback, set_shards
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,14 +66,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--save", action="store_true", help="save the fine-tuned patched model in --output-dir")
     parser.add_argument("--save-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                         help="storage type of the saved weights (float16 halves the checkpoint)")
+    parser.add_argument("--noise-warmup-ratio", type=float, default=0.1, help="with --noise-schedule warmup")
+    parser.add_argument("--eval-num-devices", type=int, nargs="*", default=[],
+                        help="also evaluate the fine-tuned model at these N (even shards)")
+    parser.add_argument("--eval-shard-sizes", nargs="*", default=[], type=shard_sizes_arg,
+                        help="also evaluate with these uneven shards: comma-separated relative sizes, one per device")
+    parser.add_argument("--extra-eval", nargs="*", default=[],
+                        help="gpt2: also measure perplexity on these text datasets' test splits (e.g. english-ood)")
+    parser.add_argument("--random-shards", type=shard_sizes_arg,
+                        help="N-agnostic fine-tuning: comma-separated N values drawn per step (e.g. 2,3,4,6,8)")
+    parser.add_argument("--uneven-probability", type=float, default=0.5,
+                        help="with --random-shards: chance that a step's shards get random relative sizes")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.extra_eval and args.task != "gpt2":
+        raise SystemExit("--extra-eval: only for --task gpt2 (text datasets)")
+    if args.control and (args.random_shards or args.eval_num_devices or args.eval_shard_sizes):
+        raise SystemExit("--control fine-tunes the unpatched model: it has no devices to vary")
     defaults = {"vit": dict(epochs=5, batch_size=256, lr=2e-4), "gpt2": dict(epochs=2, batch_size=32, lr=2e-4)}
     for name, value in defaults[args.task].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.dataset = args.dataset or tasks.DEFAULT_DATASETS[args.task]
     return args
+
+
+def shard_sizes_arg(text: str) -> list[float]:
+    """``"1,2,3"`` -> [1.0, 2.0, 3.0] (integers stay integers: ``"2,3"`` -> [2, 3])."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    return [int(v) if v.is_integer() else v for v in values]
 
 
 def astra_config(args) -> astra.AstraConfig:
@@ -77,7 +109,7 @@ def astra_config(args) -> astra.AstraConfig:
 
 
 def build(args):
-    """(base model, collator or None, train set, test set, tokenizer or None)."""
+    """(base model, collator or None, train set, test set, tokenizer or None, {extra dataset: test blocks})."""
     dataset = tasks.load_task_dataset(args.task, args.dataset, args.dataset_config)
     dataset["train"] = tasks.first_rows(dataset["train"], args.max_train_samples)
     model = tasks.load_pretrained(args.task, args.base, dataset)
@@ -89,7 +121,11 @@ def build(args):
         blocks = tasks.lm_datasets(dataset, tokenizer, model.config.n_positions)
         train, test, collator = blocks["train"], blocks["test"], None
     test = tasks.first_rows(test, args.max_eval_samples)
-    return model, collator, train, test, tokenizer
+    extra = {}
+    for name in args.extra_eval:
+        blocks = tasks.lm_datasets(tasks.load_task_dataset("gpt2", name), tokenizer, model.config.n_positions)
+        extra[f"{name}:test"] = tasks.first_rows(blocks["test"], args.max_eval_samples)
+    return model, collator, train, test, tokenizer, extra
 
 
 def calibration_batches(trainer: Trainer, count: int) -> list:
@@ -106,22 +142,60 @@ def last_code_stats(log_history: list[dict]) -> dict:
     return {}
 
 
+def evaluate_layouts(trainer, model, args, test, extra: dict) -> list[dict]:
+    """The fine-tuned model on the other layouts (``--eval-num-devices``, ``--eval-shard-sizes``) and datasets."""
+    evals = []
+    for name, dataset in extra.items():
+        evals.append({"eval_dataset": name, "eval_num_devices": None if args.control else args.num_devices,
+                      "eval_shard_sizes": None, "value": tasks.evaluate_task(trainer, args.task, dataset)})
+    if args.control:
+        return evals
+    layouts = [(n, None) for n in args.eval_num_devices] + [(len(s), s) for s in args.eval_shard_sizes]
+    for num_devices, sizes in layouts:
+        set_shards(model, num_devices, sizes)
+        try:
+            value = tasks.evaluate_task(trainer, args.task, test)
+        finally:
+            set_shards(model, args.num_devices)
+        evals.append({"eval_dataset": f"{args.dataset}:test", "eval_num_devices": num_devices,
+                      "eval_shard_sizes": sizes, "value": value})
+    return evals
+
+
+def save_checkpoint(model, output_dir: Path, args, tokenizer, command: str) -> None:
+    """save_pretrained (codebooks included) + tokenizer or image processor + the command that made it."""
+    model.to(getattr(torch, args.save_dtype)).save_pretrained(output_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output_dir)
+    else:
+        tasks.image_processor(model.config).save_pretrained(output_dir)
+    (output_dir / "command.txt").write_text(command + "\n")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     set_seed(args.seed)
-    model, collator, train, test, tokenizer = build(args)
+    command = shlex.join(["python", "examples/finetune_astra.py", *(argv if argv is not None else sys.argv[1:])])
+    model, collator, train, test, tokenizer, extra = build(args)
     output_dir = Path(args.output_dir)
     training_args = tasks.training_arguments(
-        str(output_dir / "trainer"), args.epochs, args.batch_size, args.lr, args.weight_decay, args.workers, args.seed
+        str(output_dir / "trainer"), args.epochs, args.batch_size, args.lr, args.weight_decay, args.workers, args.seed,
+        disable_tqdm=True,
     )
-    callback = astra.AstraNAQCallback(
-        noise_schedule=args.noise_schedule, reset_dead_codes=not args.no_dead_code_reset, seed=args.seed
-    )
+    callbacks = [astra.AstraNAQCallback(
+        noise_schedule=args.noise_schedule, noise_warmup_ratio=args.noise_warmup_ratio,
+        reset_dead_codes=not args.no_dead_code_reset, seed=args.seed,
+    )]
+    if args.random_shards:
+        callbacks.append(RandomShardsCallback(num_devices=[int(n) for n in args.random_shards],
+                                              uneven_probability=args.uneven_probability, seed=args.seed))
     trainer = Trainer(
-        model=model, args=training_args, train_dataset=train, callbacks=None if args.control else [callback],
+        model=model, args=training_args, train_dataset=train, callbacks=None if args.control else callbacks,
         **tasks.task_trainer_kwargs(args.task, collator),
     )
     base_value = tasks.evaluate_task(trainer, args.task, test)
+    base_evals = [{"eval_dataset": name, "value": tasks.evaluate_task(trainer, args.task, dataset)}
+                  for name, dataset in extra.items()]
 
     config = astra_config(args)
     before_value = None
@@ -135,10 +209,9 @@ def main(argv=None) -> dict:
     trainer.train()
     finetune_seconds = time.perf_counter() - start
     value = tasks.finite(tasks.evaluate_task(trainer, args.task, test))
+    evals = evaluate_layouts(trainer, model, args, test, extra)
     if args.save:
-        model.to(getattr(torch, args.save_dtype)).save_pretrained(output_dir)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(output_dir)
+        save_checkpoint(model, output_dir, args, tokenizer, command)
     hidden_size = model.config.hidden_size
     result = {
         "model": str(args.base),
@@ -150,12 +223,18 @@ def main(argv=None) -> dict:
         "quantize": "none (control)" if args.control else args.quantize,
         "noise_scale": args.noise_scale,
         "noise_schedule": args.noise_schedule,
+        "random_shards": args.random_shards,
         "distributed_cls": config.distributed_cls,
         "commitment_weight": args.commitment_weight,
         "metric": tasks.metric_name(args.task),
+        "seed": args.seed,
+        "eval_dataset": f"{args.dataset}:test",
+        "eval_num_devices": None if args.control else args.num_devices,
         "value": value,
         "value_before_finetune": before_value,
         "base_value": base_value,
+        "evals": evals,
+        "base_evals": base_evals,
         "bits_per_token": None if args.control else config.bits_per_token,
         "compression_ratio": None if args.control else config.compression_ratio(hidden_size),
         "hidden_size": hidden_size,
@@ -165,7 +244,7 @@ def main(argv=None) -> dict:
         "code_stats": last_code_stats(trainer.state.log_history),
         "hardware": tasks.hardware(),
         "date": time.strftime("%Y-%m-%d"),
-        "command": shlex.join(["python", "examples/finetune_astra.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command,
     }
     result_path = Path(args.result_json or output_dir / "result.json")
     result_path.parent.mkdir(parents=True, exist_ok=True)

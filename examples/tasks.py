@@ -148,6 +148,20 @@ class ImageCollator:
         return {"pixel_values": (pixels - self.mean) / self.std, "labels": labels}
 
 
+def image_processor(model_config):
+    """A `ViTImageProcessor` doing what `ImageCollator` does at test time (saved next to a checkpoint, so that
+    ``AutoImageProcessor.from_pretrained`` prepares images for it): resize to the model's size, scale to [0, 1],
+    normalise with the model's mean and standard deviation."""
+    from transformers import ViTImageProcessor
+
+    channels = model_config.num_channels
+    return ViTImageProcessor(
+        do_resize=True, size={"height": model_config.image_size, "width": model_config.image_size},
+        image_mean=list(getattr(model_config, "image_mean", [0.5] * channels)),
+        image_std=list(getattr(model_config, "image_std", [0.5] * channels)),
+    )
+
+
 def image_datasets(dataset: DatasetDict, model_config, augment: bool = True):
     """(train, test, collator); the test split is "test" (or "validation"). Images must share one size."""
     image_column, label_column = image_columns(dataset["train"])

@@ -4,6 +4,8 @@ No pretrained weights are reachable offline, so the defaults train small models 
 
     python examples/train_base.py --task vit  --output-dir outputs/vit-base   # ViT, Fashion-MNIST
     python examples/train_base.py --task gpt2 --output-dir outputs/gpt2-base  # GPT2, King James Bible
+    python examples/train_base.py --task gpt2 --dataset english --extra-eval english-ood kjv \
+        --output-dir outputs/gpt2-english-base   # GPT2, the broader English mix (examples/english_data.py)
 
 Online users can start from a Hub checkpoint and/or dataset instead:
 
@@ -51,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--save-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                         help="storage type of the saved weights (float16 halves the checkpoint)")
     parser.add_argument("--max-minutes", type=float, help="stop training after this many minutes (wall clock)")
+    parser.add_argument("--extra-eval", nargs="*", default=[],
+                        help="gpt2: also measure perplexity on these text datasets' test splits (e.g. english-ood)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     defaults = {"vit": dict(width=192, epochs=30, batch_size=256, lr=1e-3), "gpt2": dict(width=256, epochs=12, batch_size=32, lr=6e-4)}
@@ -76,6 +80,9 @@ def build(args):
     else:
         tokenizer = tasks.train_tokenizer(dataset["train"][tasks.text_column(dataset["train"])], args.vocab_size)
     blocks = tasks.lm_datasets(dataset, tokenizer, args.block_size)
+    for name in args.extra_eval:
+        extra = tasks.lm_datasets(tasks.load_task_dataset("gpt2", name), tokenizer, args.block_size)["test"]
+        args.extra_blocks[f"{name}:test"] = tasks.first_rows(extra, args.max_eval_samples)
     if args.model:
         model = tasks.load_pretrained("gpt2", args.model)
     else:
@@ -85,6 +92,7 @@ def build(args):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    args.extra_blocks = {}
     set_seed(args.seed)
     model, helper, train, evaluation, test = build(args)
     evaluation, test = tasks.first_rows(evaluation, args.max_eval_samples), tasks.first_rows(test, args.max_eval_samples)
@@ -97,7 +105,7 @@ def main(argv=None) -> dict:
     )
     training_args = tasks.training_arguments(
         str(output_dir / "trainer"), args.epochs, args.batch_size, args.lr, args.weight_decay, args.workers,
-        args.seed, **selection,
+        args.seed, disable_tqdm=True, **selection,
     )
     trainer = Trainer(
         model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
@@ -108,6 +116,8 @@ def main(argv=None) -> dict:
     trainer.train()
     train_seconds = time.perf_counter() - start
     value = tasks.finite(tasks.evaluate_task(trainer, args.task, test))
+    evals = [{"eval_dataset": name, "value": tasks.evaluate_task(trainer, args.task, blocks)}
+             for name, blocks in args.extra_blocks.items()]
     model.to(getattr(torch, args.save_dtype)).save_pretrained(output_dir)
     if args.task == "gpt2":
         helper.save_pretrained(output_dir)  # the tokenizer
@@ -117,12 +127,15 @@ def main(argv=None) -> dict:
         "dataset": args.dataset,
         "metric": tasks.metric_name(args.task),
         "value": value,
+        "eval_dataset": f"{args.dataset}:test",
+        "evals": evals,
         "parameters": sum(p.numel() for p in model.parameters()),
         "saved_dtype": args.save_dtype,
         "train_seconds": round(train_seconds, 1),
         "epochs": args.epochs,
         "epochs_done": round(trainer.state.epoch or 0.0, 2),
         "hardware": tasks.hardware(),
+        "date": time.strftime("%Y-%m-%d"),
         "command": shlex.join(["python", "examples/train_base.py", *(argv if argv is not None else sys.argv[1:])]),
     }
     (output_dir / "base_result.json").write_text(json.dumps(result, indent=2))
