@@ -126,7 +126,7 @@ def entry_split(index: int) -> str:
 def _missing(source: str, path: Path) -> FileNotFoundError:
     return FileNotFoundError(
         f"{path} not found: install the Debian package `apt-get install {PACKAGES[source]}` "
-        f"(all of them: `bash scripts/install-data.sh --english`), or set {ENGLISH_ENV} to a file written by "
+        f"(all of them: `apt-get install {' '.join(PACKAGES.values())}`), or set {ENGLISH_ENV} to a file written by "
         f"`python examples/english_data.py export`."
     )
 
