@@ -51,7 +51,10 @@ FINETUNE = {  # family -> (task, base, epochs, extra finetune_astra.py flags)
     "gpt2": ("gpt2", "gpt2-base", "3", []),
     "vit": ("vit", "vit-base", "1", []),
     "english": ("gpt2", "gpt2-english-base", "1", ["--dataset", "english", "--extra-eval", "english-ood", "kjv"]),
+    "llama": ("llama", "llama-english-base", "1", ["--dataset", "english", "--extra-eval", "english-ood", "kjv"]),
 }
+LLAMA_BASE = ["--task", "llama", "--dataset", "english", "--extra-eval", "english-ood", "kjv", "--layers", "6",
+              "--width", "256", "--epochs", "12", "--save-dtype", "float16"]
 ABLATIONS = {  # run-name suffix -> finetune_astra.py flags; on top of G=1, hidden, lambda=1, beta=1e-4, DCT
     "naq0": ["--noise-scale", "0"],
     "naq0.3": ["--noise-scale", "0.3"],
@@ -115,9 +118,10 @@ def call1() -> list[Job]:
 
 
 def call2(leftovers: bool = True) -> list[Job]:
-    """Ablations (3 seeds), N-agnostic fine-tuning and per-N references, the ViT G=1 recipes, then whatever
-    call 1 left (skipped where a result exists)."""
-    jobs = []
+    """The Llama rows (where the adapter exists), ablations (3 seeds), N-agnostic fine-tuning and per-N
+    references, the ViT G=1 recipes, then whatever call 1 left (skipped where a result exists)."""
+    llama = llama_jobs()
+    jobs = llama[:1]  # its base trains while the ablations run; its rows follow the ablations
     for seed in SEEDS:
         for family in ("vit", "gpt2"):
             for suffix, flags in ABLATIONS.items():
@@ -125,6 +129,7 @@ def call2(leftovers: bool = True) -> list[Job]:
                     continue  # GPT2 has no class token
                 jobs.append(finetune_job(family, f"{family}-g1-hidden-{suffix}", seed,
                                          ["--groups", "1", "--quantize", "hidden", *flags]))
+    jobs += llama[1:]
     for family in ("gpt2", "vit"):
         for groups in ("32", "1"):
             jobs += [finetune_job(family, f"{family}-g{groups}-hidden-nagnostic", seed,
@@ -145,6 +150,22 @@ def call2(leftovers: bool = True) -> list[Job]:
         return jobs
     return jobs + [job for job in call1() if job.script == "finetune_astra.py" and "-demo-" not in job.name
                    and not job.name.startswith("english")]
+
+
+def llama_supported() -> bool:
+    """Whether this transformers_astra patches LlamaForCausalLM (issue 10's adapter)."""
+    from transformers_astra.models import ADAPTERS
+
+    return "llama" in ADAPTERS
+
+
+def llama_jobs() -> list[Job]:
+    """The Llama-shaped base on the English mix and its G = 32 rows (issue 10 item 5), where the adapter exists."""
+    if not llama_supported():
+        print("no Llama adapter in this transformers_astra: the llama rows are left out", file=sys.stderr)
+        return []
+    jobs = [Job("llama-english-base", "train_base.py", list(LLAMA_BASE))]
+    return jobs + main_runs("llama", "32", "hidden") + main_runs("llama", "32", "kv") + controls("llama")
 
 
 CALLS = {"1": call1, "2": call2}
@@ -201,7 +222,7 @@ def command_for(job: Job, out: Path, workers: int, max_minutes: float) -> list[s
     args = [value.replace("{out}", str(out)) for value in job.args]
     if job.script == "train_base.py":
         return [sys.executable, str(EXAMPLES / job.script), *args, "--output-dir", str(out / job.name),
-                "--workers", str(max(workers, 2)), "--max-minutes", str(max_minutes)]
+                "--workers", str(max(workers, 4)), "--max-minutes", str(max_minutes)]
     return [sys.executable, str(EXAMPLES / job.script), *args, "--output-dir", str(out / "sweep" / job.name),
             "--workers", str(workers)]
 
@@ -316,6 +337,7 @@ def hardware_line() -> str:
 # --- moving results between the GPU host and here ------------------------------------------------------------
 
 PART_BYTES = 15 * 1024 * 1024  # under the 16 MiB a returned file may have
+DEMO_NAMES = {"gpt2-demo-n2-g32-hidden-k512-s0": "gpt2-kjv-astra", "vit-demo-n2-g32-hidden-k512-s0": "vit-fashion-mnist-astra"}
 CHECKPOINT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                     "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json", "command.txt",
                     "base_result.json", "result.json")
@@ -360,7 +382,7 @@ def cmd_pack(args) -> None:
             staging = out / f"{stem}.tar"
             with tarfile.open(staging, "w") as archive:
                 for folder in folders:
-                    add_folder(archive, folder, re.sub(r"-s0$", "", folder.name))
+                    add_folder(archive, folder, DEMO_NAMES.get(folder.name, folder.name))
             written += write_parts(staging, dest, f"{stem}.tar")
             staging.unlink()
     for path in written:
@@ -376,7 +398,7 @@ def cmd_collect(args) -> None:
     for archive_path in sorted(source.glob("call*-results.tar.gz")):
         with tarfile.open(archive_path) as archive:
             archive.extractall(out, filter="data")
-    for stem, target in (("checkpoints", Path(args.checkpoints)), ("bases", out)):
+    for stem, target in (("checkpoints", Path(args.checkpoints or out / "checkpoints")), ("bases", out)):
         parts = sorted(source.glob(f"{stem}.tar.part*"))
         if not parts:
             continue
@@ -652,7 +674,7 @@ def n_agnostic_lines(rows: list[dict]) -> list[str]:
 def ood_lines(rows: list[dict]) -> list[str]:
     lines = []
     for row in rows:
-        if not row["run"].startswith("english-g") or row["eval_dataset"] != "english-ood:test":
+        if not re.match(r"(english|llama)-g", row["run"]) or row["eval_dataset"] != "english-ood:test":
             continue
         if row["control_value"] is None:
             continue
@@ -772,6 +794,7 @@ def cmd_report(args) -> None:
         "Main rows (N = 4, K = 1024)": [r for r in at_training_layout
                                         if re.fullmatch(r"(gpt2|vit)-(g\d+-(hidden|kv)|control)", r["run"])],
         "Broad English (GPT2 trained on the English mix)": [r for r in current if r["run"].startswith("english-")],
+        "Llama-shaped model on the English mix (issue 10)": [r for r in current if r["run"].startswith("llama-")],
         "Ablations (G = 1, hidden; one change each)": [
             r for r in at_training_layout if re.fullmatch(r"(gpt2|vit)-g1-hidden(-(naq|beta|nodct).*)?", r["run"])],
         "ViT G = 1 hidden: recipes for the target": [r for r in at_training_layout
@@ -847,7 +870,8 @@ def main() -> None:
     collect.add_argument("--out", default="outputs")
     collect.add_argument("--runs-dir", default=str(RUNS_DIR), help="where the per-run results are kept (committed)")
     collect.add_argument("--docs", default=str(DOCS), help="base results go to <docs>/results/bases")
-    collect.add_argument("--checkpoints", default=str(REPO / "checkpoints"), help="where the demo checkpoints go")
+    collect.add_argument("--checkpoints", help="where the demo checkpoints go (default <out>/checkpoints: ignored, so "
+                         "they do not travel with call 2; copy them to checkpoints/ afterwards)")
     report = commands.add_parser("report", help="write docs/results.md and docs/results/accuracy.json")
     report.add_argument("--out", nargs="*", help="also read sweep/*/result.json under these folders")
     report.add_argument("--docs", default=str(DOCS), help="the docs folder to read runs from and write to")

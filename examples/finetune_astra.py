@@ -79,11 +79,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="with --random-shards: chance that a step's shards get random relative sizes")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.extra_eval and args.task != "gpt2":
-        raise SystemExit("--extra-eval: only for --task gpt2 (text datasets)")
+    if args.extra_eval and not tasks.is_text(args.task):
+        raise SystemExit("--extra-eval: only for the text tasks (gpt2, llama)")
+    tasks.check_task_supported(args.task)
     if args.control and (args.random_shards or args.eval_num_devices or args.eval_shard_sizes):
         raise SystemExit("--control fine-tunes the unpatched model: it has no devices to vary")
-    defaults = {"vit": dict(epochs=5, batch_size=256, lr=2e-4), "gpt2": dict(epochs=2, batch_size=32, lr=2e-4)}
+    text = dict(epochs=2, batch_size=32, lr=2e-4)
+    defaults = {"vit": dict(epochs=5, batch_size=256, lr=2e-4), "gpt2": text, "llama": text}
     for name, value in defaults[args.task].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -118,12 +120,12 @@ def build(args):
         tokenizer = None
     else:
         tokenizer = tasks.load_tokenizer(args.base)
-        blocks = tasks.lm_datasets(dataset, tokenizer, model.config.n_positions)
+        blocks = tasks.lm_datasets(dataset, tokenizer, tasks.context_length(model.config))
         train, test, collator = blocks["train"], blocks["test"], None
     test = tasks.first_rows(test, args.max_eval_samples)
     extra = {}
     for name in args.extra_eval:
-        blocks = tasks.lm_datasets(tasks.load_task_dataset("gpt2", name), tokenizer, model.config.n_positions)
+        blocks = tasks.lm_datasets(tasks.load_task_dataset(args.task, name), tokenizer, tasks.context_length(model.config))
         extra[f"{name}:test"] = tasks.first_rows(blocks["test"], args.max_eval_samples)
     return model, collator, train, test, tokenizer, extra
 

@@ -36,8 +36,9 @@ import english_data
 from transformers_astra.data import load_image_dataset, load_text_dataset
 from transformers_astra.metrics import load_accuracy, perplexity_from_loss
 
-TASKS = ("vit", "gpt2")
-DEFAULT_DATASETS = {"vit": "fashion-mnist", "gpt2": "kjv"}
+TASKS = ("vit", "gpt2", "llama")
+TEXT_TASKS = ("gpt2", "llama")
+DEFAULT_DATASETS = {"vit": "fashion-mnist", "gpt2": "kjv", "llama": "english"}
 EOS = "<|endoftext|>"
 
 
@@ -69,9 +70,49 @@ def new_gpt2(vocab_size: int, layers: int, width: int, block_size: int, eos_id: 
     return GPT2LMHeadModel(config)
 
 
+def new_llama(vocab_size: int, layers: int, width: int, block_size: int, eos_id: int):
+    """A Llama-shaped causal LM of GPT2's size (GQA with 2 query heads per key/value head, SwiGLU, RoPE)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    heads = max(2, width // 64)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=width, intermediate_size=(8 * width // 3 + 63) // 64 * 64,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
+        max_position_embeddings=block_size, tie_word_embeddings=True,
+        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def new_language_model(task: str, vocab_size: int, layers: int, width: int, block_size: int, eos_id: int):
+    check_task_supported(task)
+    build = new_llama if task == "llama" else new_gpt2
+    return build(vocab_size, layers, width, block_size, eos_id)
+
+
+def check_task_supported(task: str) -> None:
+    """``--task llama`` needs ASTRA's Llama adapter (issue 10); a clear error where this version lacks it."""
+    if task != "llama":
+        return
+    from transformers_astra.models import ADAPTERS
+
+    if "llama" not in ADAPTERS:
+        raise SystemExit("--task llama: this transformers_astra has no Llama adapter yet (issue 10); "
+                         f"supported model types: {sorted(ADAPTERS)}")
+
+
+def context_length(config) -> int:
+    """Tokens per block a causal LM was trained with (GPT2's n_positions, Llama's max_position_embeddings)."""
+    return getattr(config, "n_positions", None) or config.max_position_embeddings
+
+
+def is_text(task: str) -> bool:
+    return task in TEXT_TASKS
+
+
 def load_pretrained(task: str, name_or_path: str, dataset: DatasetDict | None = None):
     """A checkpoint saved by train_base.py, or a Hub checkpoint (``google/vit-base-patch16-224``, ``gpt2``), in float32."""
-    if task == "gpt2":
+    if is_text(task):
         return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
     config = AutoConfig.from_pretrained(name_or_path)
     kwargs: dict[str, Any] = {}

@@ -57,7 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="gpt2: also measure perplexity on these text datasets' test splits (e.g. english-ood)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    defaults = {"vit": dict(width=192, epochs=30, batch_size=256, lr=1e-3), "gpt2": dict(width=256, epochs=12, batch_size=32, lr=6e-4)}
+    text = dict(width=256, epochs=12, batch_size=32, lr=6e-4)
+    defaults = {"vit": dict(width=192, epochs=30, batch_size=256, lr=1e-3), "gpt2": text, "llama": text}
     for name, value in defaults[args.task].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -81,12 +82,13 @@ def build(args):
         tokenizer = tasks.train_tokenizer(dataset["train"][tasks.text_column(dataset["train"])], args.vocab_size)
     blocks = tasks.lm_datasets(dataset, tokenizer, args.block_size)
     for name in args.extra_eval:
-        extra = tasks.lm_datasets(tasks.load_task_dataset("gpt2", name), tokenizer, args.block_size)["test"]
+        extra = tasks.lm_datasets(tasks.load_task_dataset(args.task, name), tokenizer, args.block_size)["test"]
         args.extra_blocks[f"{name}:test"] = tasks.first_rows(extra, args.max_eval_samples)
     if args.model:
-        model = tasks.load_pretrained("gpt2", args.model)
+        model = tasks.load_pretrained(args.task, args.model)
     else:
-        model = tasks.new_gpt2(len(tokenizer), args.layers, args.width, args.block_size, tokenizer.eos_token_id)
+        model = tasks.new_language_model(args.task, len(tokenizer), args.layers, args.width, args.block_size,
+                                         tokenizer.eos_token_id)
     return model, tokenizer, blocks["train"], blocks["validation"], blocks["test"]
 
 
@@ -101,7 +103,7 @@ def main(argv=None) -> dict:
     selection = (
         dict(eval_strategy="epoch", save_strategy="epoch", save_total_limit=1, load_best_model_at_end=True,
              metric_for_best_model="eval_loss")
-        if args.task == "gpt2" else {}
+        if tasks.is_text(args.task) else {}
     )
     training_args = tasks.training_arguments(
         str(output_dir / "trainer"), args.epochs, args.batch_size, args.lr, args.weight_decay, args.workers,
@@ -119,7 +121,7 @@ def main(argv=None) -> dict:
     evals = [{"eval_dataset": name, "value": tasks.evaluate_task(trainer, args.task, blocks)}
              for name, blocks in args.extra_blocks.items()]
     model.to(getattr(torch, args.save_dtype)).save_pretrained(output_dir)
-    if args.task == "gpt2":
+    if tasks.is_text(args.task):
         helper.save_pretrained(output_dir)  # the tokenizer
     result = {
         "model": args.model or f"{args.task} {args.layers}L-{args.width} (trained here)",
