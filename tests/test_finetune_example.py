@@ -4,7 +4,9 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from test_data import tiny_fashion  # noqa: F401  (fixture: tiny Fashion-MNIST IDX files)
 
 import transformers_astra as astra
@@ -40,3 +42,37 @@ def test_train_base_then_finetune_astra(tiny_fashion, examples_on_path, tmp_path
         assert key in result
     reloaded = astra.from_pretrained(tmp_path / "astra")
     assert reloaded.config.astra["groups"] == 4 and all(bool(q.initialized) for q in astra.quantizers(reloaded))
+
+
+def test_finetune_evaluates_other_layouts_and_saves_a_loadable_checkpoint(tiny_fashion, examples_on_path, tmp_path,  # noqa: F811
+                                                                         monkeypatch):
+    folder, _ = tiny_fashion
+    monkeypatch.setenv(data.FASHION_MNIST_ENV, str(folder))
+    import finetune_astra
+    import tasks
+    import train_base
+    from transformers import AutoImageProcessor
+
+    small = ["--workers", "0", "--batch-size", "4", "--epochs", "1"]
+    train_base.main(["--task", "vit", "--layers", "1", "--width", "32", "--output-dir", str(tmp_path / "base"), *small])
+    result = finetune_astra.main([
+        "--task", "vit", "--base", str(tmp_path / "base"), "--output-dir", str(tmp_path / "astra"), "--groups", "4",
+        "--codebook-size", "4", "--calibration-batches", "1", "--save", "--seed", "3", "--random-shards", "2,3",
+        "--eval-num-devices", "4", "2", "--eval-shard-sizes", "1,1,1,1", "1,3", *small,
+    ])
+    assert result["seed"] == 3 and result["random_shards"] == [2, 3] and result["eval_num_devices"] == 4
+    evals = {(e["eval_num_devices"], str(e["eval_shard_sizes"])): e["value"] for e in result["evals"]}
+    assert set(evals) == {(4, "None"), (2, "None"), (4, "[1, 1, 1, 1]"), (2, "[1, 3]")}
+    # The training layout again (and its even weights) gives the main value: the model got its config back.
+    assert evals[(4, "None")] == evals[(4, "[1, 1, 1, 1]")] == result["value"]
+    saved = tmp_path / "astra"
+    assert (saved / "command.txt").read_text().startswith("python examples/finetune_astra.py --task vit")
+    reloaded = astra.from_pretrained(saved)
+    assert reloaded.config.astra["num_devices"] == 4 and reloaded.config.astra["shard_sizes"] is None
+    processor = AutoImageProcessor.from_pretrained(saved)
+    dataset = data.load_fashion_mnist(folder)
+    image = dataset["test"][0]["image"]
+    pixels = processor(np.asarray(image, dtype=np.uint8)[:, :, None], input_data_format="channels_last",
+                       return_tensors="pt")["pixel_values"]
+    collated = tasks.ImageCollator(reloaded.config)([{"image": torch.tensor(np.asarray(image))[None], "label": torch.tensor(0)}])
+    torch.testing.assert_close(pixels, collated["pixel_values"])

@@ -1,0 +1,127 @@
+"""examples/accuracy_sweep.py without training: call plans, smoke selection, pack/collect, report aggregation."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture
+def sweep(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    sys.modules.pop("accuracy_sweep", None)
+    import accuracy_sweep
+
+    accuracy_sweep.use_docs(tmp_path / "docs")
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    return accuracy_sweep
+
+
+def result(run, seed, value, metric="accuracy", task="vit", evals=(), control=False, N=4, base=86.0):
+    return {
+        "run": f"{run}-s{seed}", "model": "outputs/vit-base", "task": task, "dataset": "fashion-mnist", "N": N,
+        "G": 1, "K": 1024, "quantize": "none (control)" if control else "hidden", "noise_scale": 1.0,
+        "noise_schedule": "constant", "random_shards": None, "distributed_cls": True, "commitment_weight": 1e-4,
+        "metric": metric, "seed": seed, "eval_dataset": "fashion-mnist:test", "eval_num_devices": None if control else N,
+        "value": value, "value_before_finetune": None if control else value - 1, "base_value": base,
+        "evals": list(evals), "base_evals": [], "bits_per_token": None if control else 10,
+        "compression_ratio": None if control else 614.4, "hidden_size": 192, "epochs": 1.0, "train_steps": 235,
+        "finetune_seconds": 70.0, "code_stats": {}, "hardware": "1x GPU", "date": "2026-11-27",
+        "command": f"python examples/finetune_astra.py --seed {seed}",
+    }
+
+
+def test_plans_put_the_priorities_first_and_respect_dependencies(sweep):
+    one = [job.name for job in sweep.call1()]
+    assert one[:3] == ["gpt2-base", "vit-base", "gpt2-english-base"]
+    assert one.index("gpt2-demo-n2-g32-hidden-k512-s0") < one.index("gpt2-g32-hidden-s0")
+    for first, later in (("vit-g32-hidden-s2", "vit-g8-kv-s0"), ("gpt2-g1-hidden-s2", "gpt2-g1-kv-s0")):
+        assert one.index(first) < one.index(later)
+    assert {f"{t}-g{g}-{m}-s{s}" for t in ("gpt2", "vit") for g in (1, 8, 32) for m in ("hidden", "kv")
+            for s in (0, 1, 2)} <= set(one)
+    jobs = {job.name: job for job in sweep.call1() + sweep.call2()}
+    assert jobs["vit-g32-hidden-s1"].needs == ["vit-base"] and "--seed" in jobs["vit-g32-hidden-s1"].args
+    assert "--random-shards" in jobs["gpt2-g32-hidden-nagnostic-s0"].args
+    assert len(one) == len(set(one))
+
+
+def test_smoke_keeps_one_job_of_each_kind_with_tiny_settings(sweep):
+    jobs = sweep.smoke(sweep.call1())
+    names = [job.name for job in jobs]
+    assert names[:3] == ["gpt2-base", "vit-base", "gpt2-english-base"] and len(names) < 15
+    for job in jobs:
+        assert job.args.count("--epochs") == 1 and job.args[job.args.index("--epochs") + 1] == "1"
+        if job.script == "finetune_astra.py":
+            assert job.args[job.args.index("--codebook-size") + 1] == "16"
+
+
+def test_aggregate_means_stds_layouts_and_controls(sweep):
+    evals = [{"eval_dataset": "fashion-mnist:test", "eval_num_devices": 2, "eval_shard_sizes": None, "value": 80.0}]
+    results = [result("vit-g1-hidden", s, v, evals=evals) for s, v in ((0, 83.0), (1, 84.0), (2, 85.0))]
+    results += [result("vit-control", s, v, control=True) for s, v in ((0, 86.0), (1, 86.5))]
+    rows = {(r["run"], r["eval_num_devices"]): r for r in sweep.aggregate(results)}
+    main = rows[("vit-g1-hidden", 4)]
+    assert main["seeds"] == [0, 1, 2] and main["value"] == pytest.approx(84.0) and main["std"] == pytest.approx(1.0)
+    assert main["control_value"] == pytest.approx(86.25) and main["eval_dataset"] == "fashion-mnist:test"
+    other = rows[("vit-g1-hidden", 2)]
+    assert other["value"] == 80.0 and other["std"] == 0.0 and other["N"] == 4 and other["control_value"] == 86.25
+    assert rows[("vit-control", None)]["std"] == pytest.approx(0.35355, abs=1e-4)
+
+
+def test_effects_are_established_only_when_the_seeds_say_so(sweep):
+    results = [result("vit-g1-hidden", s, v) for s, v in ((0, 83.0), (1, 83.1), (2, 82.9))]
+    results += [result("vit-g1-hidden-naq0", s, v) for s, v in ((0, 81.0), (1, 81.1), (2, 80.9))]  # clearly worse
+    results += [result("vit-g1-hidden-beta0", s, v) for s, v in ((0, 83.5), (1, 82.5), (2, 83.2))]  # noise
+    results += [result("vit-g1-hidden-nodct", 0, 82.0)]  # one seed
+    lines = "\n".join(sweep.effect_lines(sweep.aggregate(results)))
+    assert "vit naq0: 81.00 (3 seeds) against 83.00 (3): -2.00 points" in lines
+    verdicts = {line.split(":")[0]: line.rsplit(":", 1)[1] for line in lines.splitlines()}
+    assert "**established**" in verdicts["- NAQ, vit naq0"]
+    assert "not established" in verdicts["- β, vit beta0"]
+    assert "not testable" in verdicts["- DCT, vit nodct"]
+
+
+def test_pack_and_collect_round_trip(sweep, tmp_path, monkeypatch):
+    out, dest = tmp_path / "work", tmp_path / "OUT"
+    for name in ("gpt2-base", "vit-base"):
+        (out / name).mkdir(parents=True)
+        (out / name / "model.safetensors").write_bytes(bytes(range(256)) * 40)
+        (out / name / "base_result.json").write_text(json.dumps({"value": 1.0}))
+        (out / name / "trainer").mkdir()  # not packed
+    demo = out / "sweep" / "vit-demo-n2-g32-hidden-k512-s0"
+    demo.mkdir(parents=True)
+    (demo / "model.safetensors").write_bytes(b"weights" * 1000)
+    (demo / "command.txt").write_text("python examples/finetune_astra.py ...\n")
+    (demo / "result.json").write_text(json.dumps(result("vit-demo-n2-g32-hidden-k512", 0, 85.0, N=2)))
+    (out / "logs").mkdir()
+    (out / "logs" / "vit-base.log").write_text("x" * 10000)
+    monkeypatch.setattr(sweep, "PART_BYTES", 4096)
+    sweep.cmd_pack(type("Args", (), {"out": str(out), "dest": str(dest), "call": "1"}))
+    files = sorted(p.name for p in dest.iterdir())
+    assert "call1-results.tar.gz" in files and sum(f.startswith("bases.tar.part") for f in files) > 1
+    assert all(p.stat().st_size <= 4096 for p in dest.glob("*.part*"))
+    back = tmp_path / "back"
+    sweep.cmd_collect(type("Args", (), {"source": str(dest), "out": str(back), "runs_dir": str(tmp_path / "runs"),
+                                         "docs": str(tmp_path / "docs"), "checkpoints": None}))
+    assert (back / "gpt2-base" / "model.safetensors").read_bytes() == bytes(range(256)) * 40
+    assert not (back / "gpt2-base" / "trainer").exists()
+    assert (back / "checkpoints" / "vit-fashion-mnist-astra" / "command.txt").is_file()
+    assert (tmp_path / "runs" / "vit-demo-n2-g32-hidden-k512-s0.json").is_file()
+    assert len((back / "logs" / "vit-base.log").read_text()) == 4000  # tails only
+
+
+def test_legacy_rows_are_migrated_with_the_new_keys(sweep, tmp_path):
+    old = {k: v for k, v in result("vit-g1-hidden", 0, 83.51).items()
+           if k not in ("seed", "eval_dataset", "eval_num_devices", "evals", "base_evals", "run", "task")}
+    old["command"] = "python examples/finetune_astra.py --output-dir outputs/sweep/vit-g1-hidden --workers 1"
+    (tmp_path / "docs" / "results" / "accuracy.json").write_text(json.dumps([old]))
+    assert sweep.migrate_legacy() == 1
+    rows = sweep.aggregate(sweep.load_all([]))
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["run"] == "vit-g1-hidden" and row["seeds"] == [0] and row["std"] is None
+    assert row["eval_num_devices"] == 4 and row["eval_dataset"] == "fashion-mnist:test"
+    assert row["campaign"].startswith("2026-11-26") and row["value"] == 83.51
