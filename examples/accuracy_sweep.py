@@ -67,6 +67,8 @@ VIT_RECIPES = {  # the ViT G=1 hidden target: longer fine-tuning, lambda schedul
     "ep3-warmup": ["--epochs", "3", "--noise-schedule", "warmup", "--noise-warmup-ratio", "0.3"],
     "ep3-k4096": ["--epochs", "3", "--codebook-size", "4096"],
 }
+ENGLISH_VARIANTS = {"naq0.3": ["--noise-scale", "0.3"], "nodcr": ["--no-dead-code-reset"],
+                    "beta0.25": ["--commitment-weight", "0.25"]}
 DEMO_FLAGS = ["--groups", "32", "--quantize", "hidden", "--codebook-size", "512", "--save",
               "--save-dtype", "float16"]
 RANDOM_SHARDS = ["--random-shards", "2,3,4,6,8"]
@@ -114,6 +116,9 @@ def call1() -> list[Job]:
             jobs += controls("english", seeds)
     for family in ("gpt2", "vit"):
         jobs += main_runs(family, "1", "kv") + main_runs(family, "8", "hidden") + main_runs(family, "8", "kv")
+    for suffix, flags in ENGLISH_VARIANTS.items():  # what might move the out-of-domain perplexity (one seed)
+        jobs.append(finetune_job("english", f"english-g32-hidden-{suffix}", 0, ["--groups", "32", "--quantize", "hidden",
+                                                                               *flags]))
     return jobs
 
 
@@ -650,9 +655,10 @@ def n_agnostic_lines(rows: list[dict]) -> list[str]:
     for task in ("gpt2", "vit"):
         for groups in ("1", "32"):
             stem = f"{task}-g{groups}-hidden"
-            for n in (2, 3, 6, 8):
-                reference = even.get((f"{stem}-n{n}", n))
-                fixed, agnostic = even.get((stem, n)), even.get((f"{stem}-nagnostic", n))
+            for n in (2, 3, 4, 6, 8):
+                reference = even.get((stem, 4) if n == 4 else (f"{stem}-n{n}", n))
+                fixed = None if n == 4 else even.get((stem, n))
+                agnostic = even.get((f"{stem}-nagnostic", n))
                 if reference is None and fixed is None:
                     continue
                 parts = [f"- {stem} at N={n}:"]
@@ -667,7 +673,16 @@ def n_agnostic_lines(rows: list[dict]) -> list[str]:
                         text += f" ({change(row['value'], reference['value'], row['metric'])}: " \
                                 f"{'within' if ok else 'outside'} 0.3 pts / 1 %)"
                     parts.append(text)
-                lines.append(" ".join(parts[:1]) + " " + "; ".join(parts[1:]))
+                if len(parts) > 1 + (n == 4):
+                    lines.append(" ".join(parts[:1]) + " " + "; ".join(parts[1:]))
+    for row in rows:  # uneven shards against the same checkpoint with even shards at that N
+        if not row["eval_shard_sizes"] or not row["eval_dataset"].startswith(row["dataset"]):
+            continue
+        evenly = even.get((row["run"], row["eval_num_devices"]))
+        if evenly is not None:
+            sizes = ":".join(f"{size:g}" for size in row["eval_shard_sizes"])
+            lines.append(f"- {row['run']} with uneven shards {sizes}: {value_cell(row)} against {evenly['value']:.2f} "
+                         f"with even shards ({change(row['value'], evenly['value'], row['metric'])})")
     return lines or ["- no N-agnostic rows yet"]
 
 
