@@ -62,9 +62,9 @@ ABLATIONS = {  # run-name suffix -> finetune_astra.py flags; on top of G=1, hidd
     "beta0": ["--commitment-weight", "0"],
     "beta0.25": ["--commitment-weight", "0.25"],
 }
-VIT_RECIPES = {  # the ViT G=1 hidden target: longer fine-tuning, lambda schedule, more codewords
+VIT_RECIPES = {  # the ViT G=1 hidden target: longer fine-tuning, less NAQ noise, more codewords
     "ep3": ["--epochs", "3"],
-    "ep3-warmup": ["--epochs", "3", "--noise-schedule", "warmup", "--noise-warmup-ratio", "0.3"],
+    "ep3-naq0.3": ["--epochs", "3", "--noise-scale", "0.3"],
     "ep3-k4096": ["--epochs", "3", "--codebook-size", "4096"],
 }
 ENGLISH_VARIANTS = {"naq0.3": ["--noise-scale", "0.3"], "nodcr": ["--no-dead-code-reset"],
@@ -123,38 +123,43 @@ def call1() -> list[Job]:
 
 
 def call2(leftovers: bool = True) -> list[Job]:
-    """The Llama rows (where the adapter exists), ablations (3 seeds), N-agnostic fine-tuning and per-N
-    references, the ViT G=1 recipes, then whatever call 1 left (skipped where a result exists)."""
+    """The ViT G=1 recipes first (the longest runs), the Llama base (where the adapter exists), ablations with
+    3 seeds, N-agnostic fine-tuning and the per-N references, then whatever call 1 left (skipped where a result
+    exists)."""
+    g1 = ["--groups", "1", "--quantize", "hidden"]
+    jobs = [finetune_job("vit", f"vit-g1-hidden-{recipe}", seed, [*g1, *VIT_RECIPES[recipe]])
+            for recipe in ("ep3", "ep3-naq0.3") for seed in SEEDS]
     llama = llama_jobs()
-    jobs = llama[:1]  # its base trains while the ablations run; its rows follow the ablations
+    jobs += llama[:1]  # its base trains while the ablations run; its rows follow them
+    jobs += main_runs("vit", "1", "hidden") + main_runs("gpt2", "1", "hidden")  # the ablations' reference (if left)
     for seed in SEEDS:
         for family in ("vit", "gpt2"):
             for suffix, flags in ABLATIONS.items():
                 if suffix == "nodct" and family != "vit":
                     continue  # GPT2 has no class token
-                jobs.append(finetune_job(family, f"{family}-g1-hidden-{suffix}", seed,
-                                         ["--groups", "1", "--quantize", "hidden", *flags]))
+                jobs.append(finetune_job(family, f"{family}-g1-hidden-{suffix}", seed, [*g1, *flags]))
     jobs += llama[1:]
-    for family in ("gpt2", "vit"):
-        for groups in ("32", "1"):
+    for groups in ("32", "1"):
+        for family in ("gpt2", "vit"):
             jobs += [finetune_job(family, f"{family}-g{groups}-hidden-nagnostic", seed,
                                   ["--groups", groups, "--quantize", "hidden", *RANDOM_SHARDS, *EVAL_LAYOUTS])
                      for seed in SEEDS]
-    for recipe, flags in VIT_RECIPES.items():
-        jobs += [finetune_job("vit", f"vit-g1-hidden-{recipe}", seed, ["--groups", "1", "--quantize", "hidden", *flags])
-                 for seed in SEEDS]
     for num_devices in ("2", "8", "3", "6"):  # per-N references for the N-agnostic comparison (one seed)
         for family in ("gpt2", "vit"):
-            for groups in ("1", "32"):
+            for groups in ("32", "1"):
                 jobs.append(finetune_job(family, f"{family}-g{groups}-hidden-n{num_devices}", 0,
                                          ["--groups", groups, "--quantize", "hidden"], num_devices=num_devices))
+    jobs.append(finetune_job("vit", "vit-g1-hidden-ep3-k4096", 0, [*g1, *VIT_RECIPES["ep3-k4096"]]))
     for family in ("gpt2", "vit"):
         jobs += [finetune_job(family, f"{family}-g32-kv-nagnostic", seed,
                               ["--groups", "32", "--quantize", "kv", *RANDOM_SHARDS, *EVAL_LAYOUTS]) for seed in SEEDS]
-    if not leftovers:
-        return jobs
-    return jobs + [job for job in call1() if job.script == "finetune_astra.py" and "-demo-" not in job.name
-                   and not job.name.startswith("english")]
+    if leftovers:
+        jobs += [job for job in call1() if job.script == "finetune_astra.py" and "-demo-" not in job.name
+                 and not job.name.startswith("english")]
+    unique: dict[str, Job] = {}
+    for job in jobs:  # each once, at its first place
+        unique.setdefault(job.name, job)
+    return list(unique.values())
 
 
 def llama_supported() -> bool:
