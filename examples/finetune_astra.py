@@ -171,7 +171,11 @@ def save_checkpoint(model, output_dir: Path, args, tokenizer, command: str) -> N
         tokenizer.save_pretrained(output_dir)
     else:
         tasks.image_processor(model.config).save_pretrained(output_dir)
-    (output_dir / "command.txt").write_text(command + "\n")
+    lines = [command]
+    base_result = Path(args.base) / "base_result.json"
+    if base_result.is_file():  # the base it started from, and how that was made
+        lines.insert(0, f"# base ({args.base}): " + json.loads(base_result.read_text())["command"])
+    (output_dir / "command.txt").write_text("\n".join(lines) + "\n")
 
 
 def main(argv=None) -> dict:

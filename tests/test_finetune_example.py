@@ -66,7 +66,9 @@ def test_finetune_evaluates_other_layouts_and_saves_a_loadable_checkpoint(tiny_f
     # The training layout again (and its even weights) gives the main value: the model got its config back.
     assert evals[(4, "None")] == evals[(4, "[1, 1, 1, 1]")] == result["value"]
     saved = tmp_path / "astra"
-    assert (saved / "command.txt").read_text().startswith("python examples/finetune_astra.py --task vit")
+    base_line, command_line = (saved / "command.txt").read_text().splitlines()
+    assert base_line.startswith("# base (") and "python examples/train_base.py --task vit" in base_line
+    assert command_line.startswith("python examples/finetune_astra.py --task vit")
     reloaded = astra.from_pretrained(saved)
     assert reloaded.config.astra["num_devices"] == 4 and reloaded.config.astra["shard_sizes"] is None
     processor = AutoImageProcessor.from_pretrained(saved)
