@@ -738,6 +738,11 @@ Setup (no pretrained weights can be downloaded here, so the base models were tra
 - Data: Debian's `dataset-fashion-mnist`, `bible-kjv-text` and the packages above. The GPU host has no apt: the
   runs there read copies made by `scripts/gpu/prepare.sh` (`ASTRA_FASHION_MNIST_DIR`, `ASTRA_KJV_TEXT`,
   `ASTRA_ENGLISH_CORPUS`).
+- Reproduce: `bash scripts/gpu/prepare.sh` here; on a one-GPU host `bash scripts/gpu/accuracy_call.sh 1` (bases,
+  demo checkpoints, main rows, broad English), here `python examples/accuracy_sweep.py collect --from <what came
+  back>`, then `bash scripts/gpu/accuracy_call.sh 2` there (ablations, N-agnostic, recipes, what call 1 left),
+  `collect` again, and `python examples/accuracy_sweep.py report`. Each call stops its runs at a deadline
+  (under 9 minutes); runs that did not finish are listed in its `callN-summary.json` and simply have no row.
 """
 
 
