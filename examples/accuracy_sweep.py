@@ -429,6 +429,8 @@ def cmd_collect(args) -> None:
     bases_dir.mkdir(parents=True, exist_ok=True)
     for path in sorted(out.glob("*-base/base_result.json")):
         shutil.copyfile(path, bases_dir / f"{path.parent.name}.json")
+    for path in sorted(out.glob("call*-summary.json")):
+        shutil.copyfile(path, docs / "results" / f"accuracy-{path.name}")
     print(f"{copied} run results -> {runs_dir}")
 
 
@@ -793,6 +795,18 @@ def load_all(extra_dirs: list[Path]) -> list[dict]:
     return results
 
 
+def left_lines(results: list[dict]) -> list[str]:
+    """The jobs of the recorded GPU calls that have no result, by what happened to them."""
+    done = {row["run"] for row in results}
+    left: dict[str, list[str]] = {}
+    for path in sorted((DOCS / "results").glob("accuracy-call*-summary.json")):
+        summary = json.loads(path.read_text())
+        for name, state in summary["status"].items():
+            if name not in done and not name.endswith("-base") and state not in ("ok", "done before"):
+                left.setdefault(f"call {summary['call']} ({summary['date']}): {state}", []).append(name)
+    return [f"- {reason}: {', '.join(names)}" for reason, names in left.items()] or ["- none recorded"]
+
+
 def use_docs(docs: Path) -> None:
     """Read and write the report under ``docs`` (the repository's docs/ by default; smoke tests use a copy)."""
     global DOCS, RUNS_DIR
@@ -853,6 +867,8 @@ def cmd_report(args) -> None:
               "Goal: one checkpoint within 0.3 points (accuracy) or 1 % (perplexity) of the checkpoint fine-tuned at "
               "each N.\n", *n_agnostic_lines(current),
               "", "## Out-of-domain perplexity (broad English, G = 32)\n", *ood_lines(current)]
+    lines += ["", "## Runs left (planned, no result: killed at a call's deadline, not started, or failed)\n",
+              *left_lines(load_all([]) + load_results(extra))]
     if legacy:
         lines += ["", "## Earlier rows (2026-11-26, first bases, one seed each)\n",
                   "Kept with the new keys (seeds [0], std n/a); their bases were trained by the same commands in an "

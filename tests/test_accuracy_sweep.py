@@ -96,6 +96,8 @@ def test_pack_and_collect_round_trip(sweep, tmp_path, monkeypatch):
     (demo / "model.safetensors").write_bytes(b"weights" * 1000)
     (demo / "command.txt").write_text("python examples/finetune_astra.py ...\n")
     (demo / "result.json").write_text(json.dumps(result("vit-demo-n2-g32-hidden-k512", 0, 85.0, N=2)))
+    (out / "call1-summary.json").write_text(json.dumps({"call": "1", "date": "2026-11-27 14:00 UTC", "status": {
+        "vit-demo-n2-g32-hidden-k512-s0": "ok", "vit-g8-kv-s2": "killed at the deadline"}}))
     (out / "logs").mkdir()
     (out / "logs" / "vit-base.log").write_text("x" * 10000)
     monkeypatch.setattr(sweep, "PART_BYTES", 4096)
@@ -111,6 +113,8 @@ def test_pack_and_collect_round_trip(sweep, tmp_path, monkeypatch):
     assert (back / "checkpoints" / "vit-fashion-mnist-astra" / "command.txt").is_file()
     assert (tmp_path / "runs" / "vit-demo-n2-g32-hidden-k512-s0.json").is_file()
     assert len((back / "logs" / "vit-base.log").read_text()) == 4000  # tails only
+    left = sweep.left_lines(sweep.load_results([back]))
+    assert left == ["- call 1 (2026-11-27 14:00 UTC): killed at the deadline: vit-g8-kv-s2"]
 
 
 def test_legacy_rows_are_migrated_with_the_new_keys(sweep, tmp_path):
