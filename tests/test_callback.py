@@ -217,3 +217,32 @@ def test_resumed_training_equals_the_uninterrupted_run_bit_for_bit(tmp_path, res
     for name in want_weights:
         assert torch.equal(got_weights[name], want_weights[name]), name
     assert model._astra_state.config.noise_scale == 1.0
+
+
+def _calibrate_nan_on_rank(rank: int, world_size: int, port: int, output_dir: str, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    model = patched_gpt2()
+    embeds = torch.randn(4, 16, 32)
+    embeds[0, 3, 5] = float("nan")
+    callback = astra.AstraNAQCallback(calibration_data=[{"inputs_embeds": embeds}])
+    trainer = Trainer(model=model, args=training_args(output_dir, max_steps=2, ddp_backend="gloo", ddp_timeout=60),
+                      train_dataset=TokenBlocks(), callbacks=[callback])
+    try:
+        trainer.train()
+        results[rank] = "trained"
+    except ValueError as error:
+        results[rank] = str(error)
+    results[f"initialized{rank}"] = any(bool(q.initialized) for q in astra.quantizers(model))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_nan_in_calibration_stops_every_rank_by_name(tmp_path):
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_calibrate_nan_on_rank, args=(2, _free_port(), str(tmp_path), results), nprocs=2, join=True)
+    assert "calibration batch 0: layer 0's activations hold 32 NaN" in results[0]
+    assert "k-means on rank 0 failed" in results[1]
+    assert not results["initialized0"] and not results["initialized1"]

@@ -361,8 +361,19 @@ class AstraNAQCallback(TrainerCallback, ExportableState):
                 raise ValueError("codebooks are not initialised and there is no calibration_data or train_dataloader")
             # Every rank draws its batches (a distributed dataloader may synchronise on iteration); rank 0 uses them.
             data = list(itertools.islice(train_dataloader, self.calibration_batches))
+        error: ValueError | None = None
         if _rank() == 0:
-            calibrate(model, data, max_samples=self.calibration_samples, seed=self.seed)
+            try:
+                calibrate(model, data, max_samples=self.calibration_samples, seed=self.seed)
+            except ValueError as caught:  # e.g. NaN activations: every rank stops, none waits for codebooks
+                error = caught
+        if _distributed():
+            failed = torch.tensor([error is not None], dtype=torch.int32, device=quantizers(model)[0].codebook.device)
+            dist.broadcast(failed, src=0)
+            if failed.item() and error is None:
+                raise ValueError("k-means on rank 0 failed (its error names the cause); no codebook was changed")
+        if error is not None:
+            raise error
         _broadcast_codebooks(model)
         for quantizer in quantizers(model):
             quantizer.initialized.fill_(True)
