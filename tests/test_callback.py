@@ -114,10 +114,22 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _train_on_rank(rank: int, world_size: int, port: int, output_dir: str, results) -> None:
+def join_ranks(rank: int, world_size: int, port: int) -> None:
+    """The environment a launcher gives rank ``rank`` (the Trainer then starts the gloo group)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
+
+
+def run_two_ranks(worker, tmp_path) -> dict:
+    """Runs ``worker(rank, 2, port, output_dir, results)`` in two processes; returns what they put in ``results``."""
+    results = mp.Manager().dict()
+    mp.spawn(worker, args=(2, _free_port(), str(tmp_path), results), nprocs=2, join=True)
+    return dict(results)
+
+
+def _train_on_rank(rank: int, world_size: int, port: int, output_dir: str, results) -> None:
+    join_ranks(rank, world_size, port)
     model = patched_gpt2()
     args = training_args(output_dir, max_steps=16, ddp_backend="gloo")
     # A different data order per rank: k-means on each rank's own batches would give different codebooks.
@@ -129,9 +141,7 @@ def _train_on_rank(rank: int, world_size: int, port: int, output_dir: str, resul
 
 @pytest.mark.slow
 def test_two_ranks_keep_identical_codebooks(tmp_path):
-    manager = mp.Manager()
-    results = manager.dict()
-    mp.spawn(_train_on_rank, args=(2, _free_port(), str(tmp_path), results), nprocs=2, join=True)
+    results = run_two_ranks(_train_on_rank, tmp_path)
     for first, second in zip(results[0], results[1]):
         assert torch.equal(first, second)
     assert not torch.equal(results[0][0], astra.quantizers(patched_gpt2())[0].codebook.detach())
@@ -220,9 +230,7 @@ def test_resumed_training_equals_the_uninterrupted_run_bit_for_bit(tmp_path, res
 
 
 def _calibrate_nan_on_rank(rank: int, world_size: int, port: int, output_dir: str, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size))
-    torch.set_num_threads(1)
+    join_ranks(rank, world_size, port)
     model = patched_gpt2()
     embeds = torch.randn(4, 16, 32)
     embeds[0, 3, 5] = float("nan")
@@ -240,9 +248,7 @@ def _calibrate_nan_on_rank(rank: int, world_size: int, port: int, output_dir: st
 
 @pytest.mark.slow
 def test_nan_in_calibration_stops_every_rank_by_name(tmp_path):
-    manager = mp.Manager()
-    results = manager.dict()
-    mp.spawn(_calibrate_nan_on_rank, args=(2, _free_port(), str(tmp_path), results), nprocs=2, join=True)
+    results = run_two_ranks(_calibrate_nan_on_rank, tmp_path)
     assert "calibration batch 0: layer 0's activations hold 32 NaN" in results[0]
     assert "k-means on rank 0 failed" in results[1]
     assert not results["initialized0"] and not results["initialized1"]
