@@ -17,9 +17,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
 from .config import AstraConfig
-from .patch import astra_state, quantizers
-
-ASTRA_TAGS = ["astra", "vector-quantization", "sequence-parallel"]
+from .patch import ASTRA_TAGS, astra_state, quantizers
 PAPER = "https://arxiv.org/abs/2505.19342"
 # Result row key -> AstraConfig field; a row that names one of these must equal the model's value.
 ROW_FIELDS = {
