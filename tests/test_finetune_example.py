@@ -8,7 +8,7 @@ import pytest
 from test_data import tiny_fashion  # noqa: F401  (fixture: tiny Fashion-MNIST IDX files)
 
 import transformers_astra as astra
-from transformers_astra import data
+from astra_examples import data
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
