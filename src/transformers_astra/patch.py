@@ -46,10 +46,11 @@ def patch(model: nn.Module, config: AstraConfig | None = None, **overrides: Any)
     attention.register()
 
     state = AstraState(config, adapter, original_attn_implementation=model.config._attn_implementation)
-    reference = next(model.parameters())
     width = adapter.quantized_width(model, config)
     for layer_idx, module in enumerate(adapter.attention_modules(model)):
-        # A new module starts in training mode; follow the model's, or an eval model would get NAQ noise.
+        # The attention's own device and dtype (a model's first parameter may be kept in fp32 while loading
+        # in fp16). A new module starts in training mode; follow the model's, or an eval model gets NAQ noise.
+        reference = next(module.parameters())
         module.astra_quantizer = GroupedVQ(width, config.codes_per_token, config.codebook_size).to(
             device=reference.device, dtype=reference.dtype
         ).train(model.training)
