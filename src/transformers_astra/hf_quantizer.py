@@ -47,6 +47,7 @@ class AstraHfQuantizer(HfQuantizer):
         patch(model, self.quantization_config.astra_config)
         if self.pre_quantized:
             check_codebook_shapes(model, self.quantization_config)
+        self._skeleton_dtypes = {name: tensor.dtype for name, tensor in _named_tensors(model) if tensor.is_floating_point()}
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs):
@@ -68,6 +69,7 @@ class AstraHfQuantizer(HfQuantizer):
                     f"The codebook of layer {name} is stored as {quantizer.codebook.dtype} in "
                     f"{model.config.name_or_path}; codebooks must be floating point (the checkpoint was altered)."
                 )
+        _cast_to_skeleton_dtypes(model, getattr(self, "_skeleton_dtypes", {}))
         if self.pre_quantized:
             check_codebook_digests(model, self.quantization_config)
         else:
@@ -227,6 +229,33 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _was_loaded(tensor: torch.Tensor) -> bool:
     # transformers' loader marks every tensor it filled from the checkpoint (so that weight init skips it).
     return bool(getattr(tensor, "_is_hf_initialized", False))
+
+
+def _named_tensors(model: nn.Module):
+    yield from model.named_parameters()
+    yield from model.named_buffers()
+
+
+def _cast_to_skeleton_dtypes(model: nn.Module, skeleton_dtypes: dict[str, torch.dtype]) -> None:
+    """Give every loaded floating tensor the dtype ``from_pretrained(dtype=...)`` built the model in.
+
+    transformers 5.9 keeps the checkpoint's dtype for renamed keys of a pre-quantized checkpoint (it takes them
+    for serialized quantized weights): under ``dtype=torch.float16`` a ViT's layers stayed fp32 beside fp16
+    embeddings. 5.24 casts them itself, so there this changes nothing. Modules transformers keeps in fp32 on
+    purpose (``_keep_in_fp32_modules``) are left alone.
+    """
+    keep = [*(model._keep_in_fp32_modules or []), *(model._keep_in_fp32_modules_strict or [])]
+    with torch.no_grad():
+        for name, tensor in _named_tensors(model):
+            wanted = skeleton_dtypes.get(name)
+            if (
+                wanted is not None
+                and tensor.is_floating_point()
+                and tensor.dtype != wanted
+                and tensor.device.type != "meta"
+                and not any(pattern in name for pattern in keep)
+            ):
+                tensor.data = tensor.data.to(wanted)
 
 
 def _reset_unloaded_codebooks(layers: dict[str, nn.Module]) -> None:
