@@ -96,7 +96,7 @@ def test_noise_warmup_schedule_and_setter():
     assert callback.current_noise_scale(25, 100) == pytest.approx(0.5)
     assert callback.current_noise_scale(80, 100) == 1.0
     set_noise_scale(model, 0.3)
-    assert model._astra_state.config.noise_scale == 0.3 and model.config.astra["noise_scale"] == 0.3
+    assert model._astra_state.config.noise_scale == 0.3 and model.config.quantization_config.noise_scale == 0.3
     with pytest.raises(ValueError, match="noise_scale"):
         set_noise_scale(model, -1.0)
 

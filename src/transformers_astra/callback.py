@@ -38,7 +38,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import DefaultFlowCallback, ExportableState
 
 from .calibration import calibrate
-from .patch import astra_state, quantizers
+from .patch import astra_state, quantizers, set_config
 
 NOISE_SCHEDULES = ("constant", "warmup")
 LOG_PREFIX = "astra/"
@@ -48,9 +48,7 @@ logger = logging.getLogger(__name__)
 
 def set_noise_scale(model: nn.Module, value: float) -> None:
     """Change NAQ's lambda of a patched model (the config is replaced, never mutated: it is validated)."""
-    state = astra_state(model)
-    state.config = state.config.replace(noise_scale=float(value))
-    model.config.astra = state.config.to_dict()
+    set_config(model, astra_state(model).config.replace(noise_scale=float(value)))
 
 
 class CodeUsage:
