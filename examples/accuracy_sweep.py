@@ -721,7 +721,7 @@ Setup (no pretrained weights can be downloaded here, so the base models were tra
 - GPT2 (KJV): 6 layers, width 256, 4 heads, context 256, byte-level BPE of 8192 tokens trained here on the
   training split; the King James Bible split by chapter (every 20th chapter test, the one before it validation).
   Metric: perplexity = exp(mean token cross-entropy) on the test split's blocks of 256 tokens.
-- GPT2 (English): the same shape, trained on a broader English mix of Debian packages (`examples/english_data.py`):
+- GPT2 (English): the same shape, trained on a broader English mix of Debian packages (`examples/astra_examples/english.py`):
   the KJV training split, GCIDE (every 8th entry; GPL), FOLDOC (GNU FDL), the Jargon File (public domain) and
   the fortune files (BSD); test = the held-out entries of each. Out-of-domain evaluation (`english-ood`): The
   Devil's Dictionary (Bierce, 1911, public domain) and Debian's constitution, social contract, manifesto and

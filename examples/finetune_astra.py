@@ -188,17 +188,18 @@ def main(argv=None) -> dict:
         str(output_dir / "trainer"), args.epochs, args.batch_size, args.lr, args.weight_decay, args.workers, args.seed,
         disable_tqdm=True,
     )
-    callbacks = [astra.AstraNAQCallback(
+    callback = astra.AstraNAQCallback(
         noise_schedule=args.noise_schedule, noise_warmup_ratio=args.noise_warmup_ratio,
         reset_dead_codes=not args.no_dead_code_reset, seed=args.seed,
-    )]
-    if args.random_shards:
-        callbacks.append(RandomShardsCallback(num_devices=[int(n) for n in args.random_shards],
-                                              uneven_probability=args.uneven_probability, seed=args.seed))
-    trainer = Trainer(
-        model=model, args=training_args, train_dataset=train, callbacks=None if args.control else callbacks,
-        **tasks.task_trainer_kwargs(args.task, collator),
     )
+    shards = None
+    if args.random_shards:
+        shards = RandomShardsCallback(num_devices=[int(n) for n in args.random_shards],
+                                      uneven_probability=args.uneven_probability, seed=args.seed)
+    trainer = Trainer(model=model, args=training_args, train_dataset=train, callbacks=[shards] if shards else None,
+                      **tasks.task_trainer_kwargs(args.task, collator))
+    if not args.control:
+        callback.attach(trainer)  # ahead of the reporting callbacks, which then log its astra/* statistics
     base_value = tasks.evaluate_task(trainer, args.task, test)
     base_evals = [{"eval_dataset": name, "value": tasks.evaluate_task(trainer, args.task, dataset)}
                   for name, dataset in extra.items()]

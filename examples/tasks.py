@@ -1,5 +1,5 @@
 """The two example tasks shared by train_base.py and finetune_astra.py: image classification (ViT) and causal
-language modelling (GPT2). Data come from `transformers_astra.data` (offline Debian sources or Hub names).
+language modelling (GPT2). Data come from `astra_examples.data` (offline Debian sources or Hub names).
 
 - vit: Fashion-MNIST (or a Hub image dataset such as ``uoft-cs/cifar100``), metric accuracy in percent.
 - gpt2: the King James Bible (or a Hub text dataset such as ``Salesforce/wikitext``), metric perplexity on
@@ -32,9 +32,9 @@ from transformers import (
     ViTForImageClassification,
 )
 
-import english_data
-from transformers_astra.data import load_image_dataset, load_text_dataset
-from transformers_astra.metrics import load_accuracy, perplexity_from_loss
+from astra_examples import english
+from astra_examples.data import load_image_dataset, load_text_dataset
+from astra_examples.metrics import load_accuracy, perplexity_from_loss
 
 TASKS = ("vit", "gpt2", "llama")
 TEXT_TASKS = ("gpt2", "llama")
@@ -282,8 +282,8 @@ def load_task_dataset(task: str, name: str, config_name: str | None = None) -> D
         raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
     if task == "vit":
         return load_image_dataset(name)
-    if name in english_data.DATASETS:  # the broader English mix of Debian sources (examples/english_data.py)
-        return english_data.load_english_dataset(name)
+    if name in english.DATASETS:  # the broader English mix of Debian sources (examples/astra_examples/english.py)
+        return english.load_english_dataset(name)
     return load_text_dataset(name, config_name)
 
 

@@ -5,7 +5,7 @@ No pretrained weights are reachable offline, so the defaults train small models 
     python examples/train_base.py --task vit  --output-dir outputs/vit-base   # ViT, Fashion-MNIST
     python examples/train_base.py --task gpt2 --output-dir outputs/gpt2-base  # GPT2, King James Bible
     python examples/train_base.py --task gpt2 --dataset english --extra-eval english-ood kjv \
-        --output-dir outputs/gpt2-english-base   # GPT2, the broader English mix (examples/english_data.py)
+        --output-dir outputs/gpt2-english-base   # GPT2, the broader English mix (examples/astra_examples/english.py)
 
 Online users can start from a Hub checkpoint and/or dataset instead:
 

@@ -1,15 +1,13 @@
-"""examples/english_data.py on tiny stand-ins of the Debian files: dictd parsing, splits, export round trip."""
+"""examples/astra_examples/english.py on tiny stand-ins of the Debian files: dictd parsing, splits, export round trip."""
 
 import gzip
-import sys
 from pathlib import Path
 
 import pytest
 from test_data import kjv_text
 
-from transformers_astra import data
+from astra_examples import data
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 
@@ -39,9 +37,7 @@ def write_dictd(folder: Path, name: str, entries: list[tuple[str, str]]) -> None
 
 @pytest.fixture
 def english(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(EXAMPLES))
-    sys.modules.pop("english_data", None)
-    import english_data
+    from astra_examples import english as english_data
 
     dicts, fortunes, docs = tmp_path / "dictd", tmp_path / "fortunes", tmp_path / "doc"
     for folder in (dicts, fortunes, docs):

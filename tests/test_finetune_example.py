@@ -10,7 +10,8 @@ import torch
 from test_data import tiny_fashion  # noqa: F401  (fixture: tiny Fashion-MNIST IDX files)
 
 import transformers_astra as astra
-from transformers_astra import data
+from transformers_astra.patch import astra_state
+from astra_examples import data
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -41,7 +42,7 @@ def test_train_base_then_finetune_astra(tiny_fashion, examples_on_path, tmp_path
                 "metric", "value", "base_value", "command"):
         assert key in result
     reloaded = astra.from_pretrained(tmp_path / "astra")
-    assert reloaded.config.astra["groups"] == 4 and all(bool(q.initialized) for q in astra.quantizers(reloaded))
+    assert reloaded.config.quantization_config.groups == 4 and all(bool(q.initialized) for q in astra.quantizers(reloaded))
 
 
 def test_finetune_evaluates_other_layouts_and_saves_a_loadable_checkpoint(tiny_fashion, examples_on_path, tmp_path,  # noqa: F811
@@ -70,7 +71,8 @@ def test_finetune_evaluates_other_layouts_and_saves_a_loadable_checkpoint(tiny_f
     assert base_line.startswith("# base (") and "python examples/train_base.py --task vit" in base_line
     assert command_line.startswith("python examples/finetune_astra.py --task vit")
     reloaded = astra.from_pretrained(saved)
-    assert reloaded.config.astra["num_devices"] == 4 and reloaded.config.astra["shard_sizes"] is None
+    config = astra_state(reloaded).config
+    assert config.num_devices == 4 and config.shard_sizes is None
     processor = AutoImageProcessor.from_pretrained(saved)
     dataset = data.load_fashion_mnist(folder)
     image = dataset["test"][0]["image"]

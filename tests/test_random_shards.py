@@ -30,7 +30,8 @@ def test_set_shards_gives_the_model_patched_at_that_layout(num_devices, sizes):
     four = model(ids).logits
     set_shards(model, num_devices, sizes)
     assert astra_state(model).config is not config_before and config_before.num_devices == 4  # replaced, not mutated
-    assert model.config.astra["num_devices"] == num_devices and model.config.astra["shard_sizes"] == sizes
+    saved = model.config.quantization_config  # what save_pretrained writes follows the layout
+    assert saved.to_dict()["num_devices"] == num_devices and saved.to_dict()["shard_sizes"] == sizes
     torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=0)
     assert not torch.equal(four, reference(ids).logits)  # the layout matters, so the check above is not vacuous
     set_shards(model, 4)
@@ -86,7 +87,8 @@ def test_callback_draws_a_layout_per_step_and_restores_the_model_config(tmp_path
     assert len(counts) >= 3 and counts <= {2, 3, 4, 6}
     uneven = [sizes for _, sizes in shards.history if sizes is not None]
     assert uneven and all(min(s) >= 0.25 * max(s) - 1e-6 for s in uneven)
-    assert astra_state(model).config == original and model.config.astra == original.to_dict()
+    assert astra_state(model).config == original
+    assert model.config.quantization_config.to_dict()["num_devices"] == original.num_devices
     # The same seed draws the same layouts.
     again = RandomShardsCallback(num_devices=(2, 3, 4, 6), uneven_probability=0.5, seed=3)
     assert [again.draw() for _ in range(16)] == shards.history

@@ -18,7 +18,7 @@ work=${ASTRA_WORK:-outputs}
 jobs=${ASTRA_JOBS:-16}
 [ "$smoke" = "--smoke" ] && jobs=${ASTRA_JOBS:-3}
 mkdir -p "$out" "$work"
-if ! python3 -c "import datasets, evaluate, vector_quantize_pytorch" 2>/dev/null; then
+if ! python3 -c "import datasets, evaluate" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site wheels/*.whl || exit 1
     export PYTHONPATH=/tmp/site
 fi

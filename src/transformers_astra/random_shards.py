@@ -19,16 +19,13 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .patch import astra_state
+from .patch import astra_state, set_config
 
 
 def set_shards(model: nn.Module, num_devices: int, shard_sizes: Sequence[float] | None = None) -> None:
     """Change the number of devices and the shard sizes of a patched model (the config is replaced, validated)."""
-    state = astra_state(model)
-    state.config = state.config.replace(
-        num_devices=int(num_devices), shard_sizes=None if shard_sizes is None else list(shard_sizes)
-    )
-    model.config.astra = state.config.to_dict()
+    sizes = None if shard_sizes is None else list(shard_sizes)
+    set_config(model, astra_state(model).config.replace(num_devices=int(num_devices), shard_sizes=sizes))
 
 
 class RandomShardsCallback(TrainerCallback):

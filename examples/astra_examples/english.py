@@ -3,7 +3,7 @@
 Two datasets, both offline:
 
 - ``"english"`` (train / validation / test): a mix of
-    * the King James Bible with its own split (``transformers_astra.data.load_kjv``: ``bible-kjv-text``,
+    * the King James Bible with its own split (``astra_examples.data.load_kjv``: ``bible-kjv-text``,
       public domain), kept so the KJV rows stay comparable;
     * GCIDE, the GNU Collaborative International Dictionary of English (``dict-gcide``, GPL): every
       ``GCIDE_EVERY``-th entry, pronunciation and source markup removed;
@@ -17,8 +17,8 @@ Two datasets, both offline:
     * Debian's constitution, social contract, manifesto and bug-tracking guides (``doc-debian``, GPL / OPL).
 
 A machine without apt reads the same corpus from one JSON-lines file written here by
-``python examples/english_data.py export FILE.jsonl.gz`` and named by ``ASTRA_ENGLISH_CORPUS``; the KJV part
-still comes from ``transformers_astra.data`` (``ASTRA_KJV_TEXT``).
+``python -m astra_examples.english export FILE.jsonl.gz`` (with examples/ on the path) and named by ``ASTRA_ENGLISH_CORPUS``; the KJV part
+still comes from ``astra_examples.data`` (``ASTRA_KJV_TEXT``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict, Features, Value
 
-from transformers_astra.data import load_kjv
+from astra_examples.data import load_kjv
 
 DATASETS = ("english", "english-ood")
 ENGLISH_ENV = "ASTRA_ENGLISH_CORPUS"
@@ -93,7 +93,7 @@ def _corpus_rows() -> list[dict]:
     if exported:
         path = Path(exported)
         if not path.is_file():
-            raise FileNotFoundError(f"{ENGLISH_ENV}={path}: no such file (write it with `english_data.py export`)")
+            raise FileNotFoundError(f"{ENGLISH_ENV}={path}: no such file (write it with `python -m astra_examples.english export`)")
         with gzip.open(path, "rt", encoding="utf-8") as handle:
             return [json.loads(line) for line in handle]
     return debian_rows()
@@ -127,7 +127,7 @@ def _missing(source: str, path: Path) -> FileNotFoundError:
     return FileNotFoundError(
         f"{path} not found: install the Debian package `apt-get install {PACKAGES[source]}` "
         f"(all of them: `apt-get install {' '.join(PACKAGES.values())}`), or set {ENGLISH_ENV} to a file written by "
-        f"`python examples/english_data.py export`."
+        f"`python -m astra_examples.english export`."
     )
 
 
