@@ -6,7 +6,8 @@ boundaries drawn afresh every optimizer step teaches one checkpoint every layout
 
     astra.patch(model, astra.AstraConfig(num_devices=4, groups=32))
     trainer = Trainer(model=model, args=args, train_dataset=train,
-                      callbacks=[astra.AstraNAQCallback(), RandomShardsCallback(num_devices=(2, 3, 4, 6, 8))])
+                      callbacks=[RandomShardsCallback(num_devices=(2, 3, 4, 6, 8))])
+    astra.AstraNAQCallback().attach(trainer)
 
 Between steps (evaluation, saving) and after training the model has its own config back.
 """
