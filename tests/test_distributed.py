@@ -20,7 +20,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from transformers_astra.attention import attend, split_heads
+from transformers_astra.attention import attend
+from transformers_astra.exchange import split_heads
 from transformers_astra.distributed import (
     DistributedRuntime,
     code_receivers,
