@@ -189,7 +189,14 @@ def store_last_device_view(layer: LayerState, layout: ShardLayout, key, value, r
 
 
 def replace_cached_keys_values(cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-    """Put (B, H, T, d) keys/values in place of what a transformers KV cache holds for one layer."""
+    """Put the (B, H, T, d) keys/values of all T prompt tokens in place of what a KV cache holds for one layer.
+
+    A sliding-window layer (transformers' DynamicSlidingWindowLayer) keeps the last window - 1 tokens and
+    counts all T, as its own ``update`` does after a prefill of T tokens.
+    """
     cache_layer = getattr(cache, "self_attention_cache", cache).layers[layer_idx]
-    kept = cache_layer.keys.shape[2]  # a sliding-window layer keeps only the last window - 1 tokens
-    cache_layer.keys, cache_layer.values = keys[:, :, keys.shape[2] - kept :], values[:, :, values.shape[2] - kept :]
+    window = getattr(cache_layer, "sliding_window", None)
+    if window is not None:
+        cache_layer.cumulative_length = keys.shape[2]
+        keys, values = keys[:, :, -window + 1 :], values[:, :, -window + 1 :]
+    cache_layer.keys, cache_layer.values = keys, values
