@@ -62,23 +62,31 @@ def case_batch(family: str) -> dict:
     return {**batch, "attention_mask": mask}
 
 
-def init(rank: int, world_size: int, port: int) -> None:
+def init(rank: int, world_size: int, port: int, backend: str = "gloo") -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
 
 
-def equivalence_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    """For N = 2 .. world_size (a subgroup of the first N ranks each), every case, overlap on and off."""
-    init(rank, world_size, port)
+def equivalence_worker(rank: int, world_size: int, port: int, out_dir: str, backend: str = "gloo", names=None) -> None:
+    """For N = 2 .. world_size (a subgroup of the first N ranks each), every case, overlap on and off.
+
+    ``backend="nccl"``: one GPU per rank, the model and inputs on it. ``names``: only these cases.
+    """
+    init(rank, world_size, port, backend)
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     groups = {n: dist.new_group(list(range(n))) for n in range(2, world_size + 1)}
     results = {}
     for num_devices, group in groups.items():
         if rank >= num_devices:
             continue
         for name, family, settings in CASES:
-            model = build_model(family, num_devices, **settings)
-            batch = case_batch(family)
+            if names is not None and name not in names:
+                continue
+            model = build_model(family, num_devices, **settings).to(device)
+            batch = {key: value.to(device) for key, value in case_batch(family).items()}
             with torch.no_grad():
                 simulated = model(**batch).logits
                 with astra.full_precision(model):
@@ -88,6 +96,7 @@ def equivalence_worker(rank: int, world_size: int, port: int, out_dir: str) -> N
                 runtime = DistributedRuntime(model, group=group, overlap=overlap, projection_table=overlap, timeout=30)
                 got = runtime(**batch).logits
                 result = {"diff": max_abs_diff(got, simulated, runtime, batch), "traffic": runtime.traffic.to_dict()}
+                result["backend"] = dist.get_backend(group)
                 result["diff_to_full_precision"] = max_abs_diff(got, unquantized, runtime, batch)
                 result["layout"], result["batch_size"] = runtime.layout.sizes, case_batch(family)["attention_mask"].shape[0]
                 result["quantized_width"] = astra.quantizers(model)[0].width
@@ -95,7 +104,7 @@ def equivalence_worker(rank: int, world_size: int, port: int, out_dir: str) -> N
                     generated = runtime.generate(batch["input_ids"], batch["attention_mask"], GENERATED_TOKENS)
                     with torch.no_grad():
                         wanted = model.generate(**batch, max_new_tokens=GENERATED_TOKENS, do_sample=False)
-                    result["generated"], result["wanted"] = generated, wanted
+                    result["generated"], result["wanted"] = generated.cpu(), wanted.cpu()
                 runtime.close()
                 results[(num_devices, name, overlap)] = result
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -7,6 +7,7 @@ processes walks through the faults; the example runs under torchrun (ViT) and ac
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -238,6 +239,21 @@ def test_example_on_two_gpus_with_nccl(tmp_path, task):
     assert result["backend"] == "nccl" and result["device"] == "cuda"
     assert result["max_abs_diff_vs_simulation"] <= TOL and result["prediction"]["matches_simulation"]
     assert result["code_bytes_sent_per_rank"] == result["expected_code_bytes"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_llama_family_over_nccl_matches_the_simulation(tmp_path):
+    names = ("llama-hidden", "qwen2-kv-uneven", "qwen3-hidden-uneven", "mistral-kv")
+    worker = functools.partial(workers.equivalence_worker, backend="nccl", names=names)
+    results = launch(worker, 2, tmp_path)
+    ran = {(name, overlap) for _, _, name, overlap, _ in all_runs(results)}
+    assert ran == {(name, overlap) for name in names for overlap in (True, False)}
+    for rank, num_devices, name, overlap, result in all_runs(results):
+        assert result["backend"] == "nccl"
+        assert result["diff"] <= TOL, (rank, name, overlap, result["diff"])
+        if "generated" in result:
+            assert torch.equal(result["generated"], result["wanted"]), (rank, name)
 
 
 @pytest.mark.parametrize("family, groups", [("gpt2", 1), ("gpt2", 4), ("vit", 1), ("vit", 8)])
