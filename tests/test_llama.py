@@ -7,13 +7,12 @@ sliding windows everywhere (Mistral). The multi-process runs are in test_distrib
 
 import pytest
 import torch
-from conftest import LLAMA_FAMILIES, TOL, gpt2_batch, tiny_llama
+from conftest import LLAMA_FAMILIES, TOL, gpt2_batch, make_lossless, tiny_llama
 from transformers import Trainer, TrainingArguments
 
 import transformers_astra as astra
-from transformers_astra.calibration import collect_activations
-from transformers_astra.kernels import projected_from_codes, projection_tables
 from transformers_astra.exchange import split_heads
+from transformers_astra.kernels import projected_from_codes, projection_tables
 
 FAMILIES = pytest.mark.parametrize("family", LLAMA_FAMILIES)
 MODES = pytest.mark.parametrize("quantize", ["hidden", "kv"])
@@ -45,17 +44,6 @@ def test_full_precision_sequence_parallel_equals_unpatched(family, num_devices, 
     astra.patch(model, num_devices=num_devices, groups=4, codebook_size=8, shard_sizes=shard_sizes)
     with astra.full_precision(model):
         assert max_diff(model, reference, batch_of()) <= TOL
-
-
-def make_lossless(model, batch) -> None:
-    """Every vector a layer sends becomes a codeword, so encoding then decoding returns it exactly."""
-    for layer_idx, vectors in collect_activations(model, [batch], progress=False).items():
-        quantizer = astra.quantizers(model)[layer_idx]
-        grouped = vectors.reshape(-1, quantizer.groups, quantizer.group_width).transpose(0, 1)
-        assert grouped.shape[1] <= quantizer.codebook_size
-        with torch.no_grad():
-            quantizer.codebook.fill_(1e6)
-            quantizer.codebook[:, : grouped.shape[1]] = grouped
 
 
 @FAMILIES
