@@ -1,12 +1,14 @@
 """The accuracy tables of docs/results.md: train the base models, run every ASTRA fine-tuning, write the report.
 
-    python examples/accuracy_sweep.py bases  --out outputs            # outputs/vit-base, outputs/gpt2-base
+    python examples/accuracy_sweep.py bases  --out outputs            # outputs/{vit,gpt2,llama}-base
     python examples/accuracy_sweep.py run    --out outputs --jobs 8   # outputs/sweep/<run>/result.json
     python examples/accuracy_sweep.py report --out outputs            # docs/results.md, docs/results/accuracy.json
 
 ``run`` starts the fine-tunings of `RUNS` as concurrent processes (several small trainings share one GPU),
 skips those that already have a result, and stops at ``--deadline`` seconds. Every result row records the
-exact finetune_astra.py command that produced it.
+exact finetune_astra.py command that produced it. ``--tasks llama`` restricts ``bases`` and ``run`` to
+some tasks (the Llama rows: a Llama-shaped base on the GPT2 data, its control, G in {1, 8, 32} in both
+modes; see `llama_rows.sh` for the GPU command).
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ DOCS = REPO / "docs"
 BASE_COMMANDS = {
     "vit": ["--task", "vit", "--layers", "6", "--width", "192", "--epochs", "20", "--save-dtype", "float16"],
     "gpt2": ["--task", "gpt2", "--layers", "6", "--width", "256", "--epochs", "12", "--save-dtype", "float16"],
+    "llama": ["--task", "llama", "--layers", "6", "--width", "256", "--epochs", "12", "--save-dtype", "float16"],
 }
-FINETUNE_EPOCHS = {"vit": "1", "gpt2": "3"}
+TASKS = tuple(BASE_COMMANDS)
+FINETUNE_EPOCHS = {"vit": "1", "gpt2": "3", "llama": "3"}
 SAVED_RUNS = ("vit-g32-hidden", "gpt2-g32-hidden")  # fine-tuned checkpoints kept (save_pretrained)
 ABLATIONS = {  # run-name suffix -> finetune_astra.py flags; on top of G=1, hidden, lambda=1, beta=1e-4, DCT
     "naq0": ["--noise-scale", "0"],
@@ -43,10 +47,10 @@ def plan() -> dict[str, list[str]]:
     """Run name -> finetune_astra.py arguments (paths relative to --out). Targets first, ablations last."""
     runs: dict[str, list[str]] = {}
     for groups in ("32", "1", "8"):
-        for task in ("vit", "gpt2"):
+        for task in TASKS:
             for quantize in ("hidden", "kv"):
                 runs[f"{task}-g{groups}-{quantize}"] = finetune_args(task, ["--groups", groups, "--quantize", quantize])
-    for task in ("vit", "gpt2"):  # the same fine-tuning without ASTRA: what the base gains from more training
+    for task in TASKS:  # the same fine-tuning without ASTRA: what the base gains from more training
         runs[f"{task}-control"] = finetune_args(task, ["--control"])
     for task in ("vit", "gpt2"):
         for suffix, flags in ABLATIONS.items():
@@ -100,6 +104,7 @@ def cmd_bases(args) -> None:
         f"{task}-base": [sys.executable, str(EXAMPLES / "train_base.py"), *flags, "--output-dir", str(out / f"{task}-base"),
                          "--max-minutes", str(args.max_minutes)]
         for task, flags in BASE_COMMANDS.items()
+        if task in args.tasks
     }
     codes = run_all(commands, out / "logs", jobs=2, deadline=args.max_minutes * 60 + 120)
     if any(code != 0 for code in codes.values()):
@@ -109,7 +114,7 @@ def cmd_bases(args) -> None:
 def cmd_run(args) -> None:
     out = Path(args.out)
     runs = plan()
-    selected = [name for name in runs if not args.only or name in args.only]
+    selected = [name for name in runs if (not args.only or name in args.only) and name.split("-")[0] in args.tasks]
     todo = {name: command_for(out, name, runs[name], args.workers) for name in selected
             if not (out / "sweep" / name / "result.json").is_file()}
     codes = run_all(todo, out / "logs", args.jobs, args.deadline)
@@ -300,15 +305,17 @@ def cmd_report(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    bases = commands.add_parser("bases", help="train the base ViT and GPT2 (concurrently)")
+    bases = commands.add_parser("bases", help="train the base ViT, GPT2 and Llama (concurrently)")
     bases.add_argument("--out", default="outputs")
     bases.add_argument("--max-minutes", type=float, default=5.0, help="stop base training after this long")
+    bases.add_argument("--tasks", nargs="*", choices=TASKS, default=list(TASKS), help="only these bases")
     run = commands.add_parser("run", help="run the fine-tunings that have no result yet")
     run.add_argument("--out", default="outputs")
     run.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="concurrent fine-tunings")
     run.add_argument("--workers", type=int, default=1, help="dataloader workers per fine-tuning")
     run.add_argument("--deadline", type=float, default=float("inf"), help="seconds; kill what still runs then")
     run.add_argument("--only", nargs="*", help="run names (see `plan`)")
+    run.add_argument("--tasks", nargs="*", choices=TASKS, default=list(TASKS), help="only these tasks' runs")
     report = commands.add_parser("report", help="write docs/results.md and docs/results/accuracy.json")
     report.add_argument("--out", default="outputs")
     commands.add_parser("plan", help="print the run names and their arguments")

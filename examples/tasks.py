@@ -1,9 +1,12 @@
-"""The two example tasks shared by train_base.py and finetune_astra.py: image classification (ViT) and causal
-language modelling (GPT2). Data come from `transformers_astra.data` (offline Debian sources or Hub names).
+"""The example tasks shared by train_base.py and finetune_astra.py: image classification (ViT) and causal
+language modelling (GPT2, or a Llama-shaped model). Data come from `transformers_astra.data` (offline Debian
+sources or Hub names).
 
 - vit: Fashion-MNIST (or a Hub image dataset such as ``uoft-cs/cifar100``), metric accuracy in percent.
 - gpt2: the King James Bible (or a Hub text dataset such as ``Salesforce/wikitext``), metric perplexity on
   blocks of ``block_size`` tokens of the held-out test split.
+- llama: the same data, tokenizer and metric as gpt2 with a Llama-shaped model (rotary positions,
+  grouped-query attention, RMSNorm, gated MLP) of about the same size.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from transformers import (
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
     PreTrainedTokenizerFast,
     TrainerCallback,
     TrainingArguments,
@@ -35,8 +40,9 @@ from transformers import (
 from transformers_astra.data import load_image_dataset, load_text_dataset
 from transformers_astra.metrics import load_accuracy, perplexity_from_loss
 
-TASKS = ("vit", "gpt2")
-DEFAULT_DATASETS = {"vit": "fashion-mnist", "gpt2": "kjv"}
+TASKS = ("vit", "gpt2", "llama")
+TEXT_TASKS = ("gpt2", "llama")  # causal language modelling: tokenizer, perplexity
+DEFAULT_DATASETS = {"vit": "fashion-mnist", "gpt2": "kjv", "llama": "kjv"}
 EOS = "<|endoftext|>"
 
 
@@ -68,9 +74,26 @@ def new_gpt2(vocab_size: int, layers: int, width: int, block_size: int, eos_id: 
     return GPT2LMHeadModel(config)
 
 
+def new_llama(vocab_size: int, layers: int, width: int, block_size: int, eos_id: int) -> LlamaForCausalLM:
+    """A Llama-shaped model as large as `new_gpt2`'s: heads of 64, half as many K/V heads (GQA), a gated MLP
+    of ~8/3 the width (the same weights as GPT2's 4x MLP), tied embeddings like GPT2's."""
+    heads = max(1, width // 64)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=width, intermediate_size=(8 * width // 3 + 15) // 16 * 16,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=block_size, tie_word_embeddings=True,
+        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def new_language_model(task: str, vocab_size: int, layers: int, width: int, block_size: int, eos_id: int):
+    return (new_llama if task == "llama" else new_gpt2)(vocab_size, layers, width, block_size, eos_id)
+
+
 def load_pretrained(task: str, name_or_path: str, dataset: DatasetDict | None = None):
     """A checkpoint saved by train_base.py, or a Hub checkpoint (``google/vit-base-patch16-224``, ``gpt2``), in float32."""
-    if task == "gpt2":
+    if task in TEXT_TASKS:
         return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
     config = AutoConfig.from_pretrained(name_or_path)
     kwargs: dict[str, Any] = {}
@@ -233,7 +256,7 @@ def hardware() -> str:
 
 
 def evaluate_task(trainer, task: str, test_dataset) -> float:
-    """The task metric on ``test_dataset``: accuracy in percent (vit) or perplexity (gpt2)."""
+    """The task metric on ``test_dataset``: accuracy in percent (vit) or perplexity (language models)."""
     metrics = trainer.evaluate(test_dataset)
     return metrics["eval_accuracy"] if task == "vit" else perplexity_metrics(metrics["eval_loss"])
 

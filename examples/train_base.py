@@ -4,13 +4,14 @@ No pretrained weights are reachable offline, so the defaults train small models 
 
     python examples/train_base.py --task vit  --output-dir outputs/vit-base   # ViT, Fashion-MNIST
     python examples/train_base.py --task gpt2 --output-dir outputs/gpt2-base  # GPT2, King James Bible
+    python examples/train_base.py --task llama --output-dir outputs/llama-base  # Llama-shaped, same data
 
 Online users can start from a Hub checkpoint and/or dataset instead:
 
     python examples/train_base.py --task vit --model google/vit-base-patch16-224 --dataset uoft-cs/cifar100
     python examples/train_base.py --task gpt2 --model gpt2 --dataset Salesforce/wikitext --dataset-config wikitext-103-raw-v1
 
-The output folder holds the model (``save_pretrained``), its tokenizer for gpt2 (trained here with
+The output folder holds the model (``save_pretrained``), its tokenizer for gpt2/llama (trained here with
 `tokenizers` unless --model names a Hub tokenizer), and base_result.json with the test metric.
 """
 
@@ -37,13 +38,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", help="start from this Hub checkpoint instead of a new model")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--width", type=int, default=None, help="hidden size (default: vit 192, gpt2 256)")
+    parser.add_argument("--width", type=int, default=None, help="hidden size (default: vit 192, gpt2/llama 256)")
     parser.add_argument("--patch-size", type=int, default=4, help="vit: pixels per patch side")
-    parser.add_argument("--block-size", type=int, default=256, help="gpt2: tokens per training block (context)")
-    parser.add_argument("--vocab-size", type=int, default=8192, help="gpt2: BPE vocabulary trained here")
-    parser.add_argument("--epochs", type=float, default=None, help="default: vit 30, gpt2 12")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: vit 256, gpt2 32")
-    parser.add_argument("--lr", type=float, default=None, help="default: vit 1e-3, gpt2 6e-4")
+    parser.add_argument("--block-size", type=int, default=256, help="gpt2/llama: tokens per training block (context)")
+    parser.add_argument("--vocab-size", type=int, default=8192, help="gpt2/llama: BPE vocabulary trained here")
+    parser.add_argument("--epochs", type=float, default=None, help="default: vit 30, gpt2/llama 12")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: vit 256, gpt2/llama 32")
+    parser.add_argument("--lr", type=float, default=None, help="default: vit 1e-3, gpt2/llama 6e-4")
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--max-train-samples", type=int, help="use only this many training rows (smoke tests)")
     parser.add_argument("--max-eval-samples", type=int, help="use only this many test rows (smoke tests)")
@@ -53,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-minutes", type=float, help="stop training after this many minutes (wall clock)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    defaults = {"vit": dict(width=192, epochs=30, batch_size=256, lr=1e-3), "gpt2": dict(width=256, epochs=12, batch_size=32, lr=6e-4)}
+    text_defaults = dict(width=256, epochs=12, batch_size=32, lr=6e-4)
+    defaults = {"vit": dict(width=192, epochs=30, batch_size=256, lr=1e-3), "gpt2": text_defaults, "llama": text_defaults}
     for name, value in defaults[args.task].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -62,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build(args):
-    """(model, tokenizer (gpt2) or image collator (vit), train set, evaluation set, test set)."""
+    """(model, tokenizer (language models) or image collator (vit), train set, evaluation set, test set)."""
     dataset = tasks.load_task_dataset(args.task, args.dataset, args.dataset_config)
     dataset["train"] = tasks.first_rows(dataset["train"], args.max_train_samples)
     if args.task == "vit":
@@ -77,9 +79,9 @@ def build(args):
         tokenizer = tasks.train_tokenizer(dataset["train"][tasks.text_column(dataset["train"])], args.vocab_size)
     blocks = tasks.lm_datasets(dataset, tokenizer, args.block_size)
     if args.model:
-        model = tasks.load_pretrained("gpt2", args.model)
+        model = tasks.load_pretrained(args.task, args.model)
     else:
-        model = tasks.new_gpt2(len(tokenizer), args.layers, args.width, args.block_size, tokenizer.eos_token_id)
+        model = tasks.new_language_model(args.task, len(tokenizer), args.layers, args.width, args.block_size, tokenizer.eos_token_id)
     return model, tokenizer, blocks["train"], blocks["validation"], blocks["test"]
 
 
@@ -93,7 +95,7 @@ def main(argv=None) -> dict:
     selection = (
         dict(eval_strategy="epoch", save_strategy="epoch", save_total_limit=1, load_best_model_at_end=True,
              metric_for_best_model="eval_loss")
-        if args.task == "gpt2" else {}
+        if args.task in tasks.TEXT_TASKS else {}
     )
     training_args = tasks.training_arguments(
         str(output_dir / "trainer"), args.epochs, args.batch_size, args.lr, args.weight_decay, args.workers,
@@ -109,7 +111,7 @@ def main(argv=None) -> dict:
     train_seconds = time.perf_counter() - start
     value = tasks.finite(tasks.evaluate_task(trainer, args.task, test))
     model.to(getattr(torch, args.save_dtype)).save_pretrained(output_dir)
-    if args.task == "gpt2":
+    if args.task in tasks.TEXT_TASKS:
         helper.save_pretrained(output_dir)  # the tokenizer
     result = {
         "model": args.model or f"{args.task} {args.layers}L-{args.width} (trained here)",

@@ -40,3 +40,26 @@ def test_train_base_then_finetune_astra(tiny_fashion, examples_on_path, tmp_path
         assert key in result
     reloaded = astra.from_pretrained(tmp_path / "astra")
     assert reloaded.config.astra["groups"] == 4 and all(bool(q.initialized) for q in astra.quantizers(reloaded))
+
+
+def test_llama_task_trains_a_base_and_finetunes_it_in_kv_mode(examples_on_path, tmp_path, monkeypatch):
+    from test_data import kjv_text
+
+    text = tmp_path / "kjv.txt"
+    text.write_text(kjv_text(200))
+    monkeypatch.setenv(data.KJV_TEXT_ENV, str(text))
+    import finetune_astra
+    import train_base
+
+    small = ["--workers", "0", "--batch-size", "4", "--epochs", "1", "--max-train-samples", "120"]
+    base = train_base.main(["--task", "llama", "--layers", "1", "--width", "128", "--block-size", "16",
+                            "--vocab-size", "300", "--output-dir", str(tmp_path / "base"), *small])
+    assert base["metric"] == "perplexity" and base["value"] > 1
+    result = finetune_astra.main([
+        "--task", "llama", "--base", str(tmp_path / "base"), "--output-dir", str(tmp_path / "astra"), "--groups", "4",
+        "--codebook-size", "4", "--quantize", "kv", "--calibration-batches", "1", *small,
+    ])
+    # 2 heads of 64 with 1 K/V head (GQA): kv mode quantizes keys and values of width 64 each.
+    assert result["quantized_width"] == 128 and result["bits_per_token"] == 16
+    assert result["compression_ratio"] == 128 * 32 / 16
+    assert result["value"] > 1 and result["value_before_finetune"] > 1
