@@ -227,3 +227,34 @@ def test_model_card_names_the_family_and_its_settings():
     assert "qwen2" in text and "Qwen2ForCausalLM" in text
     assert "runtime.generate" in text  # a causal LM: the usage shows generation
     assert "width 32" in text  # kv mode with GQA: 2 K/V heads of 8, keys and values
+
+
+@MODES
+def test_checkpoint_round_trip(tmp_path, quantize):
+    model, _ = calibrated("qwen3", quantize)
+    astra.save_pretrained(model, tmp_path)
+    reloaded = astra.from_pretrained(tmp_path)
+    batch = batch_of()
+    assert type(reloaded).__name__ == "Qwen3ForCausalLM" and reloaded.config.astra == model.config.astra
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, model(**batch).logits)
+
+
+@pytest.mark.parametrize("family, auto_class", [("llama", "AutoModel"), ("qwen2", "AutoModelForSequenceClassification")])
+def test_base_model_and_heads(family, auto_class):
+    import copy
+
+    import transformers
+    from conftest import tiny_llama_config
+
+    torch.manual_seed(0)
+    model = getattr(transformers, auto_class).from_config(tiny_llama_config(family, num_labels=3)).eval()
+    reference = copy.deepcopy(model)
+    astra.patch(model, num_devices=3, groups=2, codebook_size=64, quantize="kv")
+    batch = batch_of(left_pad=0)
+    make_lossless(model, batch)
+    with torch.no_grad():
+        got, want = model(**batch), reference(**batch)
+    got = got.logits if hasattr(got, "logits") else got.last_hidden_state
+    want = want.logits if hasattr(want, "logits") else want.last_hidden_state
+    assert (got - want).abs().max() <= TOL
