@@ -1,5 +1,5 @@
 """The example tasks shared by train_base.py and finetune_astra.py: image classification (ViT) and causal
-language modelling (GPT2, or a Llama-shaped model). Data come from `transformers_astra.data` (offline Debian
+language modelling (GPT2, or a Llama-shaped model). Data come from `astra_examples.data` (offline Debian
 sources or Hub names).
 
 - vit: Fashion-MNIST (or a Hub image dataset such as ``uoft-cs/cifar100``), metric accuracy in percent.
@@ -37,8 +37,8 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from transformers_astra.data import load_image_dataset, load_text_dataset
-from transformers_astra.metrics import load_accuracy, perplexity_from_loss
+from astra_examples.data import load_image_dataset, load_text_dataset
+from astra_examples.metrics import load_accuracy, perplexity_from_loss
 
 TASKS = ("vit", "gpt2", "llama")
 TEXT_TASKS = ("gpt2", "llama")  # causal language modelling: tokenizer, perplexity

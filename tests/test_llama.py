@@ -230,14 +230,17 @@ def test_model_card_names_the_family_and_its_settings():
 
 
 @MODES
-def test_checkpoint_round_trip(tmp_path, quantize):
+def test_checkpoint_round_trip_through_the_auto_classes(tmp_path, quantize):
+    from transformers import AutoModelForCausalLM
+
     model, _ = calibrated("qwen3", quantize)
-    astra.save_pretrained(model, tmp_path)
-    reloaded = astra.from_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
     batch = batch_of()
-    assert type(reloaded).__name__ == "Qwen3ForCausalLM" and reloaded.config.astra == model.config.astra
-    with torch.no_grad():
-        assert torch.equal(reloaded(**batch).logits, model(**batch).logits)
+    for reloaded in (AutoModelForCausalLM.from_pretrained(tmp_path), astra.from_pretrained(tmp_path)):
+        assert type(reloaded).__name__ == "Qwen3ForCausalLM" and astra.is_patched(reloaded)
+        assert reloaded._astra_state.config == model._astra_state.config
+        with torch.no_grad():
+            assert torch.equal(reloaded.eval()(**batch).logits, model(**batch).logits)
 
 
 @pytest.mark.parametrize("family, auto_class", [("llama", "AutoModel"), ("qwen2", "AutoModelForSequenceClassification")])

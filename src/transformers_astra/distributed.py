@@ -59,6 +59,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from .attention import attend, replace_cached_keys_values
+from .config import validate_timeout
 from .exchange import rebuild_keys_values, sent_vectors, split_heads
 from .handshake import CHECKED_INPUTS, check_same_inputs, check_same_model
 from .kernels import PROJECTION_TABLE_MAX_BYTES, merge_partials, partial_attention, projected_from_codes, projection_tables
@@ -123,9 +124,7 @@ class DistributedRuntime:
                 f"The process group has {self.world_size} ranks but AstraConfig.num_devices="
                 f"{self.config.num_devices}; launch exactly num_devices processes (--num_processes / --nproc_per_node)"
             )
-        if not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
-        self.overlap, self.timeout, self.check_inputs = overlap, float(timeout), check_inputs
+        self.overlap, self.timeout, self.check_inputs = overlap, validate_timeout(timeout), check_inputs
         self.causal = self.adapter.causal
         self.num_layers = len(self.adapter.attention_modules(model))
         device = next(model.parameters()).device
