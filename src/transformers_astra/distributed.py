@@ -282,6 +282,7 @@ class RankExchange:
         remote = [torch.arange(*layout.bounds(peer)) for peer in self.sources]
         self.remote_tokens = torch.cat(remote) if remote else torch.zeros(0, dtype=torch.long)
         self._masks: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}  # by sliding window
+        self._remote_positions = None
 
     def attention(self, module, layer: LayerState, query, key, value, allowed, scaling, dropout, want_weights):
         """Mixed-precision attention of this rank's queries (``allowed``, the local model's mask, is not used)."""
@@ -314,7 +315,9 @@ class RankExchange:
         runtime, adapter = self.runtime, self.runtime.adapter
         quantizer = module.astra_quantizer
         codes = torch.cat(received, dim=1)
-        positions = adapter.select_positions(self.view.positions, self.remote_tokens.to(codes.device))
+        if self._remote_positions is None:  # the same for every layer: the senders' global positions
+            self._remote_positions = adapter.select_positions(self.view.positions, self.tokens_on(codes.device))
+        positions = self._remote_positions
         tables = runtime._tables.get(module._astra_layer.layer_idx)
         if tables is not None:
             heads = adapter.key_value_heads(module)
@@ -322,13 +325,19 @@ class RankExchange:
             return rebuild_keys_values(adapter, module, runtime.config.quantize, positions, projected=projected)
         return rebuild_keys_values(adapter, module, runtime.config.quantize, positions, decoded=quantizer.decode(codes))
 
+    def tokens_on(self, device) -> torch.Tensor:
+        """Global indices of the received tokens (sequence order), on ``device`` (copied once per forward)."""
+        if self.remote_tokens.device != torch.device(device):
+            self.remote_tokens = self.remote_tokens.to(device)
+        return self.remote_tokens
+
     def masks(self, window: int | None, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(B or 1, 1, T_r, keys) masks for the own shard's keys and for the received keys (sequence order)."""
         if window not in self._masks:  # the same for every layer with this window
             queries = torch.arange(*self.view.bounds, device=device)
             self._masks[window] = (
                 self._mask_for(queries, queries, window),
-                self._mask_for(queries, self.remote_tokens.to(device), window),
+                self._mask_for(queries, self.tokens_on(device), window),
             )
         return self._masks[window]
 
