@@ -51,10 +51,10 @@ FINETUNE = {  # family -> (task, base, epochs, extra finetune_astra.py flags)
     "gpt2": ("gpt2", "gpt2-base", "3", []),
     "vit": ("vit", "vit-base", "1", []),
     "english": ("gpt2", "gpt2-english-base", "1", ["--dataset", "english", "--extra-eval", "english-ood", "kjv"]),
-    "llama": ("llama", "llama-english-base", "1", ["--dataset", "english", "--extra-eval", "english-ood", "kjv"]),
+    "llama": ("llama", "llama-base", "3", []),
 }
-LLAMA_BASE = ["--task", "llama", "--dataset", "english", "--extra-eval", "english-ood", "kjv", "--layers", "6",
-              "--width", "256", "--epochs", "12", "--save-dtype", "float16"]
+# Issue 10 item 5: the Llama-shaped base is trained like the GPT2 one (same KJV data and tokenizer, same size).
+LLAMA_BASE = ["--task", "llama", "--layers", "6", "--width", "256", "--epochs", "12", "--save-dtype", "float16"]
 ABLATIONS = {  # run-name suffix -> finetune_astra.py flags; on top of G=1, hidden, lambda=1, beta=1e-4, DCT
     "naq0": ["--noise-scale", "0"],
     "naq0.3": ["--noise-scale", "0.3"],
@@ -123,39 +123,39 @@ def call1() -> list[Job]:
 
 
 def call2(leftovers: bool = True) -> list[Job]:
-    """The ViT G=1 recipes first (the longest runs), the Llama base (where the adapter exists), ablations with
-    3 seeds, N-agnostic fine-tuning and the per-N references, then whatever call 1 left (skipped where a result
-    exists)."""
+    """Most important first (one call holds about 40 runs): the Llama base and its rows (issue 10), the G = 8
+    rows the speed goals need (issue 12), the broad-English G = 32 rows (out-of-domain goal), N-agnostic
+    fine-tuning at G = 1 (where accuracy falls with N), the ablations with 3 seeds, the per-N references,
+    the ViT G = 1 recipes, then whatever call 1 left (skipped where a result exists)."""
     g1 = ["--groups", "1", "--quantize", "hidden"]
-    jobs = [finetune_job("vit", f"vit-g1-hidden-{recipe}", seed, [*g1, *VIT_RECIPES[recipe]])
-            for recipe in ("ep3", "ep3-naq0.3") for seed in SEEDS]
     llama = llama_jobs()
-    jobs += llama[:1]  # its base trains while the ablations run; its rows follow them
-    jobs += main_runs("vit", "1", "hidden") + main_runs("gpt2", "1", "hidden")  # the ablations' reference (if left)
-    for seed in SEEDS:
-        for family in ("vit", "gpt2"):
-            for suffix, flags in ABLATIONS.items():
+    jobs = llama[:1]
+    jobs += main_runs("gpt2", "8", "kv") + main_runs("vit", "8", "kv") + main_runs("vit", "8", "hidden")
+    jobs += main_runs("vit", "32", "kv")
+    jobs += main_runs("english", "32", "hidden") + main_runs("english", "32", "kv")
+    jobs += llama[1:]
+    for family in ("gpt2", "vit"):
+        jobs += [finetune_job(family, f"{family}-g1-hidden-nagnostic", seed,
+                              ["--groups", "1", "--quantize", "hidden", *RANDOM_SHARDS, *EVAL_LAYOUTS])
+                 for seed in SEEDS]
+    for suffix in ("naq0", "nodct", "beta0.25", "naq0.3", "beta0"):
+        for seed in SEEDS:
+            for family in ("vit", "gpt2"):
                 if suffix == "nodct" and family != "vit":
                     continue  # GPT2 has no class token
-                jobs.append(finetune_job(family, f"{family}-g1-hidden-{suffix}", seed, [*g1, *flags]))
-    jobs += llama[1:]
-    for groups in ("32", "1"):
+                jobs.append(finetune_job(family, f"{family}-g1-hidden-{suffix}", seed, [*g1, *ABLATIONS[suffix]]))
+    for num_devices in ("8", "2", "3", "6"):  # per-N references for the N-agnostic comparison (one seed)
+        for family in ("gpt2", "vit"):
+            jobs.append(finetune_job(family, f"{family}-g1-hidden-n{num_devices}", 0, g1, num_devices=num_devices))
+    jobs += [finetune_job("vit", f"vit-g1-hidden-{recipe}", seed, [*g1, *VIT_RECIPES[recipe]])
+             for recipe in ("ep3", "ep3-naq0.3") for seed in SEEDS]
+    for groups in ("32",):
         for family in ("gpt2", "vit"):
             jobs += [finetune_job(family, f"{family}-g{groups}-hidden-nagnostic", seed,
                                   ["--groups", groups, "--quantize", "hidden", *RANDOM_SHARDS, *EVAL_LAYOUTS])
                      for seed in SEEDS]
-    for num_devices in ("2", "8", "3", "6"):  # per-N references for the N-agnostic comparison (one seed)
-        for family in ("gpt2", "vit"):
-            for groups in ("32", "1"):
-                jobs.append(finetune_job(family, f"{family}-g{groups}-hidden-n{num_devices}", 0,
-                                         ["--groups", groups, "--quantize", "hidden"], num_devices=num_devices))
-    jobs.append(finetune_job("vit", "vit-g1-hidden-ep3-k4096", 0, [*g1, *VIT_RECIPES["ep3-k4096"]]))
-    for family in ("gpt2", "vit"):
-        jobs += [finetune_job(family, f"{family}-g32-kv-nagnostic", seed,
-                              ["--groups", "32", "--quantize", "kv", *RANDOM_SHARDS, *EVAL_LAYOUTS]) for seed in SEEDS]
     if leftovers:
-        jobs += [job for job in call1() if job.script == "finetune_astra.py" and "-demo-" not in job.name
-                 and not job.name.startswith("english")]
+        jobs += [job for job in call1() if job.script == "finetune_astra.py" and "-demo-" not in job.name]
     unique: dict[str, Job] = {}
     for job in jobs:  # each once, at its first place
         unique.setdefault(job.name, job)
@@ -170,12 +170,15 @@ def llama_supported() -> bool:
 
 
 def llama_jobs() -> list[Job]:
-    """The Llama-shaped base on the English mix and its G = 32 rows (issue 10 item 5), where the adapter exists."""
+    """The Llama-shaped base (KJV, like GPT2's), its control and G in {1, 8, 32} x both modes (issue 10 item 5,
+    one seed), where the adapter exists."""
     if not llama_supported():
         print("no Llama adapter in this transformers_astra: the llama rows are left out", file=sys.stderr)
         return []
-    jobs = [Job("llama-english-base", "train_base.py", list(LLAMA_BASE))]
-    return jobs + main_runs("llama", "32", "hidden") + main_runs("llama", "32", "kv") + controls("llama")
+    jobs = [Job("llama-base", "train_base.py", list(LLAMA_BASE))]
+    for groups in ("32", "8", "1"):
+        jobs += main_runs("llama", groups, "hidden", (0,)) + main_runs("llama", groups, "kv", (0,))
+    return jobs + controls("llama", (0,))
 
 
 CALLS = {"1": call1, "2": call2}
@@ -833,7 +836,7 @@ def cmd_report(args) -> None:
         "Main rows (N = 4, K = 1024)": [r for r in at_training_layout
                                         if re.fullmatch(r"(gpt2|vit)-(g\d+-(hidden|kv)|control)", r["run"])],
         "Broad English (GPT2 trained on the English mix)": [r for r in current if r["run"].startswith("english-")],
-        "Llama-shaped model on the English mix (issue 10)": [r for r in current if r["run"].startswith("llama-")],
+        "Llama-shaped model on the KJV text (issue 10)": [r for r in current if r["run"].startswith("llama-")],
         "Ablations (G = 1, hidden; one change each)": [
             r for r in at_training_layout if re.fullmatch(r"(gpt2|vit)-g1-hidden(-(naq|beta|nodct).*)?", r["run"])],
         "ViT G = 1 hidden: recipes for the target": [r for r in at_training_layout

@@ -2,6 +2,7 @@
 
     python examples/finetune_astra.py --task vit  --base outputs/vit-base  --groups 32 --quantize hidden
     python examples/finetune_astra.py --task gpt2 --base outputs/gpt2-base --groups 32 --quantize kv
+    python examples/finetune_astra.py --task llama --base outputs/llama-base --groups 8 --quantize kv
     python examples/finetune_astra.py --task gpt2 --base gpt2 --dataset Salesforce/wikitext \\
         --dataset-config wikitext-103-raw-v1                                    # online, Hub checkpoint
 
@@ -55,9 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-dead-code-reset", action="store_true")
     parser.add_argument("--control", action="store_true",
                         help="fine-tune the unpatched model with the same recipe (the fair reference for ASTRA rows)")
-    parser.add_argument("--epochs", type=float, default=None, help="default: vit 5, gpt2 2")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: vit 256, gpt2 32")
-    parser.add_argument("--lr", type=float, default=None, help="default: vit 2e-4, gpt2 2e-4")
+    parser.add_argument("--epochs", type=float, default=None, help="default: vit 5, gpt2/llama 2")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: vit 256, gpt2/llama 32")
+    parser.add_argument("--lr", type=float, default=None, help="default: vit 2e-4, gpt2/llama 2e-4")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="0 keeps the codebooks from decaying")
     parser.add_argument("--calibration-batches", type=int, default=8)
     parser.add_argument("--max-train-samples", type=int)
@@ -220,6 +221,8 @@ def main(argv=None) -> dict:
     if args.save:
         save_checkpoint(model, output_dir, args, tokenizer, command)
     hidden_size = model.config.hidden_size
+    # Width of the vectors quantized: the hidden state, or keys and values (with GQA narrower than 2 x hidden).
+    width = None if args.control else astra.quantizers(model)[0].width
     result = {
         "model": str(args.base),
         "task": args.task,
@@ -243,8 +246,9 @@ def main(argv=None) -> dict:
         "evals": evals,
         "base_evals": base_evals,
         "bits_per_token": None if args.control else config.bits_per_token,
-        "compression_ratio": None if args.control else config.compression_ratio(hidden_size),
+        "compression_ratio": None if args.control else width * 32 / config.bits_per_token,
         "hidden_size": hidden_size,
+        "quantized_width": width,
         "epochs": args.epochs,
         "train_steps": trainer.state.global_step,
         "finetune_seconds": round(finetune_seconds, 1),

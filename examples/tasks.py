@@ -1,9 +1,12 @@
-"""The two example tasks shared by train_base.py and finetune_astra.py: image classification (ViT) and causal
-language modelling (GPT2). Data come from `astra_examples.data` (offline Debian sources or Hub names).
+"""The example tasks shared by train_base.py and finetune_astra.py: image classification (ViT) and causal
+language modelling (GPT2, or a Llama-shaped model). Data come from `astra_examples.data` (offline Debian
+sources or Hub names).
 
 - vit: Fashion-MNIST (or a Hub image dataset such as ``uoft-cs/cifar100``), metric accuracy in percent.
 - gpt2: the King James Bible (or a Hub text dataset such as ``Salesforce/wikitext``), metric perplexity on
   blocks of ``block_size`` tokens of the held-out test split.
+- llama: the same data, tokenizer and metric as gpt2 with a Llama-shaped model (rotary positions,
+  grouped-query attention, RMSNorm, gated MLP) of about the same size.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from transformers import (
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
     PreTrainedTokenizerFast,
     TrainerCallback,
     TrainingArguments,
@@ -38,7 +43,7 @@ from astra_examples.metrics import load_accuracy, perplexity_from_loss
 
 TASKS = ("vit", "gpt2", "llama")
 TEXT_TASKS = ("gpt2", "llama")
-DEFAULT_DATASETS = {"vit": "fashion-mnist", "gpt2": "kjv", "llama": "english"}
+DEFAULT_DATASETS = {"vit": "fashion-mnist", "gpt2": "kjv", "llama": "kjv"}
 EOS = "<|endoftext|>"
 
 
@@ -72,8 +77,6 @@ def new_gpt2(vocab_size: int, layers: int, width: int, block_size: int, eos_id: 
 
 def new_llama(vocab_size: int, layers: int, width: int, block_size: int, eos_id: int):
     """A Llama-shaped causal LM of GPT2's size (GQA with 2 query heads per key/value head, SwiGLU, RoPE)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     heads = max(2, width // 64)
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=width, intermediate_size=(8 * width // 3 + 63) // 64 * 64,
@@ -294,7 +297,7 @@ def hardware() -> str:
 
 
 def evaluate_task(trainer, task: str, test_dataset) -> float:
-    """The task metric on ``test_dataset``: accuracy in percent (vit) or perplexity (gpt2)."""
+    """The task metric on ``test_dataset``: accuracy in percent (vit) or perplexity (language models)."""
     metrics = trainer.evaluate(test_dataset)
     return metrics["eval_accuracy"] if task == "vit" else perplexity_metrics(metrics["eval_loss"])
 

@@ -12,7 +12,7 @@ Online users can start from a Hub checkpoint and/or dataset instead:
     python examples/train_base.py --task vit --model google/vit-base-patch16-224 --dataset uoft-cs/cifar100
     python examples/train_base.py --task gpt2 --model gpt2 --dataset Salesforce/wikitext --dataset-config wikitext-103-raw-v1
 
-The output folder holds the model (``save_pretrained``), its tokenizer for gpt2 (trained here with
+The output folder holds the model (``save_pretrained``), its tokenizer for gpt2/llama (trained here with
 `tokenizers` unless --model names a Hub tokenizer), and base_result.json with the test metric.
 """
 
@@ -39,13 +39,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", help="start from this Hub checkpoint instead of a new model")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--width", type=int, default=None, help="hidden size (default: vit 192, gpt2 256)")
+    parser.add_argument("--width", type=int, default=None, help="hidden size (default: vit 192, gpt2/llama 256)")
     parser.add_argument("--patch-size", type=int, default=4, help="vit: pixels per patch side")
-    parser.add_argument("--block-size", type=int, default=256, help="gpt2: tokens per training block (context)")
-    parser.add_argument("--vocab-size", type=int, default=8192, help="gpt2: BPE vocabulary trained here")
-    parser.add_argument("--epochs", type=float, default=None, help="default: vit 30, gpt2 12")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: vit 256, gpt2 32")
-    parser.add_argument("--lr", type=float, default=None, help="default: vit 1e-3, gpt2 6e-4")
+    parser.add_argument("--block-size", type=int, default=256, help="gpt2/llama: tokens per training block (context)")
+    parser.add_argument("--vocab-size", type=int, default=8192, help="gpt2/llama: BPE vocabulary trained here")
+    parser.add_argument("--epochs", type=float, default=None, help="default: vit 30, gpt2/llama 12")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: vit 256, gpt2/llama 32")
+    parser.add_argument("--lr", type=float, default=None, help="default: vit 1e-3, gpt2/llama 6e-4")
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--max-train-samples", type=int, help="use only this many training rows (smoke tests)")
     parser.add_argument("--max-eval-samples", type=int, help="use only this many test rows (smoke tests)")
@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build(args):
-    """(model, tokenizer (gpt2) or image collator (vit), train set, evaluation set, test set)."""
+    """(model, tokenizer (language models) or image collator (vit), train set, evaluation set, test set)."""
     dataset = tasks.load_task_dataset(args.task, args.dataset, args.dataset_config)
     dataset["train"] = tasks.first_rows(dataset["train"], args.max_train_samples)
     if args.task == "vit":

@@ -7,6 +7,8 @@ import copy
 import pytest
 import torch
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
     GPT2Config,
     GPT2ForSequenceClassification,
     GPT2LMHeadModel,
@@ -15,6 +17,9 @@ from transformers import (
     ViTForImageClassification,
     ViTModel,
 )
+
+import transformers_astra as astra
+from transformers_astra.calibration import collect_activations
 
 GPT2_CLASSES = (GPT2Model, GPT2LMHeadModel, GPT2ForSequenceClassification)
 VIT_CLASSES = (ViTModel, ViTForImageClassification)
@@ -37,6 +42,47 @@ def tiny_vit_config(**overrides) -> ViTConfig:
     )
     values.update(overrides)
     return ViTConfig(**values)
+
+
+# The Llama family: tiny configs with grouped-query attention (6 query heads, 2 K/V heads of width 8, so
+# the kv mode's 2 * 16 values per token differ from the hidden width 48) and each family's own feature.
+LLAMA_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+LLAMA_FEATURES = {
+    # max_position_embeddings 8 < the test lengths: dynamic RoPE changes its frequencies with the length.
+    "llama": dict(max_position_embeddings=8, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}),
+    "qwen2": dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),  # biases; layer 1 slides
+    "qwen3": dict(head_dim=8, use_sliding_window=True, sliding_window=5, max_window_layers=1),  # k_norm
+    "mistral": dict(sliding_window=5),  # every layer slides
+}
+
+
+def tiny_llama_config(family: str = "llama", **overrides):
+    values = dict(
+        hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+        vocab_size=61, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, attention_dropout=0.0,
+        rms_norm_eps=1e-6,
+    )
+    values.update(LLAMA_FEATURES[family])
+    values.update(overrides)
+    return AutoConfig.for_model(family, **values)
+
+
+def tiny_llama(family: str = "llama", **overrides):
+    """A random causal LM of the family (eval mode) and its untouched copy."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(family, **overrides)).eval()
+    return model, copy.deepcopy(model)
+
+
+def make_lossless(model, batch) -> None:
+    """Every vector a layer sends becomes a codeword, so encoding then decoding returns it exactly."""
+    for layer_idx, vectors in collect_activations(model, [batch], progress=False).items():
+        quantizer = astra.quantizers(model)[layer_idx]
+        grouped = vectors.reshape(-1, quantizer.groups, quantizer.group_width).transpose(0, 1)
+        assert grouped.shape[1] <= quantizer.codebook_size
+        with torch.no_grad():
+            quantizer.codebook.fill_(1e6)
+            quantizer.codebook[:, : grouped.shape[1]] = grouped
 
 
 def make_pair(model_class, config):

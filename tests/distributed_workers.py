@@ -13,7 +13,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from conftest import gpt2_batch, tiny_gpt2_config, tiny_vit_config, vit_batch
+from conftest import LLAMA_FAMILIES, gpt2_batch, tiny_gpt2_config, tiny_llama, tiny_vit_config, vit_batch
 from transformers import GPT2LMHeadModel, ViTForImageClassification
 
 import transformers_astra as astra
@@ -25,6 +25,11 @@ CASES = [
     ("gpt2-kv-uneven", "gpt2", {"quantize": "kv", "uneven": True}),
     ("vit-hidden-padded", "vit", {"quantize": "hidden"}),
     ("vit-kv-uneven", "vit", {"quantize": "kv", "uneven": True}),
+    # The Llama family (conftest.LLAMA_FEATURES): dynamic RoPE, biases and sliding windows, k_norm, GQA.
+    ("llama-hidden", "llama", {"quantize": "hidden"}),
+    ("qwen2-kv-uneven", "qwen2", {"quantize": "kv", "uneven": True}),
+    ("qwen3-hidden-uneven", "qwen3", {"quantize": "hidden", "uneven": True}),
+    ("mistral-kv", "mistral", {"quantize": "kv"}),
 ]
 GENERATED_TOKENS = 4
 
@@ -33,6 +38,8 @@ def build_model(family: str, num_devices: int, quantize: str = "hidden", uneven:
     torch.manual_seed(0)
     if family == "gpt2":
         model, calibration = GPT2LMHeadModel(tiny_gpt2_config()), gpt2_batch(batch=4, length=12, seed=1)
+    elif family in LLAMA_FAMILIES:
+        model, calibration = tiny_llama(family)[0], gpt2_batch(batch=4, length=12, seed=1)
     else:
         model, calibration = ViTForImageClassification(tiny_vit_config()), vit_batch(batch=4, seed=1)
     shard_sizes = list(range(1, num_devices + 1)) if uneven else None
@@ -42,8 +49,12 @@ def build_model(family: str, num_devices: int, quantize: str = "hidden", uneven:
     return model
 
 
+def is_causal(family: str) -> bool:
+    return family != "vit"
+
+
 def case_batch(family: str) -> dict:
-    if family == "gpt2":
+    if is_causal(family):
         return gpt2_batch(batch=2, length=11, left_pad=3)  # 11 tokens: uneven for N = 2, 3, 4
     batch = vit_batch()
     mask = torch.ones(2, 17, dtype=torch.long)
@@ -51,23 +62,31 @@ def case_batch(family: str) -> dict:
     return {**batch, "attention_mask": mask}
 
 
-def init(rank: int, world_size: int, port: int) -> None:
+def init(rank: int, world_size: int, port: int, backend: str = "gloo") -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
 
 
-def equivalence_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    """For N = 2 .. world_size (a subgroup of the first N ranks each), every case, overlap on and off."""
-    init(rank, world_size, port)
+def equivalence_worker(rank: int, world_size: int, port: int, out_dir: str, backend: str = "gloo", names=None) -> None:
+    """For N = 2 .. world_size (a subgroup of the first N ranks each), every case, overlap on and off.
+
+    ``backend="nccl"``: one GPU per rank, the model and inputs on it. ``names``: only these cases.
+    """
+    init(rank, world_size, port, backend)
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     groups = {n: dist.new_group(list(range(n))) for n in range(2, world_size + 1)}
     results = {}
     for num_devices, group in groups.items():
         if rank >= num_devices:
             continue
         for name, family, settings in CASES:
-            model = build_model(family, num_devices, **settings)
-            batch = case_batch(family)
+            if names is not None and name not in names:
+                continue
+            model = build_model(family, num_devices, **settings).to(device)
+            batch = {key: value.to(device) for key, value in case_batch(family).items()}
             with torch.no_grad():
                 simulated = model(**batch).logits
                 with astra.full_precision(model):
@@ -77,13 +96,15 @@ def equivalence_worker(rank: int, world_size: int, port: int, out_dir: str) -> N
                 runtime = DistributedRuntime(model, group=group, overlap=overlap, projection_table=overlap, timeout=30)
                 got = runtime(**batch).logits
                 result = {"diff": max_abs_diff(got, simulated, runtime, batch), "traffic": runtime.traffic.to_dict()}
+                result["backend"] = dist.get_backend(group)
                 result["diff_to_full_precision"] = max_abs_diff(got, unquantized, runtime, batch)
                 result["layout"], result["batch_size"] = runtime.layout.sizes, case_batch(family)["attention_mask"].shape[0]
-                if family == "gpt2" and overlap:
+                result["quantized_width"] = astra.quantizers(model)[0].width
+                if is_causal(family) and overlap:
                     generated = runtime.generate(batch["input_ids"], batch["attention_mask"], GENERATED_TOKENS)
                     with torch.no_grad():
                         wanted = model.generate(**batch, max_new_tokens=GENERATED_TOKENS, do_sample=False)
-                    result["generated"], result["wanted"] = generated, wanted
+                    result["generated"], result["wanted"] = generated.cpu(), wanted.cpu()
                 runtime.close()
                 results[(num_devices, name, overlap)] = result
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -92,7 +113,7 @@ def equivalence_worker(rank: int, world_size: int, port: int, out_dir: str) -> N
 
 
 def max_abs_diff(got: torch.Tensor, simulated: torch.Tensor, runtime: DistributedRuntime, batch: dict) -> float:
-    """GPT2: this rank's positions of the simulation, real tokens only. ViT: the pooled logits."""
+    """Causal LMs: this rank's positions of the simulation, real tokens only. ViT: the pooled logits."""
     if not runtime.causal:
         return (got - simulated).abs().max().item()
     start, end = runtime.layout.bounds(runtime.rank)

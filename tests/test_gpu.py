@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TOL, gpt2_batch, make_pair, tiny_gpt2_config, tiny_vit_config, vit_batch
+from conftest import LLAMA_FAMILIES, TOL, gpt2_batch, make_pair, tiny_gpt2_config, tiny_llama, tiny_vit_config, vit_batch
 from transformers import GPT2LMHeadModel, ViTForImageClassification
 
 import transformers_astra as astra
@@ -64,3 +64,27 @@ def test_bf16_forward_and_training_step():
     loss = model(**batch, labels=batch["input_ids"]).loss
     loss.backward()
     assert torch.isfinite(loss) and astra.quantizers(model)[0].codebook.grad is not None
+
+
+@pytest.mark.parametrize("family", LLAMA_FAMILIES)
+@pytest.mark.parametrize("quantize", ["hidden", "kv"])
+def test_llama_family_on_cuda_matches_cpu(family, quantize):
+    model, reference = tiny_llama(family)
+    batch = gpt2_batch(batch=2, length=11, left_pad=3)
+    astra.patch(model, num_devices=3, groups=4, codebook_size=16, quantize=quantize)
+    astra.calibrate(model, [gpt2_batch(batch=4, length=12, seed=1)], progress=False)
+    valid = batch["attention_mask"].bool()
+    with torch.no_grad(), astra.capture_codes(model) as cpu_codes:
+        on_cpu = model(**batch).logits
+        cpu_codes = dict(cpu_codes)
+    model, reference = model.cuda(), reference.cuda()
+    with torch.no_grad():
+        with astra.full_precision(model):
+            full = model(**to_cuda(batch)).logits
+        assert (full - reference(**to_cuda(batch)).logits)[valid.cuda()].abs().max() <= 10 * TOL
+        with astra.capture_codes(model) as cuda_codes:
+            on_cuda = model(**to_cuda(batch)).logits.cpu()
+    agreement = torch.cat([(cuda_codes[k].cpu() == cpu_codes[k]).flatten() for k in cpu_codes]).float().mean()
+    assert agreement > 0.99  # ties between near-equidistant codewords may break differently
+    if agreement == 1:
+        assert (on_cuda - on_cpu)[valid].abs().max() < 1e-4

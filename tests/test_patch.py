@@ -49,7 +49,7 @@ def test_unpatch_restores_the_original_model():
 
 def test_unsupported_model_lists_the_supported_types():
     model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64))
-    with pytest.raises(ValueError, match=r"bert.*\['gpt2', 'vit'\]"):
+    with pytest.raises(ValueError, match=r"bert.*\['gpt2', 'llama', 'mistral', 'qwen2', 'qwen3', 'vit'\]"):
         astra.patch(model)
 
 

@@ -1,9 +1,11 @@
 """ASTRA mixed-precision attention, registered in transformers' attention and mask interfaces.
 
-Single-process simulation of N devices: every key/value exists twice, exactly (what the key's own
-device holds) and decoded from its codes (what every other device receives). A query attends to the
+The attention function hands every layer to the model's `Exchange` (`exchange.py`): by default the
+single-process simulation of N devices below (every key/value exists twice, exactly (what the key's own
+device holds) and decoded from its codes (what every other device receives); a query attends to the
 exact copy of the keys in its own shard and to the decoded copy of all others, in one SDPA call over
-the 2T keys with a boolean mask. No loop over shards or tokens.
+the 2T keys with a boolean mask, no loop over shards or tokens); inside `DistributedRuntime`, a real
+rank's exchange.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ try:  # transformers >= 5.9 records `output_attentions` through hooks and this c
 except ImportError:  # pragma: no cover - older layouts pass output_attentions as a kwarg
     _active_collector = None
 
+from .exchange import rebuild_keys_values, sent_vectors
 from .sharding import ShardLayout
-from .state import LayerState
+from .state import AstraState, LayerState
 
 ATTENTION_NAME = "astra"
 
@@ -40,7 +43,7 @@ def register() -> None:
 
 
 def astra_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The attention function transformers calls with (B, H, T, d) query/key/value of one layer."""
+    """The attention function transformers calls with (B, H, T, d) query and (B, H_kv, T, d) key/value."""
     layer: LayerState | None = getattr(module, "_astra_layer", None)
     want_weights = attention_weights_requested(kwargs)
     allowed = boolean_mask(attention_mask, query.shape[2], key.shape[2], getattr(module, "is_causal", False), query.device)
@@ -48,23 +51,59 @@ def astra_attention_forward(module, query, key, value, attention_mask, scaling=N
     if layer is None or decoding_with_cache or layer.model_state.config.num_devices == 1:
         # New tokens after the prefill belong to the last device, whose cache already holds its view.
         if layer is not None:
-            layer.pending_input = layer.cache = None
+            layer.forget()
         return attend(query, key, value, allowed, scaling, dropout, want_weights)
+    # The simulation, or a real rank's exchange installed by `DistributedRuntime` for one forward.
+    return layer.model_state.exchange.attention(module, layer, query, key, value, allowed, scaling, dropout, want_weights)
 
-    state = layer.model_state
-    if state.runtime is not None:  # a real rank: only its own shard is here, the rest arrives as codes
-        return state.runtime.attention(module, layer, query, key, value, scaling, want_weights)
-    layout = state.layout(query.shape[2])
-    remote_key, remote_value = remote_keys_values(module, layer, key, value)
-    local = same_shard(layout, query.device)
-    mixed = torch.cat([allowed & local, allowed & ~local], dim=-1)
-    keys, values = torch.cat([key, remote_key], dim=2), torch.cat([value, remote_value], dim=2)
-    output, weights = attend(query, keys, values, mixed, scaling, dropout, want_weights)
-    if weights is not None:
-        # Each key is seen either exactly or decoded, never both: fold the two halves back to T keys.
-        weights = weights[..., : key.shape[2]] + weights[..., key.shape[2] :]
-    store_last_device_view(layer, layout, key, value, remote_key, remote_value)
-    return output, weights
+
+class SimulatedExchange:
+    """All N shards in one process (the `Exchange` of a patched model outside `DistributedRuntime`).
+
+    Every key exists twice: exact (what its own shard holds) and rebuilt from its decoded codes (what
+    every other shard holds). A query attends to the exact keys of its own shard and the rebuilt keys of
+    all others, in one SDPA call over the 2T keys with a boolean mask.
+    """
+
+    def __init__(self, state: AstraState):
+        self.state = state
+
+    def attention(self, module, layer, query, key, value, allowed, scaling, dropout, want_weights):
+        state = self.state
+        layout = state.layout(query.shape[2])
+        remote_key, remote_value = self.remote_keys_values(module, layer, key, value)
+        local = same_shard(layout, query.device)
+        mixed = torch.cat([allowed & local, allowed & ~local], dim=-1)
+        keys, values = torch.cat([key, remote_key], dim=2), torch.cat([value, remote_value], dim=2)
+        output, weights = attend(query, keys, values, mixed, scaling, dropout, want_weights)
+        if weights is not None:
+            # Each key is seen either exactly or decoded, never both: fold the two halves back to T keys.
+            weights = weights[..., : key.shape[2]] + weights[..., key.shape[2] :]
+        store_last_device_view(layer, layout, key, value, remote_key, remote_value)
+        return output, weights
+
+    def remote_keys_values(self, module, layer: LayerState, key, value) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of every token as the other devices rebuild them from its codes."""
+        state, config = self.state, self.state.config
+        sent = sent_vectors(state.adapter, layer, key, value, config.quantize)
+        positions, layer.positions = layer.positions, None
+        if state.collector is not None:
+            state.collector(layer.layer_idx, sent)
+        if state.full_precision:
+            return key, value
+        decoded, codes, commitment = module.astra_quantizer(sent, config.noise_scale, config.noise_granularity)
+        if state.code_log is not None:
+            state.code_log[layer.layer_idx] = codes
+        if module.training:
+            state.aux_losses.append(config.commitment_weight * commitment)
+        # The simulation holds every token: each key is rebuilt with its own (the sender's) global position.
+        return rebuild_keys_values(state.adapter, module, config.quantize, positions, decoded=decoded)
+
+    def shard_starts(self, num_tokens: int) -> list[int]:
+        return list(self.state.layout(num_tokens).offsets[:-1])
+
+    def mean_across_shards(self, copies: torch.Tensor) -> torch.Tensor:
+        return copies.mean(dim=1, keepdim=True)
 
 
 def attention_weights_requested(kwargs) -> bool:
@@ -99,7 +138,11 @@ def same_shard(layout: ShardLayout, device: torch.device) -> torch.Tensor:
 
 
 def attend(query, keys, values, allowed, scaling, dropout, want_weights):
-    """Masked attention; a query with no allowed key outputs zeros (a defined value on every runtime)."""
+    """Masked attention; a query with no allowed key outputs zeros (a defined value on every runtime).
+
+    ``keys``/``values`` may have fewer heads than ``query`` (grouped-query attention).
+    """
+    keys, values = repeat_key_value_heads(keys, query.shape[1]), repeat_key_value_heads(values, query.shape[1])
     no_key = ~allowed.any(dim=-1, keepdim=True)
     has_empty_rows = bool(no_key.any())
     if has_empty_rows:
@@ -122,41 +165,9 @@ def attend(query, keys, values, allowed, scaling, dropout, want_weights):
     return output.transpose(1, 2).contiguous(), weights
 
 
-def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, T, d) -> (B, T, H*d)."""
-    batch, heads, tokens, dim = x.shape
-    return x.transpose(1, 2).reshape(batch, tokens, heads * dim)
-
-
-def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, T, H*d) -> (B, H, T, d)."""
-    batch, tokens, width = x.shape
-    return x.reshape(batch, tokens, heads, width // heads).transpose(1, 2)
-
-
-def remote_keys_values(module, layer: LayerState, key, value) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys/values of every token as the other devices rebuild them from its codes."""
-    state = layer.model_state
-    config = state.config
-    if config.quantize == "kv":
-        sent = torch.cat([merge_heads(key), merge_heads(value)], dim=-1)
-    else:
-        sent, layer.pending_input = layer.pending_input, None
-        if sent is None:
-            raise RuntimeError("ASTRA hidden-mode attention ran without its input; was the model patched twice?")
-    if state.collector is not None:
-        state.collector(layer.layer_idx, sent)
-    if state.full_precision:
-        return key, value
-    decoded, codes, commitment = module.astra_quantizer(sent, config.noise_scale, config.noise_granularity)
-    if state.code_log is not None:
-        state.code_log[layer.layer_idx] = codes
-    if module.training:
-        state.aux_losses.append(config.commitment_weight * commitment)
-    if config.quantize == "kv":
-        remote_key, remote_value = decoded.chunk(2, dim=-1)
-        return split_heads(remote_key, key.shape[1]), split_heads(remote_value, value.shape[1])
-    return state.adapter.project_kv(module, decoded)
+def repeat_key_value_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, H_kv, T, d) -> (B, heads, T, d): each K/V head serves heads / H_kv query heads (GQA)."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
 def store_last_device_view(layer: LayerState, layout: ShardLayout, key, value, remote_key, remote_value) -> None:
@@ -178,6 +189,14 @@ def store_last_device_view(layer: LayerState, layout: ShardLayout, key, value, r
 
 
 def replace_cached_keys_values(cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-    """Put (B, H, T, d) keys/values in place of what a transformers KV cache holds for one layer."""
+    """Put the (B, H, T, d) keys/values of all T prompt tokens in place of what a KV cache holds for one layer.
+
+    A sliding-window layer (transformers' DynamicSlidingWindowLayer) keeps the last window - 1 tokens and
+    counts all T, as its own ``update`` does after a prefill of T tokens.
+    """
     cache_layer = getattr(cache, "self_attention_cache", cache).layers[layer_idx]
+    window = getattr(cache_layer, "sliding_window", None)
+    if window is not None:
+        cache_layer.cumulative_length = keys.shape[2]
+        keys, values = keys[:, :, -window + 1 :], values[:, :, -window + 1 :]
     cache_layer.keys, cache_layer.values = keys, values

@@ -30,8 +30,8 @@ ROW_FIELDS = {
     "distributed_cls": "distributed_cls",
 }
 QUANTIZED_VECTOR = {
-    "hidden": "the pre-attention LayerNorm output (the receiver projects K/V)",
-    "kv": "keys and values (two codes per group)",
+    "hidden": "the pre-attention norm output (the receiver projects K/V)",
+    "kv": "keys (before rotary positions, if any) and values (two codes per group)",
 }
 
 Rows = list[dict[str, Any]]
@@ -182,7 +182,7 @@ def _title(model: nn.Module, repo_id: str | None, base_model: str | None) -> str
 
 
 def _settings_table(model: nn.Module, config: AstraConfig) -> str:
-    width = astra_state(model).adapter.hidden_size(model)
+    width = astra_state(model).adapter.quantized_width(model, config)  # kv mode: keys and values, K/V heads only
     initialised = all(bool(quantizer.initialized) for quantizer in quantizers(model))
     rows = [
         ("N (devices)", config.num_devices),
@@ -190,7 +190,7 @@ def _settings_table(model: nn.Module, config: AstraConfig) -> str:
         ("G (groups per vector)", config.groups),
         ("quantize", f"`{config.quantize}`: {QUANTIZED_VECTOR[config.quantize]}"),
         ("bits per token and layer", config.bits_per_token),
-        ("compression vs fp32", f"{config.compression_ratio(width):.1f}x (width {width})"),
+        ("compression vs fp32", f"{width * 32 / config.bits_per_token:.1f}x (width {width})"),
         ("NAQ noise λ (fine-tuning)", f"{config.noise_scale} (per {config.noise_granularity})"),
         ("commitment weight β", config.commitment_weight),
         ("shard sizes", config.shard_sizes or "even"),

@@ -49,6 +49,7 @@ def patch(model: nn.Module, config: AstraConfig | None = None, **overrides: Any)
     attention.register()
 
     state = AstraState(config, adapter, original_attn_implementation=model.config._attn_implementation)
+    state.exchange = attention.SimulatedExchange(state)
     width = adapter.quantized_width(model, config)
     for layer_idx, module in enumerate(adapter.attention_modules(model)):
         # The attention's own device and dtype (a model's first parameter may be kept in fp32 while loading
@@ -160,12 +161,10 @@ def auxiliary_loss(model: nn.Module) -> torch.Tensor | None:
 
 
 def _remember_layer_input(module, args, kwargs):
-    # Hidden mode quantizes the attention module's input (the pre-attention LayerNorm output); the
-    # attention function receives only projected Q/K/V, so keep the input for it. The KV cache is kept
-    # so that a prefill can leave the last device's view in it.
+    # The attention function receives only projected Q/K/V: the adapter keeps what else it needs (the
+    # module's input for hidden mode, the KV cache, the positions).
     layer: LayerState = module._astra_layer
-    layer.pending_input = args[0] if args else kwargs.get("hidden_states")
-    layer.cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    layer.model_state.adapter.remember(layer, args, kwargs)
     return None
 
 

@@ -11,6 +11,7 @@ from .config import AstraConfig
 from .sharding import ShardLayout
 
 if TYPE_CHECKING:
+    from .exchange import Exchange
     from .models import ModelAdapter
 
 
@@ -29,8 +30,9 @@ class AstraState:
     code_log: dict[int, torch.Tensor] | None = None
     # Set by `calibrate`: called with (layer index, vectors the quantizer would see).
     collector: Callable[[int, torch.Tensor], None] | None = None
-    # Set by `DistributedRuntime` during a distributed forward: attention and CLS pooling go through it.
-    runtime: Any = None
+    # How attention and pooling reach the other shards: `attention.SimulatedExchange` (set by `patch`),
+    # or a real rank's exchange that `DistributedRuntime` installs for one forward.
+    exchange: "Exchange | None" = None
 
     @property
     def cls_per_shard(self) -> int:
@@ -44,9 +46,14 @@ class AstraState:
 
 @dataclass
 class LayerState:
-    """Per-attention-module state. ``pending_input`` and ``cache`` live for one forward call only."""
+    """Per-attention-module state. Everything but the first two fields lives for one forward call only."""
 
     model_state: AstraState
     layer_idx: int
-    pending_input: torch.Tensor | None = None
-    cache: Any = None
+    pending_input: torch.Tensor | None = None  # the module's input (hidden mode sends it)
+    cache: Any = None  # the KV cache, to leave the last device's view in after a prefill
+    positions: Any = None  # the positions the module got for its tokens (RoPE: cos, sin)
+    pending_key: torch.Tensor | None = None  # keys before positions were applied (kv mode, RoPE families)
+
+    def forget(self) -> None:
+        self.pending_input = self.cache = self.positions = self.pending_key = None

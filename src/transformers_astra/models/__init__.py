@@ -1,12 +1,16 @@
-"""Per-model-family adapters: where the attention modules are and how a receiver projects K/V."""
+"""Per-model-family adapters (`base.ModelAdapter`): everything family-specific, one file per family."""
 
 from __future__ import annotations
 
 from .base import ModelAdapter
 from .gpt2 import GPT2Adapter
+from .llama import LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter
 from .vit import ViTAdapter
 
-ADAPTERS: dict[str, ModelAdapter] = {adapter.model_type: adapter for adapter in (GPT2Adapter(), ViTAdapter())}
+ADAPTERS: dict[str, ModelAdapter] = {
+    adapter.model_type: adapter
+    for adapter in (GPT2Adapter(), ViTAdapter(), LlamaAdapter(), MistralAdapter(), Qwen2Adapter(), Qwen3Adapter())
+}
 
 
 def adapter_for(model) -> ModelAdapter:

@@ -1,20 +1,24 @@
-"""GPT2: causal attention; global positions come for free because the simulation sees the whole sequence."""
+"""GPT2: causal attention; learned absolute positions are added to the input, so keys carry no positions."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..attention import split_heads
 from ..config import AstraConfig
+from ..exchange import split_heads
 from .base import ModelAdapter
 
 
 class GPT2Adapter(ModelAdapter):
     model_type = "gpt2"
+    causal = True
 
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         return [block.attn for block in model.base_model.h]
+
+    def key_value_heads(self, module: nn.Module) -> int:
+        return module.num_heads
 
     def validate(self, model: nn.Module, config: AstraConfig) -> None:
         super().validate(model, config)

@@ -1,23 +1,33 @@
-"""ViT: bidirectional attention and Distributed Class Tokens (one CLS copy per shard, mean-pooled)."""
+"""ViT: bidirectional attention and Distributed Class Tokens (one CLS copy per shard, mean-pooled).
+
+A rank of the distributed runtime embeds only the rows of the patch grid that hold its patches
+(`rank_hooks`), and pools its CLS copy with the other ranks' through the exchange.
+"""
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..attention import split_heads
 from ..config import AstraConfig
+from ..exchange import split_heads
 from ..sharding import ShardLayout
-from .base import ModelAdapter
+from .base import ModelAdapter, RankView
 
 
 class ViTAdapter(ModelAdapter):
     model_type = "vit"
+    causal = False
 
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         return [layer.attention for layer in model.base_model.layers]
+
+    def key_value_heads(self, module: nn.Module) -> int:
+        return module.num_attention_heads
 
     def project_kv(self, module: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         heads = module.num_attention_heads
@@ -35,6 +45,67 @@ class ViTAdapter(ModelAdapter):
             vit.embeddings.register_forward_hook(_spread_class_token(state)),
             vit.layernorm.register_forward_hook(_pool_class_tokens(state)),
         ]
+
+    # ------------------------------------------------------------------------------------ the runtime
+    def rank_layout(self, model: nn.Module, state, inputs: Mapping[str, Any]) -> ShardLayout:
+        if not state.config.distributed_cls:
+            raise ValueError("DistributedRuntime supports ViT with distributed_cls=True (each rank pools its CLS copy)")
+        return distributed_cls_layout(state, model.base_model.embeddings.patch_embeddings.num_patches)
+
+    def key_padding(self, inputs: Mapping[str, Any], layout: ShardLayout) -> torch.Tensor | None:
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            return None
+        return mask[:, spread_index(layout, mask.device)].bool()  # [CLS, patches] -> the spread order of the layout
+
+    def rank_inputs(self, inputs: Mapping[str, Any], view: RankView) -> dict[str, Any]:
+        return {name: value for name, value in inputs.items() if name != "attention_mask"}  # the exchange masks keys
+
+    def rank_hooks(self, model: nn.Module, view: RankView) -> list:
+        embeddings = model.base_model.embeddings
+        projection = embeddings.patch_embeddings.projection
+        rows = _PatchRows(view)
+        return [
+            projection.register_forward_pre_hook(rows.crop),
+            projection.register_forward_hook(rows.pad),
+            # Registered after `install`'s hook, so it sees [CLS, shard 0, CLS, shard 1, ...] and keeps this rank's part.
+            embeddings.register_forward_hook(rows.keep_own_tokens),
+        ]
+
+
+class _PatchRows:
+    """Each rank embeds only the rows of patches it holds: the patch convolution sees just those pixels."""
+
+    def __init__(self, view: RankView):
+        self.view = view
+        self.grid: tuple[int, int, int] | None = None
+
+    def own_rows(self, grid_width: int) -> tuple[int, int]:
+        """Rows of the patch grid that hold this rank's patches (its first and last row may be partial)."""
+        start, end = self.view.bounds
+        rank = self.view.rank
+        first_patch, last_patch = start - rank, end - rank - 2  # minus one CLS copy per earlier shard
+        return first_patch // grid_width, last_patch // grid_width + 1
+
+    def crop(self, module, args):
+        pixel_values = args[0]
+        patch = module.stride[0]
+        first_row, end_row = self.own_rows(pixel_values.shape[-1] // module.stride[1])
+        self.grid = (first_row, end_row, pixel_values.shape[-2] // patch)
+        return (pixel_values[..., first_row * patch : end_row * patch, :],)
+
+    def pad(self, module, args, output: torch.Tensor) -> torch.Tensor:
+        # Zeros where other ranks' patches would be, so that transformers' embeddings keep their shapes;
+        # `keep_own_tokens` drops those positions right after.
+        first_row, end_row, grid_rows = self.grid
+        return torch.nn.functional.pad(output, (0, 0, first_row, grid_rows - end_row))
+
+    def keep_own_tokens(self, module, args, embeddings: torch.Tensor) -> torch.Tensor:
+        layout = self.view.layout
+        if embeddings.shape[1] != layout.total:
+            raise ValueError(f"expected {layout.total} tokens after the embeddings, got {embeddings.shape[1]}")
+        start, end = self.view.bounds
+        return embeddings[:, start:end]
 
 
 def distributed_cls_layout(state, num_patches: int) -> ShardLayout:
@@ -77,13 +148,12 @@ def _spread_attention_mask(state):
 
 def _pool_class_tokens(state):
     def hook(module, args, output: torch.Tensor) -> torch.Tensor:
-        if state.runtime is not None:  # a real rank holds one CLS copy; the runtime gathers the others
-            return state.runtime.pool_class_tokens(output)
-        layout = distributed_cls_layout(state, output.shape[1] - state.config.num_devices)
-        cls_positions = torch.tensor(layout.offsets[:-1], device=output.device)
+        # The first token of every shard held here is its CLS copy: all N in the simulation, one on a rank.
+        exchange = state.exchange
+        starts = exchange.shard_starts(output.shape[1])
         is_patch = torch.ones(output.shape[1], dtype=torch.bool, device=output.device)
-        is_patch[cls_positions] = False
-        pooled = output[:, cls_positions].mean(dim=1, keepdim=True)
+        is_patch[starts] = False
+        pooled = exchange.mean_across_shards(output[:, starts])
         return torch.cat([pooled, output[:, is_patch]], dim=1)
 
     return hook
