@@ -10,6 +10,7 @@ from .config import AstraConfig
 from .distributed import DistributedRuntime, Traffic
 from .hub import from_pretrained, push_to_hub, save_pretrained
 from .modelcard import create_model_card
+from .planner import DeviceProfile, LinkModel, Plan, Prediction, balanced_shard_sizes, calibrate_device, plan
 from .patch import auxiliary_loss, capture_codes, full_precision, is_patched, patch, quantizers, unpatch
 from .quantizer import GroupedVQ
 from .sharding import ShardLayout, split_sizes
@@ -19,11 +20,17 @@ __version__ = "0.1.0"
 __all__ = [
     "AstraNAQCallback",
     "AstraConfig",
+    "DeviceProfile",
     "DistributedRuntime",
     "GroupedVQ",
+    "LinkModel",
+    "Plan",
+    "Prediction",
     "ShardLayout",
     "Traffic",
     "auxiliary_loss",
+    "balanced_shard_sizes",
+    "calibrate_device",
     "calibrate",
     "capture_codes",
     "collect_activations",
@@ -32,6 +39,7 @@ __all__ = [
     "full_precision",
     "is_patched",
     "patch",
+    "plan",
     "push_to_hub",
     "quantizers",
     "save_pretrained",
