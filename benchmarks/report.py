@@ -425,8 +425,13 @@ def main(argv: list[str] | None = None) -> None:
     (args.docs / "results/pareto.json").write_text(json.dumps(front, indent=1) + "\n")
     body = "\n\n".join(part for part in (pareto_section(front), markdown(ordered, args.docs / "results")) if part)
     page.write_text(f"{head}{START}\n{body}\n{END}{tail}")
-    plot(ordered, args.docs / "benchmarks_latency.png")
-    plot_pareto(front, args.docs / "benchmarks_pareto.png")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # e.g. on a GPU host without it: tables and JSON only
+        print("matplotlib is not installed: plots not redrawn")
+    else:
+        plot(ordered, args.docs / "benchmarks_latency.png")
+        plot_pareto(front, args.docs / "benchmarks_pareto.png")
     print(f"{len(results)} rows -> {args.docs / 'results/latency.json'}, {page}, {args.docs / 'benchmarks_latency.png'}; "
           f"{len(front)} Pareto rows -> {args.docs / 'results/pareto.json'}, {args.docs / 'benchmarks_pareto.png'}")
 

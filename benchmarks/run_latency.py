@@ -90,7 +90,8 @@ def machine_label() -> str:
 
 
 def cores_of(rank: int, cores_per_rank: int) -> list[int]:
-    return list(range(rank * cores_per_rank, (rank + 1) * cores_per_rank))
+    """Rank ``rank``'s cores; past the machine's last core they wrap around (only with --oversubscribe)."""
+    return [core % os.cpu_count() for core in range(rank * cores_per_rank, (rank + 1) * cores_per_rank)]
 
 
 class Ranks:
@@ -241,6 +242,8 @@ def row_command(args, variant: Variant, world: int, link: str, mbps, loss: float
         parts.append(f"--tokens {args.tokens}")
     if not args.interleave and variant.method != "single":
         parts.append("--no-interleave")
+    if args.oversubscribe:
+        parts.append("--oversubscribe")
     settings = variant.settings
     if settings is not None:
         parts += [f"--groups {settings.groups}", f"--quantize {settings.quantize}"]
@@ -295,6 +298,8 @@ def make_row(args, variant: Variant, world: int, link: str, mbps, merged: dict, 
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": row_command(args, variant, world, link, mbps, loss),
     }
+    if args.oversubscribe:
+        row["oversubscribed"] = True  # ranks shared cores: a smoke test, not a measurement
     if "single_times" in merged:  # the interleaved one-device runs of this row
         single_median, single_p10, single_p90 = quantiles(merged["single_times"])
         pairs = [s / m for s, m in zip(merged["single_times"], merged["times"])]
@@ -370,6 +375,8 @@ def parse_args(argv):
                         help="packet loss on the real links, percent (iptables statistic DROP in every namespace)")  # fmt: skip
     parser.add_argument("--no-interleave", dest="interleave", action="store_false",
                         help="do not measure the one device between the method's runs")  # fmt: skip
+    parser.add_argument("--oversubscribe", action="store_true",
+                        help="let ranks share cores when N x cores exceed the machine's (smoke tests only: timings are meaningless)")  # fmt: skip
     parser.add_argument("--runs", type=int, default=10, help="timed runs per row (fewer when over the budget)")
     parser.add_argument("--row-budget-s", type=float, default=60.0, help="seconds of timed runs per row at most")
     parser.add_argument("--cores-per-rank", type=int, default=1)
@@ -380,7 +387,7 @@ def parse_args(argv):
     )
     parser.add_argument("--out", type=Path, default=REPO / "docs/results/raw/latency.jsonl")
     args = parser.parse_args(argv)
-    if max(args.n) * args.cores_per_rank > os.cpu_count():
+    if max(args.n) * args.cores_per_rank > os.cpu_count() and not args.oversubscribe:
         parser.error(f"N={max(args.n)} ranks x {args.cores_per_rank} cores exceed the {os.cpu_count()} cores here")
     if args.runs < 1:
         parser.error("--runs must be >= 1")

@@ -40,6 +40,12 @@ PROFILES = REPO / "docs/results/device_profiles"
 UNLIMITED_MBPS = 1e9
 
 
+def machine_key(label: str) -> str:
+    """A machine label without its parenthesised notes: "dev VM (shared ...): AMD EPYC, 2 cores" -> "dev VM: AMD EPYC, 2 cores"."""
+    name, _, cpu = label.partition(":")
+    return f"{name.split(' (')[0].strip()}: {cpu.strip()}"
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
 
@@ -53,7 +59,7 @@ def load_profiles(directory: Path) -> dict[tuple, DeviceProfile]:
     for path in sorted(directory.glob("*.json")):
         values = json.loads(path.read_text())
         profile = DeviceProfile.from_dict(values["profile"])
-        out[(values["machine"], values["workload"], profile.threads)] = profile
+        out[(machine_key(values["machine"]), values["workload"], profile.threads)] = profile
     return out
 
 
@@ -79,7 +85,7 @@ def predict_row(profile: DeviceProfile, row: dict) -> float:
 def validate(latency: list[dict], profiles: dict[tuple, DeviceProfile]) -> list[dict]:
     out = []
     for row in latency:
-        profile = profiles.get((row["machine"], row["model"], row.get("threads_per_rank")))
+        profile = profiles.get((machine_key(row["machine"]), row["model"], row.get("threads_per_rank")))
         if profile is None:
             continue
         predicted = predict_row(profile, row)
@@ -114,7 +120,7 @@ def markdown(rows: list[dict], profiles: dict[tuple, DeviceProfile]) -> str:
                         f"{sum(e <= 0.2 for e in errors)}/{len(group)}", f"{100 * max(errors):.0f} %"])  # fmt: skip
     parts += ["## Summary", table(["machine", "model", "tokens", "rows", "median |error|", "within 20 %", "largest |error|"], summary), ""]
     for (machine, model, tokens), group in sorted(groups.items()):
-        profile = profiles.get((machine, model, None)) or next((p for (m, w, _), p in profiles.items() if m == machine and w == model), None)
+        profile = next((p for (m, w, _), p in profiles.items() if m == machine_key(machine) and w == model), None)
         parts.append(f"## {model}, {tokens} tokens — {machine}" + (f" (profile {profile.date}, {profile.threads} thread(s))" if profile else ""))
         lines = []
         for r in sorted(group, key=lambda r: (r["N"], r["method"] != "single", r["label"], r["link"], r["bandwidth_mbps"] or 0, r["loss_percent"])):
@@ -163,7 +169,7 @@ def cmd_validate(args) -> None:
 def cmd_balance(args) -> None:
     profiles = load_profiles(args.profiles[0])
     matching = [p for (machine, workload, threads), p in profiles.items()
-                if workload == args.workload and (args.machine is None or machine == args.machine)]  # fmt: skip
+                if workload == args.workload and (args.machine is None or machine == machine_key(args.machine))]  # fmt: skip
     if not matching:
         raise SystemExit(f"no profile for workload {args.workload!r} (machine {args.machine!r}) in {args.profiles[0]}")
     config = AstraConfig(num_devices=args.n, groups=args.groups, quantize=args.quantize)
