@@ -91,6 +91,9 @@ else
 fi
 # Full-precision baselines at N=4 (for the planner's check), if time is left.
 step gpt2-n4-sp16 60 bench --workload gpt2 "${tokens[@]}" --n 4 --methods sp-fp16 --links real --bandwidths 100 --no-interleave
+# Packet loss (issue 11 item 9) on this host's links, if time is left: the default setting and the fastest.
+step gpt2-n4-loss 60 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 32 1 --quantize hidden --links real \
+    --bandwidths 10 --loss 1 5
 python3 -m benchmarks.netns cleanup
 # The planner against this run's rows and the recorded ones: OUT_DIR/planner.md, planner_validation.json, and the
 # report's tables with this run's rows (OUT_DIR/docs/benchmarks.md, latency.json, pareto.json).

@@ -77,9 +77,9 @@ def build(name: str, small: bool = False, seed: int = 0, tokens: int | None = No
             config = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=101) if small else GPT2Config()
             model = GPT2LMHeadModel(config)
         else:
+            require_astra_support(LlamaForCausalLM(llama_config(small=True)), name)  # before building 245 M parameters
             config = llama_config(small)
             model = LlamaForCausalLM(config)
-            require_astra_support(model, name)
         length = tokens or (48 if small else CAUSAL_TOKENS)
         input_ids = torch.randint(0, config.vocab_size, (1, length), generator=torch.Generator().manual_seed(seed + 1))
         workload = Workload(name, model, {"input_ids": input_ids}, length, causal=True)

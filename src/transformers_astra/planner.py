@@ -124,13 +124,16 @@ def causal_pairs(tokens: int) -> int:
 
 
 # ---------------------------------------------------------------------------------- calibration
-def _best(fn, repeats: int) -> float:
+def _best(fn, repeats: int, device: torch.device | None = None) -> float:
     """Fastest of ``repeats`` timed calls after one warm-up: the device's speed, not its neighbours' load."""
+    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
     fn()
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -138,15 +141,17 @@ def _best(fn, repeats: int) -> float:
 def _model_inputs(model: nn.Module, tokens: int, generator: torch.Generator) -> dict[str, Any]:
     """Inputs of ``tokens`` tokens for the model's main input (token ids, or an image of that many patches)."""
     config = model.config
+    reference = next(model.parameters())
     name = getattr(model, "main_input_name", "input_ids")
     if name == "input_ids":
-        return {"input_ids": torch.randint(0, config.vocab_size, (1, tokens), generator=generator), "use_cache": False,
-                "logits_to_keep": 1}  # fmt: skip
+        ids = torch.randint(0, config.vocab_size, (1, tokens), generator=generator).to(reference.device)
+        return {"input_ids": ids, "use_cache": False, "logits_to_keep": 1}
     if name == "pixel_values":
         patch, channels = config.patch_size, getattr(config, "num_channels", 3)
         side = max(1, round(math.sqrt(max(tokens - 1, 1))))
         extra = {} if side * patch == config.image_size else {"interpolate_pos_encoding": True}
-        return {"pixel_values": torch.randn(1, channels, side * patch, side * patch, generator=generator), **extra}
+        pixels = torch.randn(1, channels, side * patch, side * patch, generator=generator).to(reference.device, reference.dtype)
+        return {"pixel_values": pixels, **extra}
     raise ValueError(f"calibrate_device supports models whose main input is input_ids or pixel_values, got {name!r}")
 
 
@@ -209,7 +214,13 @@ def calibrate_device(
     if isinstance(total, bool) or not isinstance(total, int) or total < 8:
         raise ValueError(f"num_tokens must be an integer >= 8, got {num_tokens!r}")
     model.eval()
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
     generator = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator).to(device, dtype)
+
     steps = [("forward", None)] + [("attention", None)] + [("astra", g) for g in groups]
     bar = _progress(len(steps), progress)
 
@@ -220,7 +231,7 @@ def calibrate_device(
     forward = []
     for length in lengths:
         inputs = _model_inputs(model, length, generator)
-        forward.append(_best(lambda: model(**inputs), repeats))
+        forward.append(_best(lambda: model(**inputs), repeats, device))
     bar.update(1)
 
     # 2. Attention kernels at the shapes the plan meets, per (query, key) pair and layer.
@@ -228,13 +239,12 @@ def calibrate_device(
     shard = max(1, total // 4)
 
     def attention_rate(queries: int, keys: int, mode: str) -> float:
-        q = torch.randn(1, heads, queries, head_dim, generator=generator)
-        k, v = torch.randn(1, heads, keys, head_dim, generator=generator), torch.randn(1, heads, keys, head_dim, generator=generator)
+        q, k, v = rand(1, heads, queries, head_dim), rand(1, heads, keys, head_dim), rand(1, heads, keys, head_dim)
         if mode == "causal":
-            seconds = _best(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), repeats)
+            seconds = _best(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), repeats, device)
             return seconds / causal_pairs(queries)
-        mask = torch.ones(1, 1, queries, keys, dtype=torch.bool).tril(keys - queries) if mode == "masked" else None
-        return _best(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), repeats) / (queries * keys)
+        mask = torch.ones(1, 1, queries, keys, dtype=torch.bool, device=device).tril(keys - queries) if mode == "masked" else None
+        return _best(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), repeats, device) / (queries * keys)
 
     attention_causal = attention_rate(total, total, "causal")
     attention_masked = attention_rate(shard, total, "masked")
@@ -248,7 +258,8 @@ def calibrate_device(
     # 3. ASTRA's own work per token and layer: encode + pack (senders), unpack + decode / project / table (receivers).
     module = adapter.attention_modules(model)[0]
     probe = max(64, shard)
-    project = _best(lambda: adapter.project_kv(module, torch.randn(1, probe, hidden)), repeats) / probe
+    probe_hidden = rand(1, probe, hidden)
+    project = _best(lambda: adapter.project_kv(module, probe_hidden), repeats, device) / probe
     encode, decode, table = {}, {}, {}
     for g in groups:
         for quantize in QUANTIZE_MODES:
@@ -256,28 +267,28 @@ def calibrate_device(
             width = adapter.quantized_width(model, config)
             if hidden % g:
                 continue
-            quantizer = GroupedVQ(width, config.codes_per_token, codebook_size)
-            x = torch.randn(1, probe, width, generator=generator)
+            quantizer = GroupedVQ(width, config.codes_per_token, codebook_size).to(device, dtype)
+            x = rand(1, probe, width)
             bits = config.bits_per_code
-            encode[setting_key(g, quantize)] = _best(lambda: pack(quantizer.encode(x), bits), repeats) / probe
-            codes = torch.randint(0, codebook_size, (1, probe, config.codes_per_token), generator=generator)
+            encode[setting_key(g, quantize)] = _best(lambda: pack(quantizer.encode(x), bits), repeats, device) / probe
+            codes = torch.randint(0, codebook_size, (1, probe, config.codes_per_token), generator=generator).to(device)
             packed = pack(codes, bits)
             count = codes.numel()
 
             def receive():
                 return quantizer.decode(unpack(packed, bits, count).reshape(codes.shape))
 
-            decode[setting_key(g, quantize)] = _best(receive, repeats) / probe
+            decode[setting_key(g, quantize)] = _best(receive, repeats, device) / probe
             if quantize == "hidden" and _table_fits(config, hidden):  # the runtime builds tables only where they fit
                 rows = config.codes_per_token * codebook_size
-                key_table, value_table = torch.randn(rows, hidden), torch.randn(rows, hidden)
-                offsets = torch.arange(config.codes_per_token) * codebook_size
+                key_table, value_table = rand(rows, hidden), rand(rows, hidden)
+                offsets = torch.arange(config.codes_per_token, device=device) * codebook_size
 
                 def gather():
                     index = unpack(packed, bits, count).reshape(codes.shape) + offsets
                     return F.embedding(index, key_table).sum(-2), F.embedding(index, value_table).sum(-2)
 
-                table[setting_key(g, quantize)] = _best(gather, repeats) / probe
+                table[setting_key(g, quantize)] = _best(gather, repeats, device) / probe
         bar.update(1)
     bar.close()
     return DeviceProfile(
@@ -586,7 +597,7 @@ def _accuracy_row(rows: list[dict], world: int, groups: int, quantize: str, code
 
 def plan(
     model: nn.Module | None = None,
-    num_tokens: int = 1024,
+    num_tokens: int | None = None,
     num_devices: int = 2,
     bandwidth_mbps: float = 10.0,
     profile: DeviceProfile | None = None,
@@ -605,11 +616,16 @@ def plan(
 ) -> Plan:
     """Predict one device, ASTRA at each setting and the full-precision baselines; recommend the fastest allowed.
 
-    ``profile``: from `calibrate_device` (calibrated now on ``model`` when omitted). ``bandwidth_mbps``,
+    ``num_tokens``: the sequence length (None: an image model's own token count). ``profile``: from
+    `calibrate_device` (calibrated now on ``model`` when omitted, a few seconds). ``bandwidth_mbps``,
     ``latency_ms``, ``loss_percent``: each device's link (or pass a whole `LinkModel` as ``link``).
     Accuracy: with ``accuracy_rows`` and one bound, an ASTRA setting is allowed only if a row with the same
     N, G, quantize and K is within the bound of ``reference_value`` (e.g. the control's perplexity).
     """
+    if num_tokens is None:
+        num_tokens = _native_tokens(model) if model is not None else None
+        if num_tokens is None:
+            raise ValueError("num_tokens is needed (the prompt length) unless the model is an image model with a fixed token count")
     _check_int("num_tokens", num_tokens, 2)
     _check_int("num_devices", num_devices, 1)
     if num_tokens < num_devices:
