@@ -89,6 +89,9 @@ def validate(latency: list[dict], profiles: dict[tuple, DeviceProfile]) -> list[
         if profile is None:
             continue
         predicted = predict_row(profile, row)
+        single = predict_baseline(profile, "single", row["tokens"], 1, link_for(row)).latency_s
+        measured_speedup = row.get("speedup_vs_single")
+        predicted_speedup = single / predicted
         out.append({
             "machine": row["machine"], "model": row["model"], "tokens": row["tokens"], "N": row["N"],
             "label": row.get("label", row["method"]), "method": row["method"], "link": row["link"],
@@ -96,6 +99,8 @@ def validate(latency: list[dict], profiles: dict[tuple, DeviceProfile]) -> list[
             "measured_s": row["median_s"], "measured_p10_s": row["p10_s"], "measured_p90_s": row["p90_s"],
             "predicted_s": predicted, "error": (predicted - row["median_s"]) / row["median_s"],
             "within_spread": row["p10_s"] <= predicted <= row["p90_s"], "command": row["command"],
+            "measured_speedup": measured_speedup, "predicted_speedup": predicted_speedup,
+            "speedup_error": None if not measured_speedup or row["method"] == "single" else predicted_speedup / measured_speedup - 1,
             "profile_date": profile.date,
         })  # fmt: skip
     return out
@@ -116,18 +121,30 @@ def markdown(rows: list[dict], profiles: dict[tuple, DeviceProfile]) -> str:
     summary = []
     for (machine, model, tokens), group in sorted(groups.items()):
         errors = [abs(r["error"]) for r in group]
+        speedup = [abs(r["speedup_error"]) for r in group if r["speedup_error"] is not None]
         summary.append([machine.split(":")[0], model, str(tokens), str(len(group)), f"{100 * statistics.median(errors):.0f} %",
-                        f"{sum(e <= 0.2 for e in errors)}/{len(group)}", f"{100 * max(errors):.0f} %"])  # fmt: skip
-    parts += ["## Summary", table(["machine", "model", "tokens", "rows", "median |error|", "within 20 %", "largest |error|"], summary), ""]
+                        f"{sum(e <= 0.2 for e in errors)}/{len(group)}", f"{100 * max(errors):.0f} %",
+                        f"{100 * statistics.median(speedup):.0f} %" if speedup else "",
+                        f"{sum(e <= 0.2 for e in speedup)}/{len(speedup)}" if speedup else ""])  # fmt: skip
+    parts += ["## Summary",
+              "Latency: the predicted seconds against the measured median. Speed-up: the predicted speed-up over one "
+              "device (both predicted) against the measured one (the row's baseline); a machine that is uniformly "
+              "slower or faster at calibration than during the rows (shared machines) shifts the first, not the second.",
+              "",
+              table(["machine", "model", "tokens", "rows", "latency: median |error|", "within 20 %", "largest |error|",
+                     "speed-up: median |error|", "within 20 %"], summary), ""]  # fmt: skip
     for (machine, model, tokens), group in sorted(groups.items()):
         profile = next((p for (m, w, _), p in profiles.items() if m == machine_key(machine) and w == model), None)
         parts.append(f"## {model}, {tokens} tokens — {machine}" + (f" (profile {profile.date}, {profile.threads} thread(s))" if profile else ""))
         lines = []
         for r in sorted(group, key=lambda r: (r["N"], r["method"] != "single", r["label"], r["link"], r["bandwidth_mbps"] or 0, r["loss_percent"])):
             link = r["link"] + (f" {r['bandwidth_mbps']:g} Mbps" if r["bandwidth_mbps"] else "") + (f", {r['loss_percent']:g} % loss" if r["loss_percent"] else "")
+            speedups = ("", "", "") if r["speedup_error"] is None else (
+                f"{r['measured_speedup']:.2f}×", f"{r['predicted_speedup']:.2f}×", f"{100 * r['speedup_error']:+.0f} %")
             lines.append([str(r["N"]), r["label"], link, f"{r['measured_s']:.3g} ({r['measured_p10_s']:.3g}–{r['measured_p90_s']:.3g})",
-                          f"{r['predicted_s']:.3g}", f"{100 * r['error']:+.0f} %"])  # fmt: skip
-        parts += [table(["N", "method", "link", "measured median (p10–p90) s", "predicted s", "error"], lines), ""]
+                          f"{r['predicted_s']:.3g}", f"{100 * r['error']:+.0f} %", *speedups])  # fmt: skip
+        parts += [table(["N", "method", "link", "measured median (p10–p90) s", "predicted s", "error", "measured speed-up",
+                         "predicted speed-up", "speed-up error"], lines), ""]  # fmt: skip
     return "\n".join(parts)
 
 

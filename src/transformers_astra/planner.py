@@ -126,16 +126,32 @@ def causal_pairs(tokens: int) -> int:
 # ---------------------------------------------------------------------------------- calibration
 def _best(fn, repeats: int, device: torch.device | None = None) -> float:
     """Fastest of ``repeats`` timed calls after one warm-up: the device's speed, not its neighbours' load."""
-    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
-    fn()
-    sync()
-    times = []
+    _time_once(fn, device)
+    return min(_time_once(fn, device) for _ in range(repeats))
+
+
+def _bind(model: nn.Module, inputs: dict[str, Any]):
+    return lambda: model(**inputs)
+
+
+def _interleaved_best(calls: list, repeats: int, device: torch.device | None = None) -> list[float]:
+    """Fastest time of each call over ``repeats`` rounds that time every call once, in turn: a burst of load
+    from other processes then slows one round of all calls instead of all rounds of one call."""
+    best = [math.inf] * len(calls)
+    for call in calls:
+        call()  # warm-up
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for i, call in enumerate(calls):
+            best[i] = min(best[i], _time_once(call, device))
+    return best
+
+
+def _time_once(call, device: torch.device | None) -> float:
+    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
+    start = time.perf_counter()
+    call()
+    sync()
+    return time.perf_counter() - start
 
 
 def _model_inputs(model: nn.Module, tokens: int, generator: torch.Generator) -> dict[str, Any]:
@@ -228,10 +244,7 @@ def calibrate_device(
     # Causal prefills: 1/8, 1/4, 1/2 of the length (an ASTRA shard's range); images: 1/4, 1/2 and all of it.
     fractions = (8, 4, 2) if causal else (4, 2, 1)
     lengths = sorted({max(4, _tokens_of(model, total // d)) for d in fractions})
-    forward = []
-    for length in lengths:
-        inputs = _model_inputs(model, length, generator)
-        forward.append(_best(lambda: model(**inputs), repeats, device))
+    forward = _interleaved_best([_bind(model, _model_inputs(model, length, generator)) for length in lengths], repeats, device)
     bar.update(1)
 
     # 2. Attention kernels at the shapes the plan meets, per (query, key) pair and layer.
