@@ -57,8 +57,8 @@ calibrate() {
 }
 export -f bench calibrate
 export runs cpr extra machine out
-gpt2_groups=(1 8 16 32); vit_groups=(8 32); n8_groups=(1 32)
-if [ "$smoke" = "--smoke" ]; then gpt2_groups=(1 32); vit_groups=(8); n8_groups=(1); fi
+gpt2_groups=(1 8 16 32); vit_groups=(8 32)
+if [ "$smoke" = "--smoke" ]; then gpt2_groups=(1 32); vit_groups=(8); fi
 
 step shaping 20 python3 -m benchmarks.netns measure --seconds 1 --mbps 10 100 --json "$out/shaping-gpu-host.json"
 # Goal 1: GPT2 1024-token prefill, N=4, every G, hidden and kv, at 10 and 100 Mbps.
@@ -71,29 +71,29 @@ step vit-n4 40 bench --workload vit --n 4 --methods astra --groups "${vit_groups
 step gpt2-n8-g1 60 bench --workload gpt2 "${tokens[@]}" --n 8 --methods astra --groups 1 --quantize hidden kv --links real \
     --bandwidths "${bandwidths[@]}"
 step gpt2-n8-g32kv 40 bench --workload gpt2 "${tokens[@]}" --n 8 --methods astra --groups 32 --quantize kv --links real --bandwidths 10
-# The planner's device profiles (one benchmark rank's 2 cores), then its compute-only check rows and balanced shards.
+# The planner's device profiles (one benchmark rank's 2 cores); later: its compute-only check rows and balanced shards.
 step calibrate-gpt2 40 calibrate --workload gpt2 "${tokens[@]}"
 step calibrate-vit 20 calibrate --workload vit
-step gpt2-n4-compute 40 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 1 32 --quantize hidden --links compute
-if ls "$out"/device_profiles/gpt2-*.json >/dev/null 2>&1; then
-    ntok=${tokens[1]:-1024}  # ${tokens[@]} is empty or (--tokens N)
-    sizes=$(python3 -m benchmarks.validate_planner balance --profiles "$out/device_profiles" --workload gpt2 --n 4 --groups 1 \
-        --quantize hidden --tokens "$ntok")
-    echo "balanced shard sizes (N=4, G=1 hidden): $sizes"
-    step gpt2-n4-balanced 40 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 1 --quantize hidden \
-        --shard-sizes $sizes --links compute real --bandwidths 10
-fi
 # The Llama workload, once astra.patch accepts LlamaForCausalLM (skipped cleanly before).
 if python3 -c "from benchmarks.workloads import workload_available as a; raise SystemExit(0 if a('llama') else 1)"; then
     step llama-n4 90 bench --workload llama "${tokens[@]}" --n 4 --methods astra --groups 32 --quantize hidden --links real --bandwidths 10
 else
     echo "SKIPPED llama: astra.patch does not accept LlamaForCausalLM in this checkout" | tee -a "$out/skipped.txt"
 fi
-# Full-precision baselines at N=4 (for the planner's check), if time is left.
-step gpt2-n4-sp16 60 bench --workload gpt2 "${tokens[@]}" --n 4 --methods sp-fp16 --links real --bandwidths 100 --no-interleave
 # Packet loss (issue 11 item 9) on this host's links, if time is left: the default setting and the fastest.
 step gpt2-n4-loss 60 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 32 1 --quantize hidden --links real \
     --bandwidths 10 --loss 1 5
+step gpt2-n4-compute 40 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 1 32 --quantize hidden --links compute
+if ls "$out"/device_profiles/gpt2-*.json >/dev/null 2>&1; then
+    ntok=${tokens[1]:-1024}  # ${tokens[@]} is empty or (--tokens N)
+    sizes=$(python3 -m benchmarks.validate_planner balance --profiles "$out/device_profiles" --workload gpt2 --n 4 --groups 32 \
+        --quantize kv --tokens "$ntok")
+    echo "balanced shard sizes (N=4, G=32 kv): $sizes"
+    step gpt2-n4-balanced 40 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 32 --quantize kv \
+        --shard-sizes $sizes --links compute real --bandwidths 10
+fi
+# Full-precision baselines at N=4 (for the planner's check), if time is left.
+step gpt2-n4-sp16 60 bench --workload gpt2 "${tokens[@]}" --n 4 --methods sp-fp16 --links real --bandwidths 100 --no-interleave
 python3 -m benchmarks.netns cleanup
 # The planner against this run's rows and the recorded ones: OUT_DIR/planner.md, planner_validation.json, and the
 # report's tables with this run's rows (OUT_DIR/docs/benchmarks.md, latency.json, pareto.json).

@@ -12,7 +12,10 @@ run go with ``python -m benchmarks.netns cleanup``. Verify a shaped rate with
 
 Packet loss: netem is not in these kernels, so ``set_loss(percent)`` adds, inside every rank's
 namespace, ``iptables -A OUTPUT -o eth0 -m statistic --mode random --probability P -j DROP``: each
-packet a rank sends (data and acknowledgements alike) is dropped with probability P. The rules live in
+packet a rank sends (data and acknowledgements alike) is dropped with probability P. The OUTPUT hook
+sees TCP's segmentation-offload packets (up to 64 KiB, dozens of frames), so `segment_per_frame`
+first sets ``gso_max_segs 1`` on every rank's eth0: TCP then hands over one frame per packet and P is
+the loss per frame, as on a real lossy link. The rules live in
 the benchmark's own namespaces only, so they vanish with them (cleanup deletes the namespaces) and
 never touch the host's traffic.
 
@@ -109,6 +112,7 @@ class Topology(AbstractContextManager):
         self.num_ranks = num_ranks
         self._up = False
         self.loss_percent = 0.0
+        self.per_frame = False
 
     def __enter__(self) -> "Topology":
         require_tools()
@@ -158,6 +162,12 @@ class Topology(AbstractContextManager):
                 sh(*cmd, "del", "dev", dev, "root", check=False)
                 if mbps is not None:
                     sh(*cmd, "replace", "dev", dev, "root", *tbf_args(mbps))
+
+    def segment_per_frame(self) -> None:
+        """One TCP segment per packet (no segmentation offload) on every rank's link, so loss applies per frame."""
+        for rank in range(self.num_ranks):
+            sh(*in_namespace(rank, "ip", "link", "set", "eth0", "gso_max_segs", "1"))
+        self.per_frame = True
 
     def set_loss(self, percent: float) -> None:
         """Drop each packet every rank sends with probability ``percent``/100 (0 removes the rules)."""
@@ -268,6 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     with Topology(2) as topology:
         for mbps in [None, *args.mbps]:
             for loss in args.loss if mbps is not None else [0.0]:
+                if loss and not topology.per_frame:
+                    topology.segment_per_frame()
                 topology.shape(mbps)
                 topology.set_loss(loss)
                 measured = measure_mbps(topology, args.seconds)

@@ -182,6 +182,14 @@ def section(key: tuple, rows: list[dict], single: dict | None) -> str:
                       " / ".join(per_rank)])  # fmt: skip
     out += ["\nBytes per inference on the busiest rank's link (MB), and each rank's compute-only time (s)",
             table(["method", "payload sent", "on the wire (real link, headers included)", "compute only, rank 0 / 1 / …"], lines)]  # fmt: skip
+    lossy = sorted((r for r in rows if r["loss_percent"]), key=lambda r: (variant_order(variant(r)), r["loss_percent"]))
+    if lossy:
+        lines = [[variant(r), f"{r['bandwidth_mbps']:g}", f"{r['loss_percent']:g} %", str(r["runs"] + r["warmup"]),
+                  str(r.get("dropped_packets")), f"{r['speedup_vs_single']:.2f}×" if r["speedup_vs_single"] else "",
+                  f"{r['speedup_pairs_p10']:.2f}–{r['speedup_pairs_p90']:.2f}" if "speedup_pairs_p10" in r else ""] for r in lossy]  # fmt: skip
+        out += ["\nPacket loss: packets the iptables rules dropped during the row (all ranks, warm-up included), and the "
+                "speed-up with the spread of the run-by-run ratios against the interleaved one device",
+                table(["method", "Mbps", "loss", "runs", "dropped packets", "speed-up", "run-by-run p10–p90"], lines)]  # fmt: skip
     out += ["\nCrossover (real link):", *(crossover(rows, bandwidths) or ["- no full-precision method measured"])]
     out += ["\nReproduce:", "```", *reproduce_commands(rows + ([single] if single else [])), "```"]
     return "\n".join(out)

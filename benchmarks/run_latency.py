@@ -279,6 +279,7 @@ def make_row(args, variant: Variant, world: int, link: str, mbps, merged: dict, 
         "link": link,
         "loss_percent": loss,
         "dropped_packets": dropped,
+        "one_frame_per_packet": any(args.loss),  # gso_max_segs 1 on the links (netns.Topology.segment_per_frame)
         "median_s": median,
         "p10_s": p10,
         "p90_s": p90,
@@ -412,6 +413,8 @@ def main(argv: list[str] | None = None) -> None:
     jobs = list(dict.fromkeys(jobs))  # the single device runs once, whatever --n says
     port = 29500 + os.getpid() % 400
     with netns.Topology(max(world for _, world in jobs)) as topology, open(args.out, "a") as out:
+        if any(args.loss):  # loss per frame, and the lossless rows of the same run on the same links
+            topology.segment_per_frame()
         for offset, (variant, world) in enumerate(tqdm(jobs, desc="methods", file=sys.stderr)):
             benchmark_variant(args, topology, variant, world, port + offset, out)
 

@@ -190,7 +190,14 @@ def cmd_balance(args) -> None:
     if not matching:
         raise SystemExit(f"no profile for workload {args.workload!r} (machine {args.machine!r}) in {args.profiles[0]}")
     config = AstraConfig(num_devices=args.n, groups=args.groups, quantize=args.quantize)
-    print(" ".join(map(str, balanced_shard_sizes(matching[-1], args.tokens, config))))
+    sizes = balanced_shard_sizes(matching[-1], args.tokens, config)
+    print(" ".join(map(str, sizes)))
+    if args.predict:  # the slowest rank's predicted compute (no network), even against balanced shards
+        free = LinkModel(UNLIMITED_MBPS, per_message_s=0.0)
+        even = predict_astra(matching[-1], config, args.tokens, free).compute_s
+        balanced = predict_astra(matching[-1], config.replace(shard_sizes=sizes), args.tokens, free).compute_s
+        print(f"predicted per-rank compute, even: {' / '.join(f'{t:.3g}' for t in even)} s; balanced: "
+              f"{' / '.join(f'{t:.3g}' for t in balanced)} s; slowest rank {max(even) / max(balanced):.3f}x faster", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -215,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     balance.add_argument("--quantize", default="hidden")
     balance.add_argument("--tokens", type=int, default=1024)
     balance.add_argument("--machine")
+    balance.add_argument("--predict", action="store_true", help="also print the predicted per-rank compute (stderr)")
     balance.add_argument("--profiles", type=Path, nargs=1, default=[PROFILES])
     args = parser.parse_args(argv)
     {"calibrate": cmd_calibrate, "validate": cmd_validate, "balance": cmd_balance}[args.command](args)
