@@ -146,6 +146,7 @@ def test_accuracy_bound_keeps_only_measured_settings_within_it():
         ({"max_perplexity_increase_percent": 1.0}, "accuracy_rows"),
         ({"max_perplexity_increase_percent": 1.0, "max_accuracy_drop_points": 1.0}, "one accuracy bound"),
         ({"num_tokens": None}, "num_tokens is needed"),
+        ({"codebook_size": 256}, "codebook_size"),
     ],
 )
 def test_bad_inputs_are_named(kwargs, name):

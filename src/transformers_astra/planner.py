@@ -56,7 +56,7 @@ GROUPS = (1, 8, 16, 32)
 BASELINES = ("single", "sp-fp32", "sp-fp16", "tp")
 PROFILE_VERSION = 1
 MSS_BYTES = 1448  # TCP payload of one 1500-byte Ethernet frame
-TCP_RTO_MIN_S = 0.2  # Linux's minimum retransmission timeout
+TLP_MIN_S = 0.01  # Linux's shortest tail loss probe timeout
 
 
 # ------------------------------------------------------------------------------------- profile
@@ -348,10 +348,12 @@ class LinkModel:
     ``bulk_efficiency``: the share of the rate a burst of megabytes gets through (TCP/IP headers, and
     TCP's recovery when a rate limiter's queue overflows); the dev VM's shaped links gave 0.66–0.71 for the
     full-precision baselines' per-layer bursts at 10 Mbps, 0.95–0.98 for one long stream
-    (docs/benchmarks.md). Loss: a message whose last 3 packets lose one waits TCP's retransmission timeout
-    (Linux: at least 200 ms), probability 1 - (1 - p)^3; each earlier lost packet costs one round trip
-    (fast retransmit); and the rate is capped by TCP's loss-limited MSS·1.22 / (RTT·√p) (Mathis et al.),
-    RTT taken as 20 ms (a busy rate limiter's queue) plus twice ``latency_ms``.
+    (docs/benchmarks.md). Loss (per frame): a message whose last 3 packets lose one waits for Linux's tail
+    loss probe, max(2 RTT, 10 ms), probability 1 - (1 - p)^3; each earlier lost packet costs one round
+    trip (fast retransmit); and the rate is capped by TCP's loss-limited MSS·1.22 / (RTT·√p) (Mathis et
+    al.). RTT: twice ``latency_ms`` plus two frames' serialisation. A retransmission timeout (200 ms or
+    more, e.g. when a retransmission is lost too) is not modelled: the measured loss rows (dev VM, up to
+    5 %) showed no such stalls in their medians.
     """
 
     bandwidth_mbps: float
@@ -377,17 +379,18 @@ class LinkModel:
         efficiency = self.small_efficiency if num_bytes <= self.small_message_bytes else self.bulk_efficiency
         rate = self.bandwidth_mbps * 1e6 / 8 * efficiency
         p = self.loss_percent / 100
-        rtt = 0.02 + 2 * self.latency_ms / 1e3
+        # Round trip: the link's latency both ways plus two frames' serialisation (a lossy flow keeps the queue short).
+        rtt = 2 * self.latency_ms / 1e3 + 2 * MSS_BYTES / (self.bandwidth_mbps * 1e6 / 8)
         if p:
             rate = min(rate, MSS_BYTES * 1.22 / (rtt * math.sqrt(p)))
         seconds = num_bytes / rate + self.latency_ms / 1e3 + self.per_message_s
         if not p:
             return seconds
         # A loss among a message's last 3 packets has too few duplicate acknowledgements behind it for a fast
-        # retransmit: it waits for the retransmission timer. Earlier losses cost one round trip each.
+        # retransmit: Linux's tail loss probe resends after max(2 RTT, 10 ms). Earlier losses cost a round trip each.
         packets = math.ceil(num_bytes / MSS_BYTES)
         tail = min(packets, 3)
-        return seconds + (1 - (1 - p) ** tail) * TCP_RTO_MIN_S + (packets - tail) * p * rtt
+        return seconds + (1 - (1 - p) ** tail) * max(2 * rtt, TLP_MIN_S) + (packets - tail) * p * rtt
 
 
 # ------------------------------------------------------------------------------------ predictions
@@ -666,6 +669,9 @@ def plan(
             raise ValueError(f"the profile was calibrated for width {profile.hidden_size} x {profile.num_layers} layers, "
                              f"the model has {hidden} x {layers}: calibrate_device(model) for this model")  # fmt: skip
     codebook_size = codebook_size or profile.codebook_size
+    if codebook_size != profile.codebook_size:
+        raise ValueError(f"codebook_size={codebook_size} but the profile timed K={profile.codebook_size}: "
+                         f"calibrate_device(model, codebook_size={codebook_size})")  # fmt: skip
     single = predict_baseline(profile, "single", num_tokens, 1, link)
     predictions = [single]
     for method in ("sp-fp32", "sp-fp16", "tp"):
