@@ -382,6 +382,7 @@ def pareto_section(rows: list[dict]) -> str:
         "better), accuracy in points. Pareto: no other row of the same model and machine is both at least as fast and "
         "at least as accurate. Also in `docs/results/pareto.json` and `docs/benchmarks_pareto.png`.\n"
         + table(["model", "N", "setting", "latency row", "speed-up at 10 Mbps", "measured", "vs base", "vs control", "Pareto", "machine"], lines)
+        + "\n\n![Speed-up at 10 Mbps against the accuracy change vs the control, per model](benchmarks_pareto.png)"
     )
 
 
