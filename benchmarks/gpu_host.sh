@@ -80,10 +80,7 @@ if python3 -c "from benchmarks.workloads import workload_available as a; raise S
 else
     echo "SKIPPED llama: astra.patch does not accept LlamaForCausalLM in this checkout" | tee -a "$out/skipped.txt"
 fi
-# Packet loss (issue 11 item 9) on this host's links, if time is left: the default setting and the fastest.
-step gpt2-n4-loss 60 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 32 1 --quantize hidden --links real \
-    --bandwidths 10 --loss 1 5
-step gpt2-n4-compute 40 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 1 32 --quantize hidden --links compute
+# The planner's balanced shard sizes for the most accurate setting (predicted: the slowest rank 1.2x faster).
 if ls "$out"/device_profiles/gpt2-*.json >/dev/null 2>&1; then
     ntok=${tokens[1]:-1024}  # ${tokens[@]} is empty or (--tokens N)
     sizes=$(python3 -m benchmarks.validate_planner balance --profiles "$out/device_profiles" --workload gpt2 --n 4 --groups 32 \
@@ -92,6 +89,10 @@ if ls "$out"/device_profiles/gpt2-*.json >/dev/null 2>&1; then
     step gpt2-n4-balanced 40 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 32 --quantize kv \
         --shard-sizes $sizes --links compute real --bandwidths 10
 fi
+# Packet loss (issue 11 item 9) on this host's links, if time is left: the default setting and the fastest.
+step gpt2-n4-loss 60 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 32 1 --quantize hidden --links real \
+    --bandwidths 10 --loss 1 5
+step gpt2-n4-compute 40 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 1 32 --quantize hidden --links compute
 # Full-precision baselines at N=4 (for the planner's check), if time is left.
 step gpt2-n4-sp16 60 bench --workload gpt2 "${tokens[@]}" --n 4 --methods sp-fp16 --links real --bandwidths 100 --no-interleave
 python3 -m benchmarks.netns cleanup
