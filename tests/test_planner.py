@@ -180,15 +180,16 @@ def test_calibration_measures_positive_rates_and_leaves_a_patched_model_alone(wo
     torch.manual_seed(0)
     built = build(workload, small=True)
     astra.patch(built.model, num_devices=2, groups=4, codebook_size=16)
-    profile = astra.calibrate_device(built.model, num_tokens=48 if built.causal else None, groups=(1, 4), codebook_size=16,
-                                     repeats=1, progress=False)  # fmt: skip
-    assert astra.is_patched(built.model)
+    profile = astra.calibrate_device(built.model, num_tokens=48 if built.causal else None, groups=(1, 4), repeats=1,
+                                     progress=False)  # fmt: skip
+    assert astra.is_patched(built.model) and profile.codebook_size == 16  # the patched model's own K
     assert profile.causal == built.causal and profile.num_layers == 2 and profile.hidden_size == 64
     assert min(profile.measured_forward_s) > 0 and profile.per_token_s >= 0 and profile.fixed_s >= 0
     assert profile.attention_masked_s > 0 and profile.attention_full_s > 0 and profile.project_kv_s > 0
     assert set(profile.encode_s) == {"1/hidden", "1/kv", "4/hidden", "4/kv"} and min(profile.encode_s.values()) > 0
     assert DeviceProfile.from_dict(profile.to_dict()) == profile
-    result = astra.plan(built.model, num_tokens=built.num_tokens, num_devices=2, bandwidth_mbps=10, profile=profile, groups=(1, 4))
+    result = astra.plan(built.model, num_tokens=None if not built.causal else built.num_tokens, num_devices=2, bandwidth_mbps=10,
+                        profile=profile, groups=(1, 4))  # fmt: skip
     assert {p.method for p in result.predictions} >= {"single", "astra", "sp-fp16"}
     assert all(p.latency_s > 0 for p in result.predictions)
     assert result.summary().splitlines()[0].startswith("ASTRA plan:")

@@ -49,6 +49,7 @@ from torch import nn
 
 from .config import QUANTIZE_MODES, AstraConfig
 from .packing import pack, packed_size, unpack
+from .patch import astra_state, is_patched
 from .quantizer import GroupedVQ
 from .sharding import ShardLayout
 
@@ -212,7 +213,7 @@ def calibrate_device(
     Takes a few seconds (GPT2-small, 1024 tokens, one thread: about 10 s).
     """
     from .models import adapter_for
-    from .patch import is_patched, unpatch
+    from .patch import unpatch
 
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats!r}")
@@ -221,6 +222,7 @@ def calibrate_device(
             raise ValueError(f"threads must be a positive integer, got {threads!r}")
         torch.set_num_threads(threads)
     if is_patched(model):
+        codebook_size = codebook_size or astra_state(model).config.codebook_size
         model = unpatch(copy.deepcopy(model))
     adapter = adapter_for(model)
     codebook_size = codebook_size or AstraConfig().codebook_size
@@ -459,7 +461,7 @@ class Plan:
         for p in sorted(self.predictions, key=lambda p: p.latency_s):
             note = "" if p.allowed else f"  [excluded: {p.reason}]"
             accuracy = f"  {p.accuracy['metric']} {p.accuracy['value']:.4g}" if p.accuracy else ""
-            lines.append(f"  {p.label:28s} {p.latency_s:8.3f}  {p.speedup_vs_single:5.2f}x{accuracy}{note}")
+            lines.append(f"  {p.label:28s} {p.latency_s:9.3g}  {p.speedup_vs_single:5.2f}x{accuracy}{note}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -668,6 +670,8 @@ def plan(
         if (hidden, layers) != (profile.hidden_size, profile.num_layers):
             raise ValueError(f"the profile was calibrated for width {profile.hidden_size} x {profile.num_layers} layers, "
                              f"the model has {hidden} x {layers}: calibrate_device(model) for this model")  # fmt: skip
+    if codebook_size is None and model is not None and is_patched(model):
+        codebook_size = astra_state(model).config.codebook_size  # a patched model: plan for its own K
     codebook_size = codebook_size or profile.codebook_size
     if codebook_size != profile.codebook_size:
         raise ValueError(f"codebook_size={codebook_size} but the profile timed K={profile.codebook_size}: "
