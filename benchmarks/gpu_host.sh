@@ -60,7 +60,7 @@ export runs cpr extra machine out
 gpt2_groups=(1 8 16 32); vit_groups=(8 32)
 if [ "$smoke" = "--smoke" ]; then gpt2_groups=(1 32); vit_groups=(8); fi
 
-step shaping 20 python3 -m benchmarks.netns measure --seconds 1 --mbps 10 100 --json "$out/shaping-gpu-host.json"
+step shaping 20 python3 -m benchmarks.netns measure --seconds 1 --mbps 10 100 --loss 0 5 --machine "$machine" --json "$out/shaping-gpu-host.json"
 # Goal 1: GPT2 1024-token prefill, N=4, every G, hidden and kv, at 10 and 100 Mbps.
 step gpt2-n4 120 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups "${gpt2_groups[@]}" --quantize hidden kv \
     --links real --bandwidths "${bandwidths[@]}"

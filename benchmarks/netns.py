@@ -30,6 +30,7 @@ import argparse
 import atexit
 import fcntl
 import json
+import shlex
 import os
 import shutil
 import signal
@@ -265,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     measure.add_argument("--seconds", type=float, default=3.0)
     measure.add_argument("--loss", type=float, nargs="+", default=[0.0], help="packet loss (percent) of each rate")
     measure.add_argument("--json", help="write the measurements here")
+    measure.add_argument("--machine", default="", help="the machine label the rows carry (as the latency rows')")
     args = parser.parse_args(argv)
     if args.command == "cleanup":
         with open(LOCK_PATH, "w") as lock:
@@ -276,6 +278,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     rows = []
     with Topology(2) as topology:
+        if any(args.loss):
+            topology.segment_per_frame()  # loss per frame (see the module doc)
         for mbps in [None, *args.mbps]:
             for loss in args.loss if mbps is not None else [0.0]:
                 if loss and not topology.per_frame:
@@ -283,9 +287,9 @@ def main(argv: list[str] | None = None) -> None:
                 topology.shape(mbps)
                 topology.set_loss(loss)
                 measured = measure_mbps(topology, args.seconds)
-                rows.append({"shaped_mbps": mbps, "loss_percent": loss, "measured_mbps": round(measured, 2),
+                rows.append({"machine": args.machine, "shaped_mbps": mbps, "loss_percent": loss, "measured_mbps": round(measured, 2),
                              "seconds": args.seconds, "date": time.strftime("%Y-%m-%d"),
-                             "command": "python -m benchmarks.netns " + " ".join(argv or sys.argv[1:])})  # fmt: skip
+                             "command": "python -m benchmarks.netns " + shlex.join(argv or sys.argv[1:])})  # fmt: skip
                 print(json.dumps(rows[-1]), flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -201,10 +201,11 @@ def shaping_section(results: Path) -> str:
     for path in sorted(results.glob("shaping*.json")):
         for row in json.loads(path.read_text()):
             shaped = "unshaped" if row["shaped_mbps"] is None else f"{row['shaped_mbps']:g}"
-            lines.append([row.get("machine", ""), shaped, f"{row['measured_mbps']:g}", row["date"], f"`{row.get('command', '')}`"])
+            loss = f"{row['loss_percent']:g} %" if row.get("loss_percent") else ""
+            lines.append([row.get("machine", ""), shaped, loss, f"{row['measured_mbps']:g}", row["date"], f"`{row.get('command', '')}`"])
     if not lines:
         return ""
-    return "### Shaped links: TCP goodput of one stream (Mbps)\n" + table(["machine", "tbf rate", "measured", "date", "command"], lines)
+    return "### Shaped links: TCP goodput of one stream (Mbps)\n" + table(["machine", "tbf rate", "loss per frame", "measured", "date", "command"], lines)
 
 
 def profile_section(results: Path) -> str:

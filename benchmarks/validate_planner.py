@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import statistics
 import sys
 import time
@@ -160,7 +161,7 @@ def cmd_calibrate(args) -> None:
                                machine=args.machine)  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     path = profile_path(args.out, args.machine, args.workload, args.threads)
-    command = "python -m benchmarks.validate_planner " + " ".join(sys.argv[1:])
+    command = "python -m benchmarks.validate_planner " + shlex.join(sys.argv[1:])
     path.write_text(json.dumps({"machine": args.machine, "workload": args.workload, "command": command,
                                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "profile": profile.to_dict()},
                                indent=1) + "\n")  # fmt: skip
