@@ -280,7 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     with Topology(2) as topology:
         if any(args.loss):
             topology.segment_per_frame()  # loss per frame (see the module doc)
-        for mbps in [None, *args.mbps]:
+        # Unshaped only without loss: one frame per packet makes an unshaped link CPU-bound, not a link measurement.
+        for mbps in ([] if any(args.loss) else [None]) + list(args.mbps):
             for loss in args.loss if mbps is not None else [0.0]:
                 if loss and not topology.per_frame:
                     topology.segment_per_frame()
