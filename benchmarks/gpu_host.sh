@@ -2,7 +2,7 @@
 # The latency benchmark on a GPU host's 16 CPU cores (the GPU is not used): 2 cores and 2 threads per device,
 # real tbf links, every row with its one-device baseline interleaved, ASTRA at the runtime's defaults.
 # The host has no ip/tc/iptables and no package registry: carry wheels/bench/ (ignored by git), made on the
-# development machine by   bash benchmarks/get_net_tools.sh wheels/bench
+# development machine by   bash benchmarks/get_net_tools.sh wheels/bench   (.debs in wheels/bench/net)
 # Usage, from the repository root, as root:   bash benchmarks/gpu_host.sh OUT_DIR [--smoke]
 # Steps run in order of importance under one wall-clock budget (BUDGET_S, default 500 s): a step that would
 # start after it is skipped and says so. Rows go to OUT_DIR/latency-gpu-host.jsonl as they are measured,
@@ -23,11 +23,8 @@ if ! command -v ip >/dev/null || ! command -v iptables-legacy >/dev/null; then
     export LD_LIBRARY_PATH=$net/usr/lib/x86_64-linux-gnu:$net/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     export XTABLES_LIBDIR=$net/usr/lib/x86_64-linux-gnu/xtables
 fi
-site=/tmp/astra-site
-if ! python3 -c "import vector_quantize_pytorch" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$carry"/whl/*.whl || exit 1
-fi
-export PYTHONPATH=$site:$PWD/src:$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD/src:$PWD PYTHONUNBUFFERED=1
+python3 -c "import transformers_astra" || { echo "transformers_astra does not import with this python (torch, transformers, safetensors, huggingface-hub needed)"; exit 1; }
 cores=$(nproc)
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 machine="GPU host (nvidia-h100/h200 kind, CPU cores only): $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $cores cores"
@@ -104,4 +101,4 @@ python3 -m benchmarks.report --raw "$out/docs/results/raw" --docs "$out/docs" 2>
 python3 -m benchmarks.validate_planner validate --latency "$out/docs/results/latency.json" \
     --profiles "$out/device_profiles" docs/results/device_profiles --json "$out/planner_validation.json" \
     --markdown "$out/planner.md" 2>&1 | tail -2
-echo "done in $(( $(date +%s) - start )) s; rows: $(wc -l < "$out/latency-gpu-host.jsonl" 2>/dev/null || echo 0)"
+echo "done in $(( $(date +%s) - start )) s; rows: $( (wc -l < "$out/latency-gpu-host.jsonl") 2>/dev/null || echo 0)"
