@@ -125,26 +125,51 @@ def causal_pairs(tokens: int) -> int:
 
 
 # ---------------------------------------------------------------------------------- calibration
-def _best(fn, repeats: int, device: torch.device | None = None) -> float:
-    """Fastest of ``repeats`` timed calls after one warm-up: the device's speed, not its neighbours' load."""
-    _time_once(fn, device)
-    return min(_time_once(fn, device) for _ in range(repeats))
-
-
 def _bind(model: nn.Module, inputs: dict[str, Any]):
     return lambda: model(**inputs)
 
 
-def _interleaved_best(calls: list, repeats: int, device: torch.device | None = None) -> list[float]:
+def _interleaved_best(calls: list, repeats: int, device: torch.device | None = None, bar=None) -> list[float]:
     """Fastest time of each call over ``repeats`` rounds that time every call once, in turn: a burst of load
     from other processes then slows one round of all calls instead of all rounds of one call."""
     best = [math.inf] * len(calls)
     for call in calls:
         call()  # warm-up
+    if bar is not None:
+        bar.update(1)
     for _ in range(repeats):
         for i, call in enumerate(calls):
             best[i] = min(best[i], _time_once(call, device))
+        if bar is not None:
+            bar.update(1)
     return best
+
+
+def _bind_attention(q, k, v, mask, causal: bool):
+    if causal:
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _bind_encode(quantizer: GroupedVQ, x: torch.Tensor, bits: int):
+    return lambda: pack(quantizer.encode(x), bits)
+
+
+def _bind_decode(quantizer: GroupedVQ, packed: torch.Tensor, bits: int, shape):
+    count = math.prod(shape)
+    return lambda: quantizer.decode(unpack(packed, bits, count).reshape(shape))
+
+
+def _bind_table(key_table, value_table, packed, bits: int, shape, codebook_size: int):
+    """Unpack and gather-sum from a pair of codeword-projection tables, as the runtime's receiver does."""
+    count = math.prod(shape)
+    offsets = torch.arange(shape[-1], device=packed.device) * codebook_size
+
+    def gather():
+        index = unpack(packed, bits, count).reshape(shape) + offsets
+        return F.embedding(index, key_table).sum(-2), F.embedding(index, value_table).sum(-2)
+
+    return gather
 
 
 def _time_once(call, device: torch.device | None) -> float:
@@ -239,73 +264,67 @@ def calibrate_device(
     def rand(*shape):
         return torch.randn(*shape, generator=generator).to(device, dtype)
 
-    steps = [("forward", None)] + [("attention", None)] + [("astra", g) for g in groups]
-    bar = _progress(len(steps), progress)
+    # Every timed call goes into one list, timed in interleaved rounds (`_interleaved_best`): on a shared machine a
+    # burst of load then slows one round of all components alike instead of a few components in every round.
+    calls: dict[str, Any] = {}
+    per_unit: dict[str, float] = {}  # what to divide a call's seconds by (tokens, or (query, key) pairs)
 
     # 1. The whole model at three lengths; attention (timed below) is subtracted, then fixed + per-token fitted.
     # Causal prefills: 1/8, 1/4, 1/2 of the length (an ASTRA shard's range); images: 1/4, 1/2 and all of it.
     fractions = (8, 4, 2) if causal else (4, 2, 1)
     lengths = sorted({max(4, _tokens_of(model, total // d)) for d in fractions})
-    forward = _interleaved_best([_bind(model, _model_inputs(model, length, generator)) for length in lengths], repeats, device)
-    bar.update(1)
+    for length in lengths:
+        calls[f"forward {length}"] = _bind(model, _model_inputs(model, length, generator))
+        per_unit[f"forward {length}"] = 1.0
 
     # 2. Attention kernels at the shapes the plan meets, per (query, key) pair and layer.
     head_dim = hidden // heads
     shard = max(1, total // 4)
-
-    def attention_rate(queries: int, keys: int, mode: str) -> float:
+    for name, queries, keys in (("causal", total, total), ("masked", shard, total), ("full", shard, total)):
         q, k, v = rand(1, heads, queries, head_dim), rand(1, heads, keys, head_dim), rand(1, heads, keys, head_dim)
-        if mode == "causal":
-            seconds = _best(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), repeats, device)
-            return seconds / causal_pairs(queries)
-        mask = torch.ones(1, 1, queries, keys, dtype=torch.bool, device=device).tril(keys - queries) if mode == "masked" else None
-        return _best(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), repeats, device) / (queries * keys)
-
-    attention_causal = attention_rate(total, total, "causal")
-    attention_masked = attention_rate(shard, total, "masked")
-    attention_full = attention_rate(shard, total, "full")
-    bar.update(1)
-    rate = attention_causal if causal else attention_full
-    pairs = [causal_pairs(n) if causal else n * n for n in lengths]
-    residual = [t - layers * rate * p for t, p in zip(forward, pairs)]
-    per_token, fixed = _fit_line(lengths, residual)
+        if name == "causal":
+            calls["attention causal"] = _bind_attention(q, k, v, None, True)
+            per_unit["attention causal"] = causal_pairs(queries)
+        else:
+            mask = torch.ones(1, 1, queries, keys, dtype=torch.bool, device=device).tril(keys - queries) if name == "masked" else None
+            calls[f"attention {name}"] = _bind_attention(q, k, v, mask, False)
+            per_unit[f"attention {name}"] = queries * keys
 
     # 3. ASTRA's own work per token and layer: encode + pack (senders), unpack + decode / project / table (receivers).
     module = adapter.attention_modules(model)[0]
     probe = max(64, shard)
     probe_hidden = rand(1, probe, hidden)
-    project = _best(lambda: adapter.project_kv(module, probe_hidden), repeats, device) / probe
-    encode, decode, table = {}, {}, {}
+    calls["project"] = lambda: adapter.project_kv(module, probe_hidden)
     for g in groups:
+        if hidden % g:
+            continue
         for quantize in QUANTIZE_MODES:
             config = AstraConfig(groups=g, quantize=quantize, codebook_size=codebook_size)
-            width = adapter.quantized_width(model, config)
-            if hidden % g:
-                continue
-            quantizer = GroupedVQ(width, config.codes_per_token, codebook_size).to(device, dtype)
-            x = rand(1, probe, width)
-            bits = config.bits_per_code
-            encode[setting_key(g, quantize)] = _best(lambda: pack(quantizer.encode(x), bits), repeats, device) / probe
+            key = setting_key(g, quantize)
+            quantizer = GroupedVQ(adapter.quantized_width(model, config), config.codes_per_token, codebook_size).to(device, dtype)
             codes = torch.randint(0, codebook_size, (1, probe, config.codes_per_token), generator=generator).to(device)
-            packed = pack(codes, bits)
-            count = codes.numel()
-
-            def receive():
-                return quantizer.decode(unpack(packed, bits, count).reshape(codes.shape))
-
-            decode[setting_key(g, quantize)] = _best(receive, repeats, device) / probe
+            calls[f"encode {key}"] = _bind_encode(quantizer, rand(1, probe, quantizer.width), config.bits_per_code)
+            calls[f"decode {key}"] = _bind_decode(quantizer, pack(codes, config.bits_per_code), config.bits_per_code, codes.shape)
             if quantize == "hidden" and _table_fits(config, hidden):  # the runtime builds tables only where they fit
                 rows = config.codes_per_token * codebook_size
-                key_table, value_table = rand(rows, hidden), rand(rows, hidden)
-                offsets = torch.arange(config.codes_per_token, device=device) * codebook_size
-
-                def gather():
-                    index = unpack(packed, bits, count).reshape(codes.shape) + offsets
-                    return F.embedding(index, key_table).sum(-2), F.embedding(index, value_table).sum(-2)
-
-                table[setting_key(g, quantize)] = _best(gather, repeats, device) / probe
-        bar.update(1)
+                calls[f"table {key}"] = _bind_table(rand(rows, hidden), rand(rows, hidden), pack(codes, config.bits_per_code),
+                                                    config.bits_per_code, codes.shape, codebook_size)  # fmt: skip
+    for name in calls:
+        per_unit.setdefault(name, probe)
+    bar = _progress(repeats + 1, progress)
+    seconds = dict(zip(calls, _interleaved_best(list(calls.values()), repeats, device, bar)))
     bar.close()
+    rate = {name: seconds[name] / per_unit[name] for name in calls}
+
+    forward = [seconds[f"forward {length}"] for length in lengths]
+    attention = rate["attention causal"] if causal else rate["attention full"]
+    pairs = [causal_pairs(n) if causal else n * n for n in lengths]
+    residual = [t - layers * attention * p for t, p in zip(forward, pairs)]
+    per_token, fixed = _fit_line(lengths, residual)
+    pick = lambda kind: {name.split(" ", 1)[1]: value for name, value in rate.items() if name.startswith(kind + " ")}  # noqa: E731
+    encode, decode, table = pick("encode"), pick("decode"), pick("table")
+    project = rate["project"]
+    attention_causal, attention_masked, attention_full = rate["attention causal"], rate["attention masked"], rate["attention full"]
     return DeviceProfile(
         model_type=str(getattr(model.config, "model_type", "")), hidden_size=hidden, num_layers=layers, num_heads=heads,
         causal=causal, threads=torch.get_num_threads(), fixed_s=fixed, per_token_s=per_token,
