@@ -1,15 +1,20 @@
 """ASTRA as a benchmark method: the patched model run by `transformers_astra.DistributedRuntime`.
 
+The runtime runs with its own defaults (``overlap``, ``projection_table``) unless a setting is given;
+`AstraSettings.label` names every setting that deviates from the defaults, and `AstraSettings.record`
+is written into each row, so a row always says what it measured.
+
 Codebooks keep their random initialisation (every rank gets the same from the shared seed): the
 latency of encode, exchange and decode does not depend on the codewords' values. The runtime's
 per-call input check (one small all_gather) is off, as a deployed pipeline would not pay it per request.
-
-``overlap=False``: on one CPU thread the runtime's overlapped path (two unfused partial attentions merged
-by log-sum-exp) never made the slowest rank faster than one SDPA over [own | received] keys, and was
-slower at N=2 (`benchmarks.profile_astra` measures both; docs/benchmarks.md).
 """
 
 from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+from dataclasses import dataclass
 
 import torch
 
@@ -19,21 +24,76 @@ from transformers_astra.distributed import DistributedRuntime
 from .workloads import Workload
 
 
+def runtime_default(name: str):
+    """The default of one `DistributedRuntime` keyword argument (read from its signature)."""
+    return inspect.signature(DistributedRuntime.__init__).parameters[name].default
+
+
+@dataclass(frozen=True)
+class AstraSettings:
+    """What one ASTRA row runs. ``None`` means the runtime's / AstraConfig's default."""
+
+    groups: int = 32
+    quantize: str = "hidden"
+    codebook_size: int | None = None
+    overlap: bool | None = None
+    projection_table: bool | None = None
+    shard_sizes: tuple[int, ...] | None = None
+
+    def to_json(self) -> str:
+        return json.dumps({k: v for k, v in dataclasses.asdict(self).items() if v is not None})
+
+    @classmethod
+    def from_json(cls, text: str) -> "AstraSettings":
+        values = json.loads(text)
+        if values.get("shard_sizes") is not None:
+            values["shard_sizes"] = tuple(values["shard_sizes"])
+        return cls(**values)
+
+    def runtime_kwargs(self) -> dict:
+        return {
+            "overlap": runtime_default("overlap") if self.overlap is None else self.overlap,
+            "projection_table": runtime_default("projection_table") if self.projection_table is None else self.projection_table,
+        }
+
+    def config(self, world: int) -> astra.AstraConfig:
+        extra = {} if self.codebook_size is None else {"codebook_size": self.codebook_size}
+        sizes = None if self.shard_sizes is None else list(self.shard_sizes)
+        return astra.AstraConfig(num_devices=world, groups=self.groups, quantize=self.quantize, shard_sizes=sizes, **extra)
+
+    @property
+    def deviations(self) -> list[str]:
+        """Settings that differ from the runtime's defaults, as ``name=value``."""
+        out = []
+        for name in ("overlap", "projection_table"):
+            value = getattr(self, name)
+            if value is not None and value != runtime_default(name):
+                out.append(f"{name}={value}")
+        if self.codebook_size is not None and self.codebook_size != astra.AstraConfig().codebook_size:
+            out.append(f"K={self.codebook_size}")
+        if self.shard_sizes is not None:
+            out.append("shards=" + "/".join(map(str, self.shard_sizes)))
+        return out
+
+    @property
+    def label(self) -> str:
+        return " ".join([f"astra G={self.groups} {self.quantize}", *self.deviations])
+
+    def record(self, world: int) -> dict:
+        """Every setting of the row, defaults written out."""
+        return {**self.config(world).to_dict(), **self.runtime_kwargs(), "check_inputs": False}
+
+
 class AstraMethod:
     name = "astra"
 
-    def __init__(self, groups: int = 32, quantize: str = "hidden", overlap: bool = False):
-        self.config = astra.AstraConfig(groups=groups, quantize=quantize)
-        self.overlap = overlap
+    def __init__(self, settings: AstraSettings | None = None):
+        self.settings = settings or AstraSettings()
 
     def setup(self, workload: Workload, rank: int, world: int) -> None:
         self.workload, self.rank, self.world = workload, rank, world
-        astra.patch(workload.model, self.config.replace(num_devices=world))
-        # projection_table=False: the recorded rows were measured before the runtime had codeword-projection
-        # tables; their effect is measured by benchmarks.profile_astra (rank_compute_s_table).
-        self.runtime = DistributedRuntime(
-            workload.model, overlap=self.overlap, check_inputs=False, timeout=1800.0, projection_table=False
-        )
+        astra.patch(workload.model, self.settings.config(world))
+        self.runtime = DistributedRuntime(workload.model, check_inputs=False, timeout=1800.0, **self.settings.runtime_kwargs())
         # Prefill: only the last token's logits (the runtime passes extra keyword arguments to the model).
         self.extra = {"logits_to_keep": 1} if workload.causal else {}
 

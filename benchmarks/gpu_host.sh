@@ -1,29 +1,104 @@
 #!/bin/bash
-# The latency benchmark on a GPU host's 16 CPU cores: 2 cores per device, N = 2, 4, 8 (the GPU is not used).
-# The host has no ip/tc and no package registry: carry .bench_gpu/ (ignored), made on the development machine by
-#   bash ../shared/net/get-iproute2.sh .bench_gpu/net        # iproute2 .debs
-#   cp <vector-quantize-pytorch and its pure-Python deps, py3 wheels> .bench_gpu/whl/
-# Usage, from the repository root, as root: bash benchmarks/gpu_host.sh OUT_DIR
-# Steps run in order of importance; each appends its rows to OUT_DIR/latency-gpu-host.jsonl as it goes.
+# The latency benchmark on a GPU host's 16 CPU cores (the GPU is not used): 2 cores and 2 threads per device,
+# real tbf links, every row with its one-device baseline interleaved, ASTRA at the runtime's defaults.
+# The host has no ip/tc/iptables and no package registry: carry wheels/bench/ (ignored by git), made on the
+# development machine by   bash benchmarks/get_net_tools.sh wheels/bench   (.debs in wheels/bench/net)
+# Usage, from the repository root, as root:   bash benchmarks/gpu_host.sh OUT_DIR [--smoke]
+# Steps run in order of importance under one wall-clock budget (BUDGET_S, default 500 s): a step that would
+# start after it is skipped and says so. Rows go to OUT_DIR/latency-gpu-host.jsonl as they are measured,
+# device profiles (planner calibration) to OUT_DIR/device_profiles/, logs to OUT_DIR/logs/.
+# --smoke: a tiny version (short prefill, 1 run per row, few variants) to check the script end to end.
 set -uo pipefail
-out=${1:?usage: gpu_host.sh OUT_DIR}
-net=/tmp/iproute2
-mkdir -p "$net" && for f in .bench_gpu/net/*.deb; do dpkg -x "$f" "$net"; done
-export PATH=$net/bin:$net/sbin:$net/usr/bin:$net/usr/sbin:$PATH
-export LD_LIBRARY_PATH=$net/usr/lib/x86_64-linux-gnu:$net/lib/x86_64-linux-gnu
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .bench_gpu/whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD/src:$PWD PYTHONUNBUFFERED=1
-nproc; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)"
-machine="GPU host (nvidia-h200 kind, CPU cores only): $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores"
-run() { python3 -m benchmarks.run_latency --cores-per-rank 2 --row-budget-s 5 --machine "$machine" --out "$out/latency-gpu-host.jsonl" "$@"; }
+out=${1:?usage: gpu_host.sh OUT_DIR [--smoke]}
+smoke=${2:-}
+start=$(date +%s)
+budget=${BUDGET_S:-500}
+mkdir -p "$out/logs" "$out/device_profiles"
 
-python3 -m benchmarks.netns measure --seconds 1 --mbps 10 100 1000 --json "$out/shaping-gpu-host.json"
-# The goal: GPT2 prefill of 1024 tokens over N=4 devices.
-run --workload gpt2 --n 4 --methods single astra --groups 32 1 --quantize hidden \
-    --links compute real simulated --simulated-bandwidths 10 100
-run --workload gpt2 --n 4 --methods sp-fp16 sp-fp32 --links compute real --bandwidths 1000 100 10
-run --workload gpt2 --n 4 --methods tp --links compute real --bandwidths 1000 100
-run --workload gpt2 --n 8 2 --methods astra --groups 32 --quantize hidden --links compute real --bandwidths 10 100
-run --workload gpt2 --n 4 --methods astra --groups 32 --quantize kv --links compute real --bandwidths 10 100
-run --workload vit --n 4 --methods single astra sp-fp16 tp --groups 32 --quantize hidden --links compute real \
-    --bandwidths 1000 100 10
+carry=wheels/bench
+if ! command -v ip >/dev/null || ! command -v iptables-legacy >/dev/null; then
+    net=/tmp/astra-net
+    mkdir -p "$net" && for f in "$carry"/net/*.deb; do dpkg -x "$f" "$net"; done
+    export PATH=$net/bin:$net/sbin:$net/usr/bin:$net/usr/sbin:$PATH
+    export LD_LIBRARY_PATH=$net/usr/lib/x86_64-linux-gnu:$net/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    export XTABLES_LIBDIR=$net/usr/lib/x86_64-linux-gnu/xtables
+fi
+export PYTHONPATH=$PWD/src:$PWD PYTHONUNBUFFERED=1
+python3 -c "import transformers_astra" || { echo "transformers_astra does not import with this python (torch, transformers, safetensors, huggingface-hub needed)"; exit 1; }
+cores=$(nproc)
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+machine="GPU host (nvidia-h100/h200 kind, CPU cores only): $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $cores cores"
+echo "$machine"
+
+left() { echo $(( budget - ($(date +%s) - start) )); }
+# step NAME MIN_SECONDS CMD...: runs CMD if at least MIN_SECONDS of the budget are left, bounded by what is left.
+step() {
+    local name=$1 need=$2; shift 2
+    local remaining; remaining=$(left)
+    if (( remaining < need )); then echo "SKIPPED $name: $remaining s of the budget left, needs ~$need s" | tee -a "$out/skipped.txt"; return; fi
+    echo "=== $name ($remaining s left)"
+    timeout --signal=INT --kill-after=20 "$remaining" bash -c '"$@"' _ "$@" > "$out/logs/$name.log" 2>&1
+    local code=$?
+    grep -v '^methods' "$out/logs/$name.log" | tr '\r' '\n' | grep -E 'Mbps|profile|Error|error' | tail -40
+    (( code == 0 )) || echo "FAILED $name: exit $code" | tee -a "$out/failed.txt"
+}
+runs=5; tokens=(); bandwidths=(10 100); cpr=2; extra=""
+if [ "$smoke" = "--smoke" ]; then runs=1; tokens=(--tokens 64); bandwidths=(10); cpr=1; extra=--oversubscribe; fi
+bench() {
+    python3 -m benchmarks.run_latency --cores-per-rank "$cpr" $extra --runs "$runs" --row-budget-s 12 --machine "$machine" \
+        --out "$out/latency-gpu-host.jsonl" "$@"
+}
+calibrate() {
+    taskset -c 0,$(( cpr - 1 )) python3 -m benchmarks.validate_planner calibrate --threads "$cpr" --machine "$machine" \
+        --out "$out/device_profiles" --repeats 3 "$@"
+}
+export -f bench calibrate
+export runs cpr extra machine out
+gpt2_groups=(1 8 16 32); vit_groups=(8 32)
+if [ "$smoke" = "--smoke" ]; then gpt2_groups=(1 32); vit_groups=(8); fi
+
+step shaping 20 python3 -m benchmarks.netns measure --seconds 1 --mbps 10 100 --loss 0 5 --machine "$machine" --json "$out/shaping-gpu-host.json"
+# Goal 1: GPT2 1024-token prefill, N=4, every G, hidden and kv, at 10 and 100 Mbps.
+step gpt2-n4 120 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups "${gpt2_groups[@]}" --quantize hidden kv \
+    --links real --bandwidths "${bandwidths[@]}"
+# Goal 2: ViT-B/16, N=4, G=8 and 32.
+step vit-n4 40 bench --workload vit --n 4 --methods astra --groups "${vit_groups[@]}" --quantize hidden \
+    --links compute real --bandwidths "${bandwidths[@]}"
+# Goal 3: GPT2, N=8 (16 cores), G=1 (hidden, kv) and the most accurate setting (G=32 kv, docs/results.md).
+step gpt2-n8-g1 60 bench --workload gpt2 "${tokens[@]}" --n 8 --methods astra --groups 1 --quantize hidden kv --links real \
+    --bandwidths "${bandwidths[@]}"
+step gpt2-n8-g32kv 40 bench --workload gpt2 "${tokens[@]}" --n 8 --methods astra --groups 32 --quantize kv --links real --bandwidths 10
+# The planner's device profiles (one benchmark rank's 2 cores); later: its compute-only check rows and balanced shards.
+step calibrate-gpt2 40 calibrate --workload gpt2 "${tokens[@]}"
+step calibrate-vit 20 calibrate --workload vit
+# The Llama workload, once astra.patch accepts LlamaForCausalLM (skipped cleanly before).
+if python3 -c "from benchmarks.workloads import workload_available as a; raise SystemExit(0 if a('llama') else 1)"; then
+    step llama-n4 90 bench --workload llama "${tokens[@]}" --n 4 --methods astra --groups 32 --quantize hidden --links real --bandwidths 10
+else
+    echo "SKIPPED llama: astra.patch does not accept LlamaForCausalLM in this checkout" | tee -a "$out/skipped.txt"
+fi
+# The planner's balanced shard sizes for the most accurate setting (predicted: the slowest rank 1.2x faster).
+if ls "$out"/device_profiles/gpt2-*.json >/dev/null 2>&1; then
+    ntok=${tokens[1]:-1024}  # ${tokens[@]} is empty or (--tokens N)
+    sizes=$(python3 -m benchmarks.validate_planner balance --profiles "$out/device_profiles" --workload gpt2 --n 4 --groups 32 \
+        --quantize kv --tokens "$ntok")
+    echo "balanced shard sizes (N=4, G=32 kv): $sizes"
+    step gpt2-n4-balanced 40 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 32 --quantize kv \
+        --shard-sizes $sizes --links compute real --bandwidths 10
+fi
+# Packet loss (issue 11 item 9) on this host's links, if time is left: the default setting and the fastest.
+step gpt2-n4-loss 60 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 32 1 --quantize hidden --links real \
+    --bandwidths 10 --loss 1 5
+step gpt2-n4-compute 40 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 1 32 --quantize hidden --links compute
+# Full-precision baselines at N=4 (for the planner's check), if time is left.
+step gpt2-n4-sp16 60 bench --workload gpt2 "${tokens[@]}" --n 4 --methods sp-fp16 --links real --bandwidths 100 --no-interleave
+python3 -m benchmarks.netns cleanup
+# The planner against this run's rows and the recorded ones: OUT_DIR/planner.md, planner_validation.json, and the
+# report's tables with this run's rows (OUT_DIR/docs/benchmarks.md, latency.json, pareto.json).
+mkdir -p "$out/docs" && cp -r docs/. "$out/docs/" && rm -rf "$out/docs/distributed" "$out/docs/results/gpu-tests"*
+cp "$out/latency-gpu-host.jsonl" "$out/docs/results/raw/latency-gpu-host-new.jsonl" 2>/dev/null
+python3 -m benchmarks.report --raw "$out/docs/results/raw" --docs "$out/docs" 2>&1 | tail -2
+python3 -m benchmarks.validate_planner validate --latency "$out/docs/results/latency.json" \
+    --profiles "$out/device_profiles" docs/results/device_profiles --json "$out/planner_validation.json" \
+    --markdown "$out/planner.md" 2>&1 | tail -2
+echo "done in $(( $(date +%s) - start )) s; rows: $( (wc -l < "$out/latency-gpu-host.jsonl") 2>/dev/null || echo 0)"

@@ -18,7 +18,8 @@ from .workloads import build
 METHODS = ("single", "astra", "sp-fp32", "sp-fp16", "tp")
 
 
-def make_method(name: str, groups: int = 32, quantize: str = "hidden"):
+def make_method(name: str, settings=None):
+    """The method called ``name``; ``settings`` (an `AstraSettings`) only for ``astra`` (default: its defaults)."""
     if name == "single":
         return SingleDevice()
     if name == "sp-fp32":
@@ -28,9 +29,9 @@ def make_method(name: str, groups: int = 32, quantize: str = "hidden"):
     if name == "tp":
         return TensorParallel()
     if name == "astra":
-        from .astra_method import AstraMethod  # needs the distributed runtime (issue 3)
+        from .astra_method import AstraMethod
 
-        return AstraMethod(groups=groups, quantize=quantize)
+        return AstraMethod(settings)
     raise ValueError(f"method must be one of {METHODS}, got {name!r}")
 
 

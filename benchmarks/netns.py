@@ -10,7 +10,18 @@ Cleanup is guaranteed three ways: ``Topology`` is a context manager (try/finally
 run go with ``python -m benchmarks.netns cleanup``. Verify a shaped rate with
 ``python -m benchmarks.netns measure --mbps 10 20 50 100 500 1000``.
 
-Needs root and ``ip``/``tc`` (iproute2) on PATH. No netem: the kernels here lack it, only tbf.
+Packet loss: netem is not in these kernels, so ``set_loss(percent)`` adds, inside every rank's
+namespace, ``iptables -A OUTPUT -o eth0 -m statistic --mode random --probability P -j DROP``: each
+packet a rank sends (data and acknowledgements alike) is dropped with probability P. The OUTPUT hook
+sees TCP's segmentation-offload packets (up to 64 KiB, dozens of frames), so `segment_per_frame`
+first sets ``gso_max_segs 1`` on every rank's eth0: TCP then hands over one frame per packet and P is
+the loss per frame, as on a real lossy link. The rules live in
+the benchmark's own namespaces only, so they vanish with them (cleanup deletes the namespaces) and
+never touch the host's traffic.
+
+Needs root and ``ip``/``tc`` (iproute2) on PATH; loss also needs ``iptables`` (``iptables-legacy`` is
+preferred: the nft variant needs nf_tables). `benchmarks/get_net_tools.sh DIR` downloads both as
+.debs for a machine without them.
 """
 
 from __future__ import annotations
@@ -19,6 +30,8 @@ import argparse
 import atexit
 import fcntl
 import json
+import shlex
+import os
 import shutil
 import signal
 import subprocess
@@ -73,6 +86,24 @@ def require_tools() -> None:
         )
 
 
+def iptables_tool() -> str:
+    """The iptables binary for loss rules: $ASTRA_IPTABLES, else iptables-legacy, else iptables on PATH."""
+    for candidate in (os.environ.get("ASTRA_IPTABLES"), "iptables-legacy", "iptables"):
+        if candidate and shutil.which(candidate):
+            return candidate
+    raise RuntimeError(
+        "packet loss needs iptables (iptables-legacy or iptables) on PATH, or ASTRA_IPTABLES set to it: "
+        "apt-get install iptables, or unpack the .debs of benchmarks/get_net_tools.sh into NET and put "
+        "NET/usr/sbin on PATH with XTABLES_LIBDIR=NET/usr/lib/x86_64-linux-gnu/xtables"
+    )
+
+
+def check_loss(percent: float) -> float:
+    if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not 0 <= percent < 100:
+        raise ValueError(f"loss must be a percentage in [0, 100), got {percent!r}")
+    return float(percent)
+
+
 class Topology(AbstractContextManager):
     """``num_ranks`` namespaces on one bridge; ``shape(mbps)`` sets every link's rate (None: unshaped)."""
 
@@ -81,6 +112,8 @@ class Topology(AbstractContextManager):
             raise ValueError(f"num_ranks must be >= 1, got {num_ranks}")
         self.num_ranks = num_ranks
         self._up = False
+        self.loss_percent = 0.0
+        self.per_frame = False
 
     def __enter__(self) -> "Topology":
         require_tools()
@@ -130,6 +163,35 @@ class Topology(AbstractContextManager):
                 sh(*cmd, "del", "dev", dev, "root", check=False)
                 if mbps is not None:
                     sh(*cmd, "replace", "dev", dev, "root", *tbf_args(mbps))
+
+    def segment_per_frame(self) -> None:
+        """One TCP segment per packet (no segmentation offload) on every rank's link, so loss applies per frame."""
+        for rank in range(self.num_ranks):
+            sh(*in_namespace(rank, "ip", "link", "set", "eth0", "gso_max_segs", "1"))
+        self.per_frame = True
+
+    def set_loss(self, percent: float) -> None:
+        """Drop each packet every rank sends with probability ``percent``/100 (0 removes the rules)."""
+        percent = check_loss(percent)
+        if percent == self.loss_percent:
+            return
+        tool = iptables_tool() if percent or self.loss_percent else None
+        for rank in range(self.num_ranks):
+            sh(*in_namespace(rank, tool, "-F", "OUTPUT"))  # only our rules live in our namespaces
+            if percent:
+                sh(*in_namespace(rank, tool, "-A", "OUTPUT", "-o", "eth0", "-m", "statistic", "--mode", "random",
+                                 "--probability", f"{percent / 100:.6f}", "-j", "DROP"))  # fmt: skip
+        self.loss_percent = percent
+
+    def dropped_packets(self) -> int:
+        """Packets the loss rules have dropped so far, over all ranks."""
+        if not self.loss_percent:
+            return 0
+        total, tool = 0, iptables_tool()
+        for rank in range(self.num_ranks):
+            listing = sh(*in_namespace(rank, tool, "-L", "OUTPUT", "-v", "-n", "-x")).stdout.splitlines()
+            total += sum(int(line.split()[0]) for line in listing if "statistic" in line)
+        return total
 
     def tx_bytes(self, rank: int) -> int:
         """Bytes rank ``rank`` has sent on its link (read from the host side's receive counter)."""
@@ -202,7 +264,9 @@ def main(argv: list[str] | None = None) -> None:
     measure = sub.add_parser("measure", help="TCP goodput between two namespaces at each shaped rate")
     measure.add_argument("--mbps", type=float, nargs="+", default=[10, 20, 50, 100, 500, 1000])
     measure.add_argument("--seconds", type=float, default=3.0)
+    measure.add_argument("--loss", type=float, nargs="+", default=[0.0], help="packet loss (percent) of each rate")
     measure.add_argument("--json", help="write the measurements here")
+    measure.add_argument("--machine", default="", help="the machine label the rows carry (as the latency rows')")
     args = parser.parse_args(argv)
     if args.command == "cleanup":
         with open(LOCK_PATH, "w") as lock:
@@ -214,12 +278,20 @@ def main(argv: list[str] | None = None) -> None:
         return
     rows = []
     with Topology(2) as topology:
-        for mbps in [None, *args.mbps]:
-            topology.shape(mbps)
-            measured = measure_mbps(topology, args.seconds)
-            rows.append({"shaped_mbps": mbps, "measured_mbps": round(measured, 2), "seconds": args.seconds,
-                         "date": time.strftime("%Y-%m-%d")})
-            print(json.dumps(rows[-1]), flush=True)
+        if any(args.loss):
+            topology.segment_per_frame()  # loss per frame (see the module doc)
+        # Unshaped only without loss: one frame per packet makes an unshaped link CPU-bound, not a link measurement.
+        for mbps in ([] if any(args.loss) else [None]) + list(args.mbps):
+            for loss in args.loss if mbps is not None else [0.0]:
+                if loss and not topology.per_frame:
+                    topology.segment_per_frame()
+                topology.shape(mbps)
+                topology.set_loss(loss)
+                measured = measure_mbps(topology, args.seconds)
+                rows.append({"machine": args.machine, "shaped_mbps": mbps, "loss_percent": loss, "measured_mbps": round(measured, 2),
+                             "seconds": args.seconds, "date": time.strftime("%Y-%m-%d"),
+                             "command": "python -m benchmarks.netns " + shlex.join(argv or sys.argv[1:])})  # fmt: skip
+                print(json.dumps(rows[-1]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -13,6 +13,12 @@ torch.distributed reports rank r of N, so `DistributedRuntime` does exactly rank
   the projection is linear) against decode + projection, checked to give the same keys/values.
 
     python -m benchmarks.profile_astra --out docs/results/astra_profile.json
+
+``--balanced``: per-rank compute (runtime defaults) with even shards against the shard sizes of
+`transformers_astra.balanced_shard_sizes` (from a device profile calibrated here first), with the
+planner's prediction of both; written to ``--balanced-out``:
+
+    python -m benchmarks.profile_astra --balanced --n 4 --groups 1 --tokens 512 --balanced-out docs/results/balanced_shards.json
 """
 
 from __future__ import annotations
@@ -60,11 +66,12 @@ def as_rank(rank: int, world: int):
         dist.get_rank, dist.get_world_size = saved
 
 
-def rank_compute(world: int, groups: int, quantize: str, overlap: bool, repeats: int, table: bool = False) -> list[float]:
+def rank_compute(world: int, groups: int, quantize: str, overlap: bool, repeats: int, table: bool = False,
+                 tokens: int | None = None, shard_sizes: list[int] | None = None) -> list[float]:  # fmt: skip
     times = []
     for rank in range(world):
-        workload = build("gpt2")
-        astra.patch(workload.model, astra.AstraConfig(num_devices=world, groups=groups, quantize=quantize))
+        workload = build("gpt2", tokens=tokens)
+        astra.patch(workload.model, astra.AstraConfig(num_devices=world, groups=groups, quantize=quantize, shard_sizes=shard_sizes))
         with as_rank(rank, world), torch.inference_mode():
             runtime = DistributedRuntime(workload.model, overlap=overlap, check_inputs=False, projection_table=table)
             times.append(best_time(lambda: runtime(**workload.inputs, logits_to_keep=1), repeats))
@@ -143,6 +150,40 @@ def layer_parts(world: int, groups: int, quantize: str, repeats: int) -> dict:
         }
 
 
+def balanced_rows(args) -> list[dict]:
+    """Even shards against `balanced_shard_sizes`, measured (per-rank compute) and predicted."""
+    from transformers_astra.planner import LinkModel, predict_astra
+
+    workload = build("gpt2", tokens=args.tokens)
+    profile = astra.calibrate_device(workload.model, num_tokens=workload.num_tokens, threads=1, repeats=args.repeats)
+    unlimited = LinkModel(1e9, per_message_s=0.0)
+    rows = []
+    for world in args.n:
+        for groups in args.groups:
+            for quantize in args.quantize:
+                config = astra.AstraConfig(num_devices=world, groups=groups, quantize=quantize)
+                sizes = astra.balanced_shard_sizes(profile, workload.num_tokens, config)
+                row = {"model": "gpt2", "tokens": workload.num_tokens, "N": world, "G": groups, "quantize": quantize,
+                       "threads": 1, "balanced_sizes": sizes, "settings": "runtime defaults (overlap=True, projection_table=True)"}  # fmt: skip
+                for name, shard_sizes in (("even", None), ("balanced", sizes)):
+                    measured = rank_compute(world, groups, quantize, True, args.repeats, True, args.tokens, shard_sizes)
+                    predicted = predict_astra(profile, config.replace(shard_sizes=shard_sizes), workload.num_tokens, unlimited)
+                    row[f"rank_compute_s_{name}"] = measured
+                    row[f"predicted_rank_compute_s_{name}"] = predicted.compute_s
+                row["measured_gain"] = max(row["rank_compute_s_even"]) / max(row["rank_compute_s_balanced"])
+                row["predicted_gain"] = max(row["predicted_rank_compute_s_even"]) / max(row["predicted_rank_compute_s_balanced"])
+                row["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+                row["load_average_1m"] = __import__("os").getloadavg()[0]
+                row["command"] = "python -m benchmarks.profile_astra " + " ".join(argv_of(args))
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    return rows
+
+
+def argv_of(args) -> list[str]:
+    return args.argv
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, nargs="+", default=[2, 4])
@@ -150,10 +191,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quantize", nargs="+", default=["hidden"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="docs/results/astra_profile.json")
+    parser.add_argument("--balanced", action="store_true", help="only compare even and balanced shards (see the module doc)")
+    parser.add_argument("--tokens", type=int, help="GPT2 prefill length (default 1024)")
+    parser.add_argument("--balanced-out", default="docs/results/balanced_shards.json")
     args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else __import__("sys").argv[1:])
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29413", rank=0, world_size=1)
     links.set_mode("compute", None)
+    if args.balanced:
+        rows = balanced_rows(args)
+        with open(args.balanced_out, "w") as f:
+            json.dump(rows, f, indent=1)
+        dist.destroy_process_group()
+        return
     single = build("gpt2")
     with torch.inference_mode():
         single_s = best_time(lambda: single.model(**single.inputs, logits_to_keep=1, use_cache=False), args.repeats)

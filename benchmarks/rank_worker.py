@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--workload", required=True)
     parser.add_argument("--method", required=True)
-    parser.add_argument("--groups", type=int, default=32)
-    parser.add_argument("--quantize", default="hidden")
+    parser.add_argument("--astra-settings", default="{}", help="AstraSettings fields as JSON (astra only)")
+    parser.add_argument("--tokens", type=int, help="prefill length of a causal workload (default: the workload's)")
     parser.add_argument("--threads", type=int, required=True)
     args = parser.parse_args(argv)
 
@@ -92,8 +92,13 @@ def main(argv: list[str] | None = None) -> None:
         timeout=datetime.timedelta(minutes=10),  # a collective at 10 Mbps can take minutes, not hours
     )
     try:
-        method = make_method(args.method, groups=args.groups, quantize=args.quantize)
-        method.setup(build(args.workload), args.rank, args.world)
+        settings = None
+        if args.method == "astra":
+            from .astra_method import AstraSettings
+
+            settings = AstraSettings.from_json(args.astra_settings)
+        method = make_method(args.method, settings)
+        method.setup(build(args.workload, tokens=args.tokens), args.rank, args.world)
         cores = sorted(os.sched_getaffinity(0))
         print("RESULT " + json.dumps({"ready": True, "cores": cores, "threads": torch.get_num_threads()}), flush=True)
         serve(method)

@@ -12,11 +12,19 @@ to a JSON-lines file that `benchmarks.report` turns into docs/benchmarks.md.
 Latency of a run: the slowest rank's time from leaving a barrier to its output. Rows whose runs take
 more than 3 s get only as many timed runs as fit in ``--row-budget-s`` (at least one; the row says
 how many). Needs root.
+
+Each row carries its own one-device baseline: a one-device worker (rank 0's namespace and cores, idle
+while the method runs) makes one timed run before each of the method's runs, so the baseline sees the
+same moments of a shared machine; the row records both medians and p10–p90 and the speed-up
+(``--no-interleave`` turns this off). ASTRA rows run the runtime's defaults unless ``--overlap``,
+``--projection-table``, ``--codebook-size`` or ``--shard-sizes`` say otherwise, and the row's label
+names every such deviation. ``--loss`` adds packet loss to the real links (`netns.Topology.set_loss`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -33,8 +41,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import netns
+from .astra_method import AstraSettings
 from .methods import METHODS
-from .workloads import WORKLOADS
+from .workloads import CAUSAL_TOKENS, WORKLOADS
 
 REPO = Path(__file__).resolve().parent.parent
 LOG_DIR = Path("/tmp/astra-bench-logs")
@@ -44,22 +53,27 @@ FAST_RUN_S = 3.0  # rows whose runs take at most this always get all --runs time
 
 @dataclass(frozen=True)
 class Variant:
-    """One method with its ASTRA settings (G and quantize are None for the baselines)."""
+    """One method; ASTRA rows also carry their `AstraSettings` (None for the baselines)."""
 
     method: str
-    groups: int | None = None
-    quantize: str | None = None
+    settings: AstraSettings | None = None
 
     @property
     def label(self) -> str:
-        return self.method if self.groups is None else f"{self.method} G={self.groups} {self.quantize}"
+        return self.method if self.settings is None else self.settings.label
+
+    def record(self, world: int) -> dict:
+        """The row's full settings."""
+        if self.settings is not None:
+            return self.settings.record(world)
+        return {"wire_dtype": {"sp-fp32": "float32", "sp-fp16": "float16"}.get(self.method)} if self.method.startswith("sp") else {}
 
 
-def variants(methods: list[str], groups: list[int], quantize: list[str]) -> list[Variant]:
+def variants(methods: list[str], groups: list[int], quantize: list[str], **astra_settings) -> list[Variant]:
     out = []
     for method in methods:
         if method == "astra":
-            out += [Variant("astra", g, q) for g, q in itertools.product(groups, quantize)]
+            out += [Variant("astra", AstraSettings(groups=g, quantize=q, **astra_settings)) for g, q in itertools.product(groups, quantize)]
         else:
             out.append(Variant(method))
     return out
@@ -76,13 +90,15 @@ def machine_label() -> str:
 
 
 def cores_of(rank: int, cores_per_rank: int) -> list[int]:
-    return list(range(rank * cores_per_rank, (rank + 1) * cores_per_rank))
+    """Rank ``rank``'s cores; past the machine's last core they wrap around (only with --oversubscribe)."""
+    return [core % os.cpu_count() for core in range(rank * cores_per_rank, (rank + 1) * cores_per_rank)]
 
 
 class Ranks:
     """The N worker processes of one method, each in its namespace; killed on exit whatever happens."""
 
-    def __init__(self, variant: Variant, workload: str, world: int, cores_per_rank: int, port: int, nice: int = 0):
+    def __init__(self, variant: Variant, workload: str, world: int, cores_per_rank: int, port: int, nice: int = 0,
+                 tokens: int | None = None):  # fmt: skip
         LOG_DIR.mkdir(exist_ok=True)
         self.processes, self.logs = [], []
         for rank in range(world):
@@ -91,9 +107,10 @@ class Ranks:
                 rank, "nice", "-n", str(nice), "taskset", "-c", cores, sys.executable, "-m", "benchmarks.rank_worker",
                 "--rank", str(rank), "--world", str(world), "--master", netns.address(0), "--port", str(port),
                 "--workload", workload, "--method", variant.method, "--threads", str(cores_per_rank),
-                "--groups", str(variant.groups or 1), "--quantize", variant.quantize or "hidden",
+                *(["--astra-settings", variant.settings.to_json()] if variant.settings else []),
+                *(["--tokens", str(tokens)] if tokens else []),
             )  # fmt: skip
-            log_path = LOG_DIR / f"{workload}-{variant.method}-rank{rank}.log"
+            log_path = LOG_DIR / f"{workload}-{variant.method}-n{world}-rank{rank}.log"
             log = open(log_path, "w")
             # gloo must use the namespace's link, not the loopback address its hostname resolves to.
             env = {**os.environ, "GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": str(cores_per_rank), "MKL_NUM_THREADS": str(cores_per_rank)}
@@ -187,43 +204,82 @@ def quantiles(times: list[float]) -> tuple[float, float, float]:
     return statistics.median(ordered), deciles[0], deciles[-1]
 
 
-def measure_row(ranks: Ranks, mode: str, mbps, runs: int, budget_s: float, predicted_s: float | None) -> dict:
-    """Warm-up (unless predicted slow), one timed run, then the rest of ``runs``, or for slow runs as many as the budget allows."""
+def measure_row(ranks: Ranks, mode: str, mbps, runs: int, budget_s: float, predicted_s: float | None,
+                single: Ranks | None = None) -> dict:  # fmt: skip
+    """Warm-up (unless predicted slow), then timed runs: all ``runs`` when a run takes at most FAST_RUN_S,
+    else as many as fit in ``budget_s`` (at least one).
+
+    With ``single`` (the one-device worker), every timed run of the method is preceded by one timed run of
+    the one device, so both see the same moments of the machine: the row's baseline and its speed-up come
+    from these interleaved runs.
+    """
     warmup = 0 if predicted_s is not None and predicted_s > WARMUP_LIMIT_S else 1
-    first = ranks.run(mode, mbps, warmup, 1)
-    first_time = max(answer["times"][0] for answer in first)
-    more = runs - 1 if first_time <= FAST_RUN_S else min(runs - 1, int((budget_s - first_time) // first_time))
-    answers = [[answer] for answer in first]
-    if more > 0:
-        for rank, answer in enumerate(ranks.run(mode, mbps, 0, more)):
+    answers: list[list[dict]] = [[] for _ in ranks.processes]
+    single_answers: list[dict] = []
+    spent, done = 0.0, 0
+    while done < runs:
+        if single is not None:
+            single_answers.append(single.run("compute", None, 1 if done == 0 else 0, 1)[0])
+        step = ranks.run(mode, mbps, warmup if done == 0 else 0, 1)
+        for rank, answer in enumerate(step):
             answers[rank].append(answer)
+        took = max(answer["times"][0] for answer in step)
+        spent, done = spent + took, done + 1
+        if took > FAST_RUN_S and spent + took > budget_s:
+            break
     merged = merge_ranks(answers)
     merged["warmup"] = warmup
+    if single is not None:
+        merged["single_times"] = [answer["times"][0] for answer in single_answers]
     return merged
 
 
-def row_command(args, variant: Variant, world: int, link: str, mbps) -> str:
+def row_command(args, variant: Variant, world: int, link: str, mbps, loss: float = 0.0) -> str:
     parts = ["python -m benchmarks.run_latency", f"--workload {args.workload}", f"--n {world}",
              f"--methods {variant.method}", *([] if link == "none" else [f"--links {link}"]), f"--runs {args.runs}",
              f"--cores-per-rank {args.cores_per_rank}", f"--row-budget-s {args.row_budget_s:g}", f"--nice {args.nice}"]  # fmt: skip
-    if variant.groups is not None:
-        parts += [f"--groups {variant.groups}", f"--quantize {variant.quantize}"]
+    if args.tokens:
+        parts.append(f"--tokens {args.tokens}")
+    if not args.interleave and variant.method != "single":
+        parts.append("--no-interleave")
+    if args.oversubscribe:
+        parts.append("--oversubscribe")
+    settings = variant.settings
+    if settings is not None:
+        parts += [f"--groups {settings.groups}", f"--quantize {settings.quantize}"]
+        if settings.codebook_size is not None:
+            parts.append(f"--codebook-size {settings.codebook_size}")
+        for name in ("overlap", "projection_table"):
+            if getattr(settings, name) is not None:
+                parts.append(f"--{name.replace('_', '-')} {'on' if getattr(settings, name) else 'off'}")
+        if settings.shard_sizes is not None:
+            parts.append("--shard-sizes " + " ".join(map(str, settings.shard_sizes)))
     if mbps is not None:
         parts.append(f"--bandwidths {mbps:g}")
+    if loss:
+        parts.append(f"--loss {loss:g}")
     return " ".join(parts)
 
 
-def make_row(args, variant: Variant, world: int, link: str, mbps, merged: dict, ready: list[dict]) -> dict:
+def make_row(args, variant: Variant, world: int, link: str, mbps, merged: dict, ready: list[dict], loss: float = 0.0,
+             dropped: int | None = None) -> dict:  # fmt: skip
     median, p10, p90 = quantiles(merged["times"])
-    return {
+    settings = variant.settings
+    row = {
         "model": args.workload,
-        "tokens": 1024 if args.workload == "gpt2" else 197,
+        "tokens": args.tokens or (CAUSAL_TOKENS if args.workload in ("gpt2", "llama") else 197),
         "method": variant.method,
+        "label": variant.label,
         "N": world,
-        "G": variant.groups,
-        "quantize": variant.quantize,
+        "G": settings.groups if settings else None,
+        "quantize": settings.quantize if settings else None,
+        "codebook_size": settings.record(world)["codebook_size"] if settings else None,
+        "settings": variant.record(world),
         "bandwidth_mbps": mbps,
         "link": link,
+        "loss_percent": loss,
+        "dropped_packets": dropped,
+        "one_frame_per_packet": any(args.loss),  # gso_max_segs 1 on the links (netns.Topology.segment_per_frame)
         "median_s": median,
         "p10_s": p10,
         "p90_s": p90,
@@ -241,33 +297,64 @@ def make_row(args, variant: Variant, world: int, link: str, mbps, merged: dict, 
         "load_average_1m": os.getloadavg()[0],
         "nice": args.nice,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": row_command(args, variant, world, link, mbps),
+        "command": row_command(args, variant, world, link, mbps, loss),
     }
+    if args.oversubscribe:
+        row["oversubscribed"] = True  # ranks shared cores: a smoke test, not a measurement
+    if "single_times" in merged:  # the interleaved one-device runs of this row
+        single_median, single_p10, single_p90 = quantiles(merged["single_times"])
+        pairs = [s / m for s, m in zip(merged["single_times"], merged["times"])]
+        pair_median, pair_p10, pair_p90 = quantiles(pairs)
+        row.update({
+            "single_median_s": single_median, "single_p10_s": single_p10, "single_p90_s": single_p90,
+            "single_times_s": merged["single_times"], "speedup_vs_single": round(single_median / median, 3),
+            "speedup_pairs_p10": round(pair_p10, 3), "speedup_pairs_p90": round(pair_p90, 3),
+            "baseline": "interleaved",
+        })  # fmt: skip
+    return row
 
 
 def benchmark_variant(args, topology, variant: Variant, world: int, port: int, out) -> None:
     links = ["none"] if variant.method == "single" else args.links
-    with Ranks(variant, args.workload, world, args.cores_per_rank, port, args.nice) as ranks:
+    interleave = args.interleave and variant.method != "single"
+    with contextlib.ExitStack() as stack:
+        ranks = stack.enter_context(Ranks(variant, args.workload, world, args.cores_per_rank, port, args.nice, args.tokens))
+        single = None
+        if interleave:  # the one device: rank 0's namespace and cores, idle while the method runs
+            single = stack.enter_context(
+                Ranks(Variant("single"), args.workload, 1, args.cores_per_rank, port + 500, args.nice, args.tokens)
+            )
         previous: tuple[float, float] | None = None  # (median, mbps) of the last real/simulated row
         for link in links:
             chosen = args.simulated_bandwidths if link == "simulated" and args.simulated_bandwidths else args.bandwidths
             bandwidths = [None] if link in ("none", "compute") else sorted(chosen, reverse=True)
-            for mbps in bandwidths:
+            losses = args.loss if link == "real" else [0.0]
+            for mbps, loss in itertools.product(bandwidths, losses):
                 topology.shape(mbps if link == "real" else None)
+                topology.set_loss(loss if link == "real" else 0.0)
                 predicted = previous[0] * previous[1] / mbps if previous and mbps else None
                 mode = "compute" if link in ("none", "compute") else link
-                merged = measure_row(ranks, mode, mbps, args.runs, args.row_budget_s, predicted)
-                row = make_row(args, variant, world, link, mbps, merged, ranks.ready)
+                dropped_before = topology.dropped_packets()
+                merged = measure_row(ranks, mode, mbps, args.runs, args.row_budget_s, predicted, single)
+                dropped = topology.dropped_packets() - dropped_before if loss else None
+                row = make_row(args, variant, world, link, mbps, merged, ranks.ready, loss, dropped)
                 out.write(json.dumps(row) + "\n")
                 out.flush()
+                baseline = f", one device {row['single_median_s']:.3f} s -> {row['speedup_vs_single']:.2f}x" if "single_median_s" in row else ""
                 tqdm.write(
-                    f"{args.workload} N={world} {variant.label:22s} {link:9s} {mbps or '-':>5} Mbps: "
-                    f"median {row['median_s']:.3f} s over {row['runs']} runs, "
+                    f"{args.workload} N={world} {variant.label:30s} {link:9s} {mbps or '-':>5} Mbps loss {loss:g}%: "
+                    f"median {row['median_s']:.3f} s over {row['runs']} runs{baseline}, "
                     f"{row['bytes_sent_per_rank'] / 1e6:.3f} MB/rank (wire {(row['wire_bytes_per_rank'] or 0) / 1e6:.3f} MB)"
                 )
-                if mbps:
+                if mbps and not loss:
                     previous = (row["median_s"], mbps)
             previous = None
+
+
+def on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+    return text == "on"
 
 
 def parse_args(argv):
@@ -280,6 +367,17 @@ def parse_args(argv):
     parser.add_argument("--links", nargs="+", default=["compute", "simulated", "real"], choices=["compute", "simulated", "real"])
     parser.add_argument("--bandwidths", type=float, nargs="+", default=[10, 20, 50, 100, 500, 1000], help="Mbps")
     parser.add_argument("--simulated-bandwidths", type=float, nargs="+", help="Mbps of the simulated link (default: --bandwidths)")
+    parser.add_argument("--codebook-size", type=int, help="ASTRA's K (default: AstraConfig's)")
+    parser.add_argument("--overlap", type=on_off, help="on/off: DistributedRuntime(overlap=...) (default: the runtime's)")
+    parser.add_argument("--projection-table", type=on_off, help="on/off: DistributedRuntime(projection_table=...) (default: the runtime's)")
+    parser.add_argument("--shard-sizes", type=int, nargs="+", help="AstraConfig.shard_sizes, one per device (default: even)")
+    parser.add_argument("--tokens", type=int, help="prefill length of a causal workload (default 1024)")
+    parser.add_argument("--loss", type=float, nargs="+", default=[0.0],
+                        help="packet loss on the real links, percent (iptables statistic DROP in every namespace)")  # fmt: skip
+    parser.add_argument("--no-interleave", dest="interleave", action="store_false",
+                        help="do not measure the one device between the method's runs")  # fmt: skip
+    parser.add_argument("--oversubscribe", action="store_true",
+                        help="let ranks share cores when N x cores exceed the machine's (smoke tests only: timings are meaningless)")  # fmt: skip
     parser.add_argument("--runs", type=int, default=10, help="timed runs per row (fewer when over the budget)")
     parser.add_argument("--row-budget-s", type=float, default=60.0, help="seconds of timed runs per row at most")
     parser.add_argument("--cores-per-rank", type=int, default=1)
@@ -290,20 +388,33 @@ def parse_args(argv):
     )
     parser.add_argument("--out", type=Path, default=REPO / "docs/results/raw/latency.jsonl")
     args = parser.parse_args(argv)
-    if max(args.n) * args.cores_per_rank > os.cpu_count():
+    if max(args.n) * args.cores_per_rank > os.cpu_count() and not args.oversubscribe:
         parser.error(f"N={max(args.n)} ranks x {args.cores_per_rank} cores exceed the {os.cpu_count()} cores here")
     if args.runs < 1:
         parser.error("--runs must be >= 1")
+    for loss in args.loss:
+        try:
+            netns.check_loss(loss)
+        except ValueError as error:
+            parser.error(f"--loss: {error}")
+    if args.tokens is not None and (args.workload == "vit" or args.tokens < 1):
+        parser.error("--tokens sets the prefill length of a causal workload (gpt2, llama), >= 1")
+    if args.shard_sizes is not None and len(args.n) != 1:
+        parser.error("--shard-sizes needs exactly one --n (one size per device)")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    jobs = [(v, 1 if v.method == "single" else n) for v in variants(args.methods, args.groups, args.quantize) for n in args.n]
+    astra_settings = {"codebook_size": args.codebook_size, "overlap": args.overlap, "projection_table": args.projection_table,
+                      "shard_sizes": tuple(args.shard_sizes) if args.shard_sizes else None}  # fmt: skip
+    jobs = [(v, 1 if v.method == "single" else n) for v in variants(args.methods, args.groups, args.quantize, **astra_settings) for n in args.n]
     jobs = list(dict.fromkeys(jobs))  # the single device runs once, whatever --n says
-    port = 29500 + os.getpid() % 1000
+    port = 29500 + os.getpid() % 400
     with netns.Topology(max(world for _, world in jobs)) as topology, open(args.out, "a") as out:
+        if any(args.loss):  # loss per frame, and the lossless rows of the same run on the same links
+            topology.segment_per_frame()
         for offset, (variant, world) in enumerate(tqdm(jobs, desc="methods", file=sys.stderr)):
             benchmark_variant(args, topology, variant, world, port + offset, out)
 

@@ -15,6 +15,7 @@ from .hf_quantizer import AstraHfQuantizer
 from .hf_quantizer import register as _register_quantizer
 from .hub import from_pretrained, push_to_hub, save_pretrained
 from .modelcard import create_model_card
+from .planner import DeviceProfile, LinkModel, Plan, Prediction, balanced_shard_sizes, calibrate_device, plan
 from .patch import auxiliary_loss, capture_codes, full_precision, is_patched, patch, quantizers, unpatch
 from .quantization_config import AstraQuantizationConfig
 from .quantizer import GroupedVQ
@@ -30,12 +31,18 @@ __all__ = [
     "AstraConfig",
     "AstraHfQuantizer",
     "AstraQuantizationConfig",
+    "DeviceProfile",
     "DistributedRuntime",
     "GroupedVQ",
+    "LinkModel",
+    "Plan",
+    "Prediction",
     "RandomShardsCallback",
     "ShardLayout",
     "Traffic",
     "auxiliary_loss",
+    "balanced_shard_sizes",
+    "calibrate_device",
     "calibrate",
     "capture_codes",
     "collect_activations",
@@ -44,6 +51,7 @@ __all__ = [
     "full_precision",
     "is_patched",
     "patch",
+    "plan",
     "push_to_hub",
     "quantizers",
     "save_pretrained",

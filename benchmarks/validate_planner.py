@@ -1,0 +1,233 @@
+"""The planner (`transformers_astra.plan`) against the measured latency rows.
+
+    # on each benchmark machine, with the cores and threads of one benchmark rank:
+    taskset -c 0 python -m benchmarks.validate_planner calibrate --workload gpt2 --threads 1 --machine "LABEL"
+    # anywhere: predict every row of docs/results/latency.json that has a profile of its machine and threads
+    python -m benchmarks.validate_planner validate
+    # shard sizes that balance the predicted per-rank compute (for --shard-sizes of benchmarks.run_latency)
+    python -m benchmarks.validate_planner balance --workload gpt2 --n 4 --groups 1 --quantize hidden
+
+Profiles live in docs/results/device_profiles/*.json (one per machine label, workload and threads; the
+label must be the rows' ``machine``). `validate` writes docs/results/planner_validation.json and
+docs/planner.md: per row the measured median, the prediction and the error, and per machine and model
+the median absolute error and the share of rows within 20 %.
+
+Link models per row: ``compute`` rows (no network) get an unlimited link; ``simulated`` rows the
+paper's bytes/bandwidth sleep (no efficiency loss, no per-message cost); ``real`` rows the default
+`LinkModel` (its loss when the row has loss). Rows recorded with ``projection_table=False`` are
+predicted without tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from transformers_astra import AstraConfig
+from transformers_astra.planner import DeviceProfile, LinkModel, balanced_shard_sizes, calibrate_device, predict_astra, predict_baseline
+
+from .workloads import build
+
+REPO = Path(__file__).resolve().parent.parent
+PROFILES = REPO / "docs/results/device_profiles"
+UNLIMITED_MBPS = 1e9
+
+
+def machine_key(label: str) -> str:
+    """A machine label without its parenthesised notes: "dev VM (shared ...): AMD EPYC, 2 cores" -> "dev VM: AMD EPYC, 2 cores"."""
+    name, _, cpu = label.partition(":")
+    return f"{name.split(' (')[0].strip()}: {cpu.strip()}"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
+
+
+def profile_path(directory: Path, machine: str, workload: str, threads: int) -> Path:
+    return directory / f"{workload}-{threads}t-{slug(machine.split(':')[0])}.json"
+
+
+def load_profiles(directory: Path) -> dict[tuple, DeviceProfile]:
+    out = {}
+    for path in sorted(directory.glob("*.json")):
+        values = json.loads(path.read_text())
+        profile = DeviceProfile.from_dict(values["profile"])
+        out[(machine_key(values["machine"]), values["workload"], profile.threads)] = profile
+    return out
+
+
+def link_for(row: dict) -> LinkModel:
+    if row["link"] in ("compute", "none") or row["bandwidth_mbps"] is None:
+        return LinkModel(UNLIMITED_MBPS, per_message_s=0.0)
+    if row["link"] == "simulated":
+        return LinkModel(row["bandwidth_mbps"], bulk_efficiency=1.0, small_efficiency=1.0, per_message_s=0.0)
+    return LinkModel(row["bandwidth_mbps"], loss_percent=row.get("loss_percent") or 0.0)
+
+
+def predict_row(profile: DeviceProfile, row: dict) -> float:
+    link = link_for(row)
+    if row["method"] == "astra":
+        settings = row.get("settings") or {}
+        config = AstraConfig(num_devices=row["N"], groups=row["G"], quantize=row["quantize"],
+                             codebook_size=row.get("codebook_size") or 1024, shard_sizes=settings.get("shard_sizes"))  # fmt: skip
+        table = settings.get("projection_table", False)  # rows without settings predate the tables
+        return predict_astra(profile, config, row["tokens"], link, projection_table=table).latency_s
+    return predict_baseline(profile, row["method"], row["tokens"], row["N"], link).latency_s
+
+
+def validate(latency: list[dict], profiles: dict[tuple, DeviceProfile]) -> list[dict]:
+    out = []
+    for row in latency:
+        profile = profiles.get((machine_key(row["machine"]), row["model"], row.get("threads_per_rank")))
+        if profile is None:
+            continue
+        predicted = predict_row(profile, row)
+        single = predict_baseline(profile, "single", row["tokens"], 1, link_for(row)).latency_s
+        measured_speedup = row.get("speedup_vs_single")
+        predicted_speedup = single / predicted
+        out.append({
+            "machine": row["machine"], "model": row["model"], "tokens": row["tokens"], "N": row["N"],
+            "label": row.get("label", row["method"]), "method": row["method"], "link": row["link"],
+            "bandwidth_mbps": row["bandwidth_mbps"], "loss_percent": row.get("loss_percent") or 0.0,
+            "measured_s": row["median_s"], "measured_p10_s": row["p10_s"], "measured_p90_s": row["p90_s"],
+            "predicted_s": predicted, "error": (predicted - row["median_s"]) / row["median_s"],
+            "within_spread": row["p10_s"] <= predicted <= row["p90_s"], "command": row["command"],
+            "measured_speedup": measured_speedup, "predicted_speedup": predicted_speedup,
+            "speedup_error": None if not measured_speedup or row["method"] == "single" else predicted_speedup / measured_speedup - 1,
+            "profile_date": profile.date,
+        })  # fmt: skip
+    return out
+
+
+def markdown(rows: list[dict], profiles: dict[tuple, DeviceProfile]) -> str:
+    parts = ["# Planner: predicted against measured latency",
+             "",
+             "Generated by `python -m benchmarks.validate_planner validate` from docs/results/latency.json and the device "
+             "profiles in docs/results/device_profiles/ (`transformers_astra.calibrate_device` on the machine, with one "
+             "benchmark rank's threads). Error = (predicted − measured) / measured median. The cost model and its link "
+             "model are described in `src/transformers_astra/planner.py`. The dev VM is shared with other jobs, so both its "
+             "profile and its rows carry that machine's load at the time (in each row of latency.json).",
+             ""]  # fmt: skip
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["machine"], row["model"], row["tokens"]), []).append(row)
+    summary = []
+    for (machine, model, tokens), group in sorted(groups.items()):
+        errors = [abs(r["error"]) for r in group]
+        speedup = [abs(r["speedup_error"]) for r in group if r["speedup_error"] is not None]
+        summary.append([machine.split(":")[0], model, str(tokens), str(len(group)), f"{100 * statistics.median(errors):.0f} %",
+                        f"{sum(e <= 0.2 for e in errors)}/{len(group)}", f"{100 * max(errors):.0f} %",
+                        f"{100 * statistics.median(speedup):.0f} %" if speedup else "",
+                        f"{sum(e <= 0.2 for e in speedup)}/{len(speedup)}" if speedup else ""])  # fmt: skip
+    parts += ["## Summary",
+              "Latency: the predicted seconds against the measured median. Speed-up: the predicted speed-up over one "
+              "device (both predicted) against the measured one (the row's baseline); a machine that is uniformly "
+              "slower or faster at calibration than during the rows (shared machines) shifts the first, not the second.",
+              "",
+              table(["machine", "model", "tokens", "rows", "latency: median |error|", "within 20 %", "largest |error|",
+                     "speed-up: median |error|", "within 20 %"], summary), ""]  # fmt: skip
+    for (machine, model, tokens), group in sorted(groups.items()):
+        profile = next((p for (m, w, _), p in profiles.items() if m == machine_key(machine) and w == model), None)
+        parts.append(f"## {model}, {tokens} tokens — {machine}" + (f" (profile {profile.date}, {profile.threads} thread(s))" if profile else ""))
+        lines = []
+        for r in sorted(group, key=lambda r: (r["N"], r["method"] != "single", r["label"], r["link"], r["bandwidth_mbps"] or 0, r["loss_percent"])):
+            link = r["link"] + (f" {r['bandwidth_mbps']:g} Mbps" if r["bandwidth_mbps"] else "") + (f", {r['loss_percent']:g} % loss" if r["loss_percent"] else "")
+            speedups = ("", "", "") if r["speedup_error"] is None else (
+                f"{r['measured_speedup']:.2f}×", f"{r['predicted_speedup']:.2f}×", f"{100 * r['speedup_error']:+.0f} %")
+            lines.append([str(r["N"]), r["label"], link, f"{r['measured_s']:.3g} ({r['measured_p10_s']:.3g}–{r['measured_p90_s']:.3g})",
+                          f"{r['predicted_s']:.3g}", f"{100 * r['error']:+.0f} %", *speedups])  # fmt: skip
+        parts += [table(["N", "method", "link", "measured median (p10–p90) s", "predicted s", "error", "measured speed-up",
+                         "predicted speed-up", "speed-up error"], lines), ""]  # fmt: skip
+    return "\n".join(parts)
+
+
+def table(header: list[str], lines: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines])
+
+
+def cmd_calibrate(args) -> None:
+    torch.set_num_threads(args.threads)
+    workload = build(args.workload, tokens=args.tokens)
+    profile = calibrate_device(workload.model, num_tokens=workload.num_tokens, threads=args.threads, repeats=args.repeats,
+                               machine=args.machine)  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = profile_path(args.out, args.machine, args.workload, args.threads)
+    command = "python -m benchmarks.validate_planner " + shlex.join(sys.argv[1:])
+    path.write_text(json.dumps({"machine": args.machine, "workload": args.workload, "command": command,
+                                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "profile": profile.to_dict()},
+                               indent=1) + "\n")  # fmt: skip
+    print(f"profile -> {path}")
+
+
+def cmd_validate(args) -> None:
+    latency = json.loads(args.latency.read_text())
+    profiles = {}
+    for directory in args.profiles:
+        profiles.update(load_profiles(directory))
+    rows = validate(latency, profiles)
+    args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    args.markdown.write_text(markdown(rows, profiles) + "\n")
+    errors = [abs(r["error"]) for r in rows]
+    if errors:
+        print(f"{len(rows)} rows predicted; median |error| {100 * statistics.median(errors):.0f} %, "
+              f"{sum(e <= 0.2 for e in errors)} within 20 % -> {args.json}, {args.markdown}")  # fmt: skip
+    else:
+        print("no latency row has a profile of its machine, model and threads")
+
+
+def cmd_balance(args) -> None:
+    profiles = load_profiles(args.profiles[0])
+    matching = [p for (machine, workload, threads), p in profiles.items()
+                if workload == args.workload and (args.machine is None or machine == machine_key(args.machine))]  # fmt: skip
+    if not matching:
+        raise SystemExit(f"no profile for workload {args.workload!r} (machine {args.machine!r}) in {args.profiles[0]}")
+    config = AstraConfig(num_devices=args.n, groups=args.groups, quantize=args.quantize)
+    sizes = balanced_shard_sizes(matching[-1], args.tokens, config)
+    print(" ".join(map(str, sizes)))
+    if args.predict:  # the slowest rank's predicted compute (no network), even against balanced shards
+        free = LinkModel(UNLIMITED_MBPS, per_message_s=0.0)
+        even = predict_astra(matching[-1], config, args.tokens, free).compute_s
+        balanced = predict_astra(matching[-1], config.replace(shard_sizes=sizes), args.tokens, free).compute_s
+        print(f"predicted per-rank compute, even: {' / '.join(f'{t:.3g}' for t in even)} s; balanced: "
+              f"{' / '.join(f'{t:.3g}' for t in balanced)} s; slowest rank {max(even) / max(balanced):.3f}x faster", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    calibrate = sub.add_parser("calibrate", help="time this device (see transformers_astra.calibrate_device)")
+    calibrate.add_argument("--workload", choices=("gpt2", "vit", "llama"), required=True)
+    calibrate.add_argument("--threads", type=int, required=True)
+    calibrate.add_argument("--machine", required=True, help="the label the latency rows of this machine carry")
+    calibrate.add_argument("--tokens", type=int, help="prefill length (causal workloads)")
+    calibrate.add_argument("--repeats", type=int, default=5)
+    calibrate.add_argument("--out", type=Path, default=PROFILES)
+    check = sub.add_parser("validate", help="predict the measured rows")
+    check.add_argument("--latency", type=Path, default=REPO / "docs/results/latency.json")
+    check.add_argument("--profiles", type=Path, nargs="+", default=[PROFILES])
+    check.add_argument("--json", type=Path, default=REPO / "docs/results/planner_validation.json")
+    check.add_argument("--markdown", type=Path, default=REPO / "docs/planner.md")
+    balance = sub.add_parser("balance", help="print balanced shard sizes")
+    balance.add_argument("--workload", choices=("gpt2", "vit", "llama"), required=True)
+    balance.add_argument("--n", type=int, required=True)
+    balance.add_argument("--groups", type=int, default=1)
+    balance.add_argument("--quantize", default="hidden")
+    balance.add_argument("--tokens", type=int, default=1024)
+    balance.add_argument("--machine")
+    balance.add_argument("--predict", action="store_true", help="also print the predicted per-rank compute (stderr)")
+    balance.add_argument("--profiles", type=Path, nargs=1, default=[PROFILES])
+    args = parser.parse_args(argv)
+    {"calibrate": cmd_calibrate, "validate": cmd_validate, "balance": cmd_balance}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The benchmark's row hygiene: runtime defaults, labelled deviations, old rows relabelled, the Pareto join."""
+
+import argparse
+import json
+
+import pytest
+
+from benchmarks import netns
+from benchmarks.astra_method import AstraSettings, runtime_default
+from benchmarks.report import load_rows, pareto_rows
+from benchmarks.run_latency import Variant, row_command
+from benchmarks.workloads import WorkloadUnavailable, build, workload_available
+
+
+def test_astra_rows_default_to_the_runtime_and_label_deviations():
+    default = AstraSettings(groups=8, quantize="kv")
+    assert default.label == "astra G=8 kv"
+    record = default.record(4)
+    assert record["overlap"] == runtime_default("overlap") and record["projection_table"] == runtime_default("projection_table")
+    assert record["num_devices"] == 4 and record["codebook_size"] == 1024 and record["shard_sizes"] is None
+    deviating = AstraSettings(groups=1, overlap=not runtime_default("overlap"), projection_table=False, codebook_size=256,
+                              shard_sizes=(3, 1))  # fmt: skip
+    assert deviating.label == f"astra G=1 hidden overlap={not runtime_default('overlap')} projection_table=False K=256 shards=3/1"
+    assert AstraSettings.from_json(deviating.to_json()) == deviating
+
+
+def test_row_command_reproduces_every_setting():
+    args = argparse.Namespace(workload="gpt2", runs=5, cores_per_rank=2, row_budget_s=12.0, nice=0, tokens=256, interleave=True,
+                              oversubscribe=False)  # fmt: skip
+    settings = AstraSettings(groups=32, quantize="kv", projection_table=False, shard_sizes=(100, 156))
+    command = row_command(args, Variant("astra", settings), 2, "real", 10.0, loss=1.0)
+    for part in ("--tokens 256", "--groups 32 --quantize kv", "--projection-table off", "--shard-sizes 100 156",
+                 "--bandwidths 10", "--loss 1"):  # fmt: skip
+        assert part in command
+    assert "--overlap" not in command  # the default is not pinned
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def base_row(**overrides):
+    row = {"machine": "m: cpu", "model": "gpt2", "tokens": 1024, "method": "astra", "N": 4, "G": 1, "quantize": "hidden",
+           "bandwidth_mbps": 10.0, "link": "real", "cores_per_rank": 2, "median_s": 0.5, "p10_s": 0.4, "p90_s": 0.6,
+           "runs": 5, "command": "cmd"}  # fmt: skip
+    row.update(overrides)
+    return row
+
+
+def test_old_rows_are_labelled_with_what_they_ran_and_new_rows_use_their_own_baseline(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    write_rows(raw / "a.jsonl", [
+        base_row(),  # recorded before the benchmark used the runtime's defaults
+        base_row(method="single", N=1, G=None, quantize=None, bandwidth_mbps=None, link="none", median_s=2.0),
+        base_row(G=32, label="astra G=32 kv", quantize="kv", settings={"projection_table": True}, codebook_size=1024,
+                 loss_percent=0.0, single_median_s=1.5, median_s=0.75),
+    ])  # fmt: skip
+    rows = {r["label"]: r for r in load_rows(raw)}
+    old = rows["astra G=1 hidden overlap=False projection_table=False"]
+    assert old["settings"]["projection_table"] is False and old["speedup_vs_single"] == 4.0
+    assert rows["astra G=32 kv"]["speedup_vs_single"] == 2.0  # its interleaved baseline, not the single row
+
+
+def test_pareto_joins_latency_with_accuracy_and_the_control(tmp_path):
+    latency = [base_row(label="astra G=1 hidden", codebook_size=1024, loss_percent=0.0, speedup_vs_single=3.0, G=1),
+               base_row(label="astra G=32 hidden", codebook_size=1024, loss_percent=0.0, speedup_vs_single=2.0, G=32),
+               base_row(label="astra G=32 hidden", codebook_size=1024, loss_percent=1.0, speedup_vs_single=1.0, G=32)]  # fmt: skip
+    accuracy = [
+        {"model": "outputs/gpt2-base", "N": 4, "G": 1, "K": 1024, "quantize": "hidden", "metric": "perplexity", "value": 40.0,
+         "base_value": 38.0, "command": "acc1", "run": "gpt2-g1-hidden"},
+        {"model": "outputs/gpt2-base", "N": 4, "G": 32, "K": 1024, "quantize": "hidden", "metric": "perplexity", "value": 36.0,
+         "base_value": 38.0, "command": "acc32", "run": "gpt2-g32-hidden"},
+        {"model": "outputs/gpt2-base", "N": 4, "G": 1, "K": 1024, "quantize": "hidden", "metric": "perplexity", "value": 1.0,
+         "base_value": 38.0, "command": "ablation", "run": "gpt2-g1-hidden-naq0"},
+    ]  # fmt: skip
+    controls = [{"model": "outputs/gpt2-base", "N": 4, "metric": "perplexity", "value": 36.0}]
+    rows = pareto_rows(latency, (accuracy, controls))
+    assert [(r["G"], r["accuracy_command"]) for r in rows] == [(1, "acc1"), (32, "acc32")]  # lossy row and ablation left out
+    first = rows[0]
+    for key in ("model", "N", "bandwidth_mbps", "G", "quantize", "codebook_size", "speedup_vs_single", "metric", "value",
+                "base_value", "control_value", "latency_command", "accuracy_command"):  # fmt: skip
+        assert key in first
+    assert first["change_vs_control"] == pytest.approx(100 * 4 / 36) and first["pareto_optimal"]
+    assert rows[1]["pareto_optimal"]  # slower but more accurate: also on the front
+
+
+@pytest.mark.parametrize("loss", [-1, 100, float("nan"), True])
+def test_loss_outside_the_range_is_named(loss):
+    with pytest.raises(ValueError, match="loss"):
+        netns.check_loss(loss)
+
+
+def test_llama_workload_errors_clearly_until_the_adapter_lands():
+    if workload_available("llama"):
+        assert build("llama", small=True).causal
+    else:
+        with pytest.raises(WorkloadUnavailable, match="LlamaForCausalLM"):
+            build("llama", small=True)
+    with pytest.raises(ValueError, match="tokens"):
+        build("vit", tokens=10)

@@ -1,0 +1,195 @@
+"""The planner's cost model: limits, monotonicity, the runtime's byte formula, named errors."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import transformers_astra as astra
+from benchmarks.workloads import build
+from transformers_astra.distributed import expected_code_bytes
+from transformers_astra.planner import (
+    DeviceProfile,
+    LinkModel,
+    balanced_shard_sizes,
+    expected_bytes_sent,
+    predict_astra,
+    predict_baseline,
+)
+from transformers_astra.sharding import ShardLayout
+
+
+def gpt2_profile(**overrides) -> DeviceProfile:
+    """Rates of GPT2-small on one thread of the dev VM (orders of magnitude of a real calibration)."""
+    keys = [f"{g}/{q}" for g in (1, 8, 16, 32) for q in ("hidden", "kv")]
+    values = dict(
+        model_type="gpt2", hidden_size=768, num_layers=12, num_heads=12, causal=True, threads=1,
+        fixed_s=0.03, per_token_s=2.2e-3, attention_causal_s=9e-8, attention_masked_s=7e-8, attention_full_s=6e-8,
+        project_kv_s=2.4e-5, encode_s={k: 1e-5 * int(k.split("/")[0]) ** 0.5 for k in keys},
+        decode_s={k: 4e-7 for k in keys}, table_s={"1/hidden": 8e-7, "8/hidden": 5e-6},
+    )  # fmt: skip
+    values.update(overrides)
+    return DeviceProfile(**values)
+
+
+def vit_profile() -> DeviceProfile:
+    return dataclasses.replace(gpt2_profile(), model_type="vit", causal=False)
+
+
+def fast_link(**kw) -> LinkModel:
+    return LinkModel(1e9, per_message_s=0.0, **kw)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("quantize", ["hidden", "kv"])
+@pytest.mark.parametrize(("groups", "codebook_size", "sizes"), [(1, 1024, None), (8, 256, [3, 2, 2, 1]), (32, 1000, [1, 1, 1, 5])])
+def test_bytes_formula_agrees_with_the_runtime(causal, quantize, groups, codebook_size, sizes):
+    config = astra.AstraConfig(num_devices=4, groups=groups, quantize=quantize, codebook_size=codebook_size, shard_sizes=sizes)
+    layout = ShardLayout.for_sequence(203, 4, sizes)
+    for rank in range(4):
+        for batch in (1, 3):
+            assert expected_bytes_sent(config, layout, rank, 12, causal, batch) == expected_code_bytes(
+                config, layout, rank, batch, 12, causal
+            )
+
+
+@pytest.mark.parametrize("profile", [gpt2_profile(), vit_profile()], ids=["causal", "bidirectional"])
+def test_latency_falls_as_bandwidth_rises_and_loss_only_adds(profile):
+    tokens = 1024 if profile.causal else 197
+    config = astra.AstraConfig(num_devices=4, groups=32, quantize="kv")
+    for predict in (lambda link: predict_astra(profile, config, tokens, link),
+                    lambda link: predict_baseline(profile, "sp-fp16", tokens, 4, link),
+                    lambda link: predict_baseline(profile, "tp", tokens, 4, link)):  # fmt: skip
+        times = [predict(LinkModel(mbps)).latency_s for mbps in (1, 10, 100, 1000)]
+        assert times == sorted(times, reverse=True) and times[0] > times[-1]
+        lossless, lossy = predict(LinkModel(10)).latency_s, predict(LinkModel(10, loss_percent=1.0)).latency_s
+        assert lossy > lossless
+        assert predict(LinkModel(10, latency_ms=5)).latency_s > lossless
+
+
+def test_a_free_network_leaves_the_slowest_ranks_compute():
+    profile = gpt2_profile()
+    for groups in (1, 32):
+        config = astra.AstraConfig(num_devices=4, groups=groups)
+        prediction = predict_astra(profile, config, 1024, fast_link())
+        # Only the wait for a slower sender's codes (lockstep per layer) comes on top of the slowest compute.
+        assert max(prediction.compute_s) <= prediction.latency_s <= 1.02 * max(prediction.compute_s)
+    single = predict_baseline(profile, "single", 1024, 1, LinkModel(1))
+    assert single.latency_s == predict_baseline(profile, "single", 1024, 1, LinkModel(1000)).latency_s
+
+
+def test_more_devices_less_work_per_device_but_never_below_the_fixed_cost():
+    profile = gpt2_profile()
+    slowest = [max(predict_astra(profile, astra.AstraConfig(num_devices=n, groups=1), 1024, fast_link()).compute_s) for n in (1, 2, 4, 8)]
+    assert slowest == sorted(slowest, reverse=True) and slowest[-1] > profile.fixed_s
+    one = predict_astra(profile, astra.AstraConfig(num_devices=1, groups=1), 1024, fast_link())
+    assert one.bytes_sent_per_rank == 0
+    # The causal last rank carries the longest attention: it is the slowest with even shards.
+    compute = predict_astra(profile, astra.AstraConfig(num_devices=4, groups=1), 1024, fast_link()).compute_s
+    assert compute[-1] == max(compute)
+
+
+def test_tables_and_kv_mode_skip_the_projection():
+    profile = gpt2_profile(project_kv_s=1e-3)  # an expensive projection
+    link = fast_link()
+    plain = predict_astra(profile, astra.AstraConfig(num_devices=4, groups=1), 1024, link, projection_table=False)
+    table = predict_astra(profile, astra.AstraConfig(num_devices=4, groups=1), 1024, link, projection_table=True)
+    kv = predict_astra(profile, astra.AstraConfig(num_devices=4, groups=1, quantize="kv"), 1024, link)
+    assert table.latency_s < plain.latency_s and kv.latency_s < plain.latency_s
+    # G=32 hidden: the tables would be 201 MB per layer, so the runtime (and the model) projects.
+    big = astra.AstraConfig(num_devices=4, groups=32)
+    assert predict_astra(profile, big, 1024, link, True).latency_s == predict_astra(profile, big, 1024, link, False).latency_s
+
+
+def test_plan_recommends_one_device_when_astra_would_be_slower():
+    keys = [f"{g}/{q}" for g in (1, 8, 16, 32) for q in ("hidden", "kv")]
+    slow_encoder = gpt2_profile(encode_s={k: 1.0 for k in keys})
+    result = astra.plan(num_tokens=1024, num_devices=4, bandwidth_mbps=10, profile=slow_encoder)
+    assert result.recommended.method == "single"
+    assert "slower than one device" in result.summary()
+    fast = astra.plan(num_tokens=1024, num_devices=4, bandwidth_mbps=10, profile=gpt2_profile())
+    assert fast.recommended.method == "astra" and fast.recommended.speedup_vs_single > 1
+    assert fast.recommended.latency_s == min(p.latency_s for p in fast.predictions if p.method == "astra")
+    assert "recommended: astra" in fast.summary()
+
+
+def test_accuracy_bound_keeps_only_measured_settings_within_it():
+    rows = [
+        {"N": 4, "G": 1, "K": 1024, "quantize": "hidden", "metric": "perplexity", "value": 39.45, "run": "gpt2-g1-hidden"},
+        {"N": 4, "G": 32, "K": 1024, "quantize": "kv", "metric": "perplexity", "value": 36.38, "run": "gpt2-g32-kv"},
+        {"N": 4, "G": 1, "K": 1024, "quantize": "kv", "metric": "perplexity", "value": 30.0, "run": "gpt2-g1-kv-naq0"},  # ablation
+    ]
+    result = astra.plan(num_tokens=1024, num_devices=4, bandwidth_mbps=10, profile=gpt2_profile(), accuracy_rows=rows,
+                        reference_value=36.38, max_perplexity_increase_percent=1.0)  # fmt: skip
+    assert (result.recommended.groups, result.recommended.quantize) == (32, "kv")
+    allowed = {(p.groups, p.quantize) for p in result.predictions if p.method == "astra" and p.allowed}
+    assert allowed == {(32, "kv")}
+    assert "within the accuracy bound" in result.summary()
+    vit_rows = [{"N": 4, "G": 8, "K": 1024, "quantize": "hidden", "metric": "accuracy", "value": 85.04, "run": "vit-g8-hidden"}]
+    none_left = astra.plan(num_tokens=197, num_devices=4, bandwidth_mbps=10, profile=vit_profile(), accuracy_rows=vit_rows,
+                           reference_value=86.23, max_accuracy_drop_points=0.5)  # fmt: skip
+    assert none_left.recommended.method == "single" and "accuracy bound" in none_left.recommended.reason
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"num_devices": 0}, "num_devices"),
+        ({"num_tokens": 1.5}, "num_tokens"),
+        ({"num_tokens": 3, "num_devices": 4}, "num_tokens"),
+        ({"bandwidth_mbps": -1}, "bandwidth_mbps"),
+        ({"bandwidth_mbps": float("inf")}, "bandwidth_mbps"),
+        ({"loss_percent": 100}, "loss_percent"),
+        ({"latency_ms": float("nan")}, "latency_ms"),
+        ({"groups": (0,)}, "groups"),
+        ({"quantize": ("keys",)}, "quantize"),
+        ({"max_perplexity_increase_percent": 1.0}, "accuracy_rows"),
+        ({"max_perplexity_increase_percent": 1.0, "max_accuracy_drop_points": 1.0}, "one accuracy bound"),
+        ({"num_tokens": None}, "num_tokens is needed"),
+        ({"codebook_size": 256}, "codebook_size"),
+    ],
+)
+def test_bad_inputs_are_named(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        astra.plan(**{"num_tokens": 1024, "num_devices": 4, "bandwidth_mbps": 10, "profile": gpt2_profile(), **kwargs})
+
+
+def test_plan_needs_a_model_or_a_profile_and_a_matching_one():
+    with pytest.raises(ValueError, match="model or a DeviceProfile"):
+        astra.plan(num_tokens=64, num_devices=2)
+    model = build("gpt2", small=True).model
+    with pytest.raises(ValueError, match="calibrate_device"):
+        astra.plan(model, num_tokens=48, num_devices=2, profile=gpt2_profile())
+    with pytest.raises(ValueError, match="missing field"):
+        DeviceProfile.from_dict({"model_type": "gpt2"})
+
+
+def test_balanced_shards_give_the_causal_last_rank_fewer_tokens():
+    profile = gpt2_profile()
+    config = astra.AstraConfig(num_devices=4, groups=1)
+    sizes = balanced_shard_sizes(profile, 1024, config)
+    assert sum(sizes) == 1024 and sizes[0] > sizes[-1] and min(sizes) >= 1
+    even = predict_astra(profile, config, 1024, fast_link())
+    balanced = predict_astra(profile, config.replace(shard_sizes=sizes), 1024, fast_link())
+    assert max(balanced.compute_s) < max(even.compute_s)
+    assert max(balanced.compute_s) - min(balanced.compute_s) < 0.05 * max(balanced.compute_s)
+
+
+@pytest.mark.parametrize("workload", ["gpt2", "vit"])
+def test_calibration_measures_positive_rates_and_leaves_a_patched_model_alone(workload):
+    torch.manual_seed(0)
+    built = build(workload, small=True)
+    astra.patch(built.model, num_devices=2, groups=4, codebook_size=16)
+    profile = astra.calibrate_device(built.model, num_tokens=48 if built.causal else None, groups=(1, 4), repeats=1,
+                                     progress=False)  # fmt: skip
+    assert astra.is_patched(built.model) and profile.codebook_size == 16  # the patched model's own K
+    assert profile.causal == built.causal and profile.num_layers == 2 and profile.hidden_size == 64
+    assert min(profile.measured_forward_s) > 0 and profile.per_token_s >= 0 and profile.fixed_s >= 0
+    assert profile.attention_masked_s > 0 and profile.attention_full_s > 0 and profile.project_kv_s > 0
+    assert set(profile.encode_s) == {"1/hidden", "1/kv", "4/hidden", "4/kv"} and min(profile.encode_s.values()) > 0
+    assert DeviceProfile.from_dict(profile.to_dict()) == profile
+    result = astra.plan(built.model, num_tokens=None if not built.causal else built.num_tokens, num_devices=2, bandwidth_mbps=10,
+                        profile=profile, groups=(1, 4))  # fmt: skip
+    assert {p.method for p in result.predictions} >= {"single", "astra", "sp-fp16"}
+    assert all(p.latency_s > 0 for p in result.predictions)
+    assert result.summary().splitlines()[0].startswith("ASTRA plan:")
