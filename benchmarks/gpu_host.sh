@@ -60,9 +60,16 @@ if [ "$smoke" = "--smoke" ]; then gpt2_groups=(1 32); vit_groups=(8); fi
 step shaping 20 python3 -m benchmarks.netns measure --seconds 1 --mbps 10 100 --loss 0 5 --machine "$machine" --json "$out/shaping-gpu-host.json"
 # Goal 1: GPT2 1024-token prefill, N=4, every G, hidden and kv, at 10 and 100 Mbps.
 step gpt2-n4 120 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups "${gpt2_groups[@]}" --quantize hidden kv \
-    --links real --bandwidths "${bandwidths[@]}"
+    --links real --bandwidths 10
+# The Llama workload, once astra.patch accepts LlamaForCausalLM (skipped cleanly before).
+if python3 -c "from benchmarks.workloads import workload_available as a; raise SystemExit(0 if a('llama') else 1)"; then
+    step llama-n4 90 bench --workload llama "${tokens[@]}" --n 4 --methods astra --groups 32 --quantize hidden kv --links real --bandwidths "${bandwidths[@]}"
+else
+    echo "SKIPPED llama: astra.patch does not accept LlamaForCausalLM in this checkout" | tee -a "$out/skipped.txt"
+fi
+
 # Goal 2: ViT-B/16, N=4, G=8 and 32.
-step vit-n4 40 bench --workload vit --n 4 --methods astra --groups "${vit_groups[@]}" --quantize hidden \
+step vit-n4 40 bench --workload vit --n 4 --methods astra --groups "${vit_groups[@]}" --quantize hidden kv \
     --links compute real --bandwidths "${bandwidths[@]}"
 # Goal 3: GPT2, N=8 (16 cores), G=1 (hidden, kv) and the most accurate setting (G=32 kv, docs/results.md).
 step gpt2-n8-g1 60 bench --workload gpt2 "${tokens[@]}" --n 8 --methods astra --groups 1 --quantize hidden kv --links real \
@@ -71,12 +78,6 @@ step gpt2-n8-g32kv 40 bench --workload gpt2 "${tokens[@]}" --n 8 --methods astra
 # The planner's device profiles (one benchmark rank's 2 cores); later: its compute-only check rows and balanced shards.
 step calibrate-gpt2 40 calibrate --workload gpt2 "${tokens[@]}"
 step calibrate-vit 20 calibrate --workload vit
-# The Llama workload, once astra.patch accepts LlamaForCausalLM (skipped cleanly before).
-if python3 -c "from benchmarks.workloads import workload_available as a; raise SystemExit(0 if a('llama') else 1)"; then
-    step llama-n4 90 bench --workload llama "${tokens[@]}" --n 4 --methods astra --groups 32 --quantize hidden --links real --bandwidths 10
-else
-    echo "SKIPPED llama: astra.patch does not accept LlamaForCausalLM in this checkout" | tee -a "$out/skipped.txt"
-fi
 # The planner's balanced shard sizes for the most accurate setting (predicted: the slowest rank 1.2x faster).
 if ls "$out"/device_profiles/gpt2-*.json >/dev/null 2>&1; then
     ntok=${tokens[1]:-1024}  # ${tokens[@]} is empty or (--tokens N)
