@@ -7,7 +7,9 @@
 #                                                  #   outputs/gpt2-base, outputs/vit-base (call 1's, collected)
 #   bash scripts/gpu/accuracy_call.sh 1 --smoke    # here, on the CPU: tiny models, a few steps, same code paths
 # Environment: OUT (default /tmp/astra-call-out), ASTRA_CALL_SECONDS (whole call, default 520),
-#   ASTRA_JOBS (concurrent trainings, default 16; 3 with --smoke), ASTRA_WORK (default outputs).
+#   ASTRA_JOBS (concurrent trainings, default 16; 3 with --smoke), ASTRA_WORK (default outputs),
+#   ASTRA_ONLY (regular expressions on job names, e.g. '(gpt2|llama|english)-.*' when the 64 MiB a call may
+#   carry leave out a task's base and data).
 set -uo pipefail
 call=${1:?usage: accuracy_call.sh 1|2 [--smoke]}
 smoke=${2:-}
@@ -38,6 +40,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 # Leave 40 s for packing; base trainings get at most 2.5 minutes (3 on an idle GPU would not finish later runs).
 deadline=$((start + budget - 40))
 python3 examples/accuracy_sweep.py run --call "$call" --out "$work" --jobs "$jobs" --workers 1 \
-    --deadline-at "$deadline" --base-minutes "${ASTRA_BASE_MINUTES:-2.5}" $smoke
+    --deadline-at "$deadline" --base-minutes "${ASTRA_BASE_MINUTES:-2.5}" $smoke ${ASTRA_ONLY:+--only $ASTRA_ONLY}
 python3 examples/accuracy_sweep.py pack --call "$call" --out "$work" --dest "$out"
 echo "call $call took $(( $(date +%s) - start )) s"
