@@ -315,11 +315,24 @@ def accuracy_change(row: dict, reference: float | None) -> float | None:
     return row["value"] - reference
 
 
+HEADLINE_RUN = re.compile(r"(gpt2|vit|llama)-g\d+-(hidden|kv)")
+
+
+def is_headline_accuracy_row(row: dict) -> bool:
+    """The plain fine-tuning of a (model, G, quantize) evaluated as it was fine-tuned: its own N, even shards, the
+    training data's test split, this campaign (not an ablation, an N-agnostic run, another layout or dataset)."""
+    if not HEADLINE_RUN.fullmatch(row.get("run", "")) or row.get("campaign", "current") != "current":
+        return False
+    if row.get("eval_num_devices", row["N"]) != row["N"] or row.get("eval_shard_sizes"):
+        return False
+    return row.get("eval_dataset", f"{row.get('dataset')}:test") == f"{row.get('dataset')}:test"
+
+
 def pareto_rows(latency: list[dict], accuracy: tuple[list[dict], list[dict]]) -> list[dict]:
     """Every ASTRA latency row at 10 Mbps (real link, no loss) joined with the accuracy row of the same model
     family, N, G, quantize and K (the plain run: no ablation of NAQ, DCT or beta), and that family's control."""
     rows, controls = accuracy
-    plain = [r for r in rows if r.get("run", "").count("-") <= 2]  # e.g. gpt2-g8-hidden, not gpt2-g1-hidden-naq0
+    plain = [r for r in rows if is_headline_accuracy_row(r)]
     control_of = {(model_family(c["model"]), c["N"]): c for c in controls}
     out = []
     for lat in latency:
@@ -330,14 +343,16 @@ def pareto_rows(latency: list[dict], accuracy: tuple[list[dict], list[dict]]) ->
             if (model_family(acc["model"]), acc["N"], acc["G"], acc["quantize"], acc["K"]) != (lat["model"], lat["N"], lat["G"], lat["quantize"], codebook):
                 continue
             control = control_of.get((lat["model"], acc["N"]))
+            control_value = acc.get("control_value", control["value"] if control else None)
             row = {
                 "model": lat["model"], "N": lat["N"], "bandwidth_mbps": lat["bandwidth_mbps"], "G": lat["G"],
                 "quantize": lat["quantize"], "codebook_size": codebook, "speedup_vs_single": lat["speedup_vs_single"],
                 "metric": acc["metric"], "value": acc["value"], "base_value": acc["base_value"],
-                "control_value": control["value"] if control else None,
-                "latency_command": lat["command"], "accuracy_command": acc["command"],
+                "control_value": control_value,
+                "latency_command": lat["command"], "accuracy_command": acc.get("command") or (acc.get("commands") or [None])[0],
                 "latency_label": lat["label"], "machine": lat["machine"], "latency_median_s": lat["median_s"],
                 "accuracy_model": acc["model"], "accuracy_hardware": acc.get("hardware"),
+                "accuracy_seeds": acc.get("seeds"), "accuracy_std": acc.get("std"),
             }  # fmt: skip
             row["change_vs_base"] = accuracy_change(acc, acc["base_value"])
             row["change_vs_control"] = accuracy_change(acc, row["control_value"])
