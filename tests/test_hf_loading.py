@@ -226,3 +226,11 @@ def test_importing_the_library_pulls_in_neither_datasets_nor_evaluate():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "[]", run.stderr[-2000:]
+
+
+def test_device_map_loading_goes_through_transformers_loader(checkpoint):
+    model, directory = checkpoint
+    loaded = AutoModelForCausalLM.from_pretrained(directory, device_map="cpu")
+    assert astra.is_patched(loaded) and {tensor.device.type for tensor in loaded.state_dict().values()} == {"cpu"}
+    batch = gpt2_batch(seed=10)
+    assert torch.equal(logits(loaded, batch), logits(model, batch))

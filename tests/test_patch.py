@@ -192,3 +192,15 @@ def test_training_after_an_inference_mode_forward():
         model.eval()(**batch)
     model.train()(**batch).logits.sum().backward()
     assert astra.quantizers(model)[0].codebook.grad is not None
+
+
+def test_patch_refuses_a_model_quantized_otherwise_and_accepts_a_config_read_from_an_astra_checkpoint():
+    model, _ = make_pair(GPT2LMHeadModel, tiny_gpt2_config())
+    model.config.quantization_config = {"quant_method": "bitsandbytes_4bit"}
+    with pytest.raises(ValueError, match="already quantized .*bitsandbytes_4bit"):
+        astra.patch(model, num_devices=2, groups=4)
+    assert not astra.is_patched(model)
+    # A model built from the config.json of an ASTRA checkpoint (AutoConfig gives the block as a dict).
+    model.config.quantization_config = {"quant_method": "astra", "groups": 4}
+    astra.patch(model, num_devices=2, groups=4)
+    assert isinstance(model.config.quantization_config, astra.AstraQuantizationConfig)

@@ -307,13 +307,28 @@ class AstraNAQCallback(TrainerCallback, ExportableState):
         if self.usage is not None:
             self.usage.remove()
         self.usage = CodeUsage(quantizers(model), self.reservoir_size)
-        if self._saved_counts is not None:
+        if self._saved_counts is not None and _rank() == 0:  # rank 0 saved the whole group's counts (see below)
             self.usage.import_counts(self._saved_counts)
-            self._saved_counts = None
+        self._saved_counts = None
         self._apply_noise_schedule(state)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._apply_noise_schedule(state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._gather_counts_before_save(control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._gather_counts_before_save(control)
+
+    def _gather_counts_before_save(self, control) -> None:
+        """A checkpoint follows (DefaultFlowCallback, called before us, decided): only rank 0 writes `state`,
+        so the window's counts are summed onto rank 0 and cleared elsewhere. The next log's all-reduce gives
+        the same totals as without the checkpoint."""
+        if control.should_save and self.usage is not None and _distributed():
+            self.usage.all_reduce()
+            if _rank() != 0:
+                self.usage.clear()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # Called on every rank for every log (training and evaluation); act once per window of training steps.

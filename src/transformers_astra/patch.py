@@ -13,7 +13,7 @@ from transformers.quantizers import AutoHfQuantizer
 from . import attention
 from .config import AstraConfig
 from .models import adapter_for
-from .quantization_config import AstraQuantizationConfig
+from .quantization_config import QUANT_METHOD, AstraQuantizationConfig
 from .quantizer import GroupedVQ
 from .state import AstraState, LayerState
 
@@ -40,9 +40,12 @@ def patch(model: nn.Module, config: AstraConfig | None = None, **overrides: Any)
             f"({existing.config.to_dict()}); call astra.unpatch(model) first."
         )
     adapter.validate(model, config)
-    foreign = getattr(model.config, "quantization_config", None)
-    if foreign is not None and not isinstance(foreign, AstraQuantizationConfig):
-        raise ValueError(f"This model is already quantized ({foreign!r:.120}); ASTRA patches full-precision models only.")
+    recorded = getattr(model.config, "quantization_config", None)
+    ours = isinstance(recorded, AstraQuantizationConfig) or (
+        isinstance(recorded, dict) and recorded.get("quant_method") == QUANT_METHOD
+    )
+    if recorded is not None and not ours:
+        raise ValueError(f"This model is already quantized ({recorded!r:.120}); ASTRA patches full-precision models only.")
     attention.register()
 
     state = AstraState(config, adapter, original_attn_implementation=model.config._attn_implementation)
