@@ -1,0 +1,130 @@
+"""Faults of the distributed runtime through real 2-process gloo launches (issue 11, items 2-4 and 8).
+
+One launch walks through the liveness and mismatch cases (`runtime_fault_workers.liveness_worker`);
+kill trials launch pairs in which one rank dies mid-forward; the start-up cases launch single ranks.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import runtime_fault_workers as workers
+import torch
+import torch.multiprocessing as mp
+from test_distributed import free_port
+
+LAUNCH_TIMEOUT_S = 120
+
+
+def launch(worker, out_dir: Path, world_size: int = 2, wait_for=None) -> list:
+    """Spawn the ranks; wait for ``wait_for`` (default all), then kill any left (a frozen rank) and collect."""
+    context = mp.get_context("spawn")
+    port = free_port()
+    processes = [context.Process(target=worker, args=(rank, world_size, port, str(out_dir))) for rank in range(world_size)]
+    for process in processes:
+        process.start()
+    for rank in wait_for if wait_for is not None else range(world_size):
+        processes[rank].join(LAUNCH_TIMEOUT_S)
+        assert not processes[rank].is_alive(), f"rank {rank} did not finish within {LAUNCH_TIMEOUT_S}s"
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+        process.join()
+    return [
+        {
+            "outcomes": torch.load(out_dir / f"rank{rank}.pt", weights_only=False) if (out_dir / f"rank{rank}.pt").exists() else {},
+            "exitcode": process.exitcode,
+            "stderr": (out_dir / f"stderr{rank}.txt").read_text(),
+        }
+        for rank, process in enumerate(processes)
+    ]
+
+
+@pytest.fixture(scope="module")
+def liveness(tmp_path_factory):
+    return launch(workers.liveness_worker, tmp_path_factory.mktemp("liveness"), wait_for=[1])
+
+
+def outcome(results, rank, case):
+    return results[rank]["outcomes"][case]
+
+
+def test_a_busy_rank_is_waited_for_in_the_handshake_and_in_a_forward(liveness):
+    for rank in (0, 1):
+        assert outcome(liveness, rank, "handshake")[0] == "ok"
+        message, diff, seconds = outcome(liveness, rank, "busy")
+        assert message == "ok" and diff <= 1e-4, (rank, message)
+    assert outcome(liveness, 1, "busy")[2] >= workers.BUSY_S  # rank 1 really waited longer than the timeout
+
+
+def test_a_decode_longer_than_the_timeout_succeeds_on_every_rank(liveness):
+    for rank in (0, 1):
+        message, matches, seconds = outcome(liveness, rank, "slow decode")
+        assert message == "ok" and matches, (rank, message)
+        assert seconds > 2 * workers.TIMEOUT
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("lengths", "ValueError: ASTRA ranks disagree on 'sequence length' (ranks [1] differ from rank 0: [10, 12])"),
+        ("batch sizes", "ValueError: ASTRA ranks disagree on 'batch size' (ranks [1] differ from rank 0: [2, 3])"),
+        ("check_inputs on one rank only", "ValueError: ASTRA ranks disagree on 'check_inputs' (ranks [1]"),
+        ("generate lengths", "ValueError: ASTRA ranks disagree on 'sequence length'"),
+        ("too long", "ValueError: the sequence needs 65 positions but this gpt2 model has 64"),
+    ],
+)
+def test_mismatched_calls_without_the_input_check_fail_by_name_on_every_rank(liveness, case, expected):
+    for rank in (0, 1):
+        message = outcome(liveness, rank, case)[0]
+        assert message.startswith(expected), (rank, message)
+
+
+def test_different_max_new_tokens_return_the_last_ranks_tokens_everywhere(liveness):
+    (message0, ids0, _), (message1, ids1, _) = (outcome(liveness, rank, "max_new_tokens") for rank in (0, 1))
+    assert message0 == message1 == "ok"
+    assert ids0 == ids1 and len(ids0[0]) <= 10 + 4
+
+
+def test_the_group_stays_usable_after_named_errors(liveness):
+    for rank in (0, 1):
+        assert outcome(liveness, rank, "after the errors")[:2] == ("ok", True), rank
+
+
+def test_a_frozen_rank_ends_the_survivor_within_the_timeout(liveness):
+    message, _, seconds = outcome(liveness, 1, "frozen")
+    assert message.startswith("PeerFailureError: ASTRA rank 1/2: the code exchange with ranks [0] failed"), message
+    assert "no heartbeat from rank(s) [0]" in message
+    assert workers.TIMEOUT <= seconds <= workers.TIMEOUT + 2.0
+    assert liveness[1]["exitcode"] == 0, liveness[1]["stderr"][-2000:]
+    assert "terminate called" not in liveness[1]["stderr"]
+
+
+KILL_TRIALS = 10
+
+
+def test_a_rank_killed_mid_forward_gives_a_named_error_and_no_abort(tmp_path):
+    started = time.monotonic()
+    context = mp.get_context("spawn")
+    ports = [free_port() for _ in range(KILL_TRIALS)]
+    processes = [context.Process(target=workers.kill_trials, args=(rank, ports, str(tmp_path))) for rank in (0, 1)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(LAUNCH_TIMEOUT_S)
+    hung = [rank for rank, process in enumerate(processes) if process.is_alive()]
+    for rank in hung:
+        processes[rank].kill()
+    assert not hung, f"ranks {hung} did not finish {KILL_TRIALS} trials within {LAUNCH_TIMEOUT_S}s"
+    statuses = [torch.load(tmp_path / f"statuses{rank}.pt") for rank in (0, 1)]
+    for trial in range(KILL_TRIALS):
+        trial_dir = tmp_path / str(trial)
+        message, _, seconds = torch.load(trial_dir / "rank1.pt", weights_only=False)["killed"]
+        assert message.startswith("PeerFailureError: ASTRA rank 1/2: the code exchange with ranks [0] failed"), (trial, message)
+        assert seconds < workers.TIMEOUT  # a closed connection is seen at once, no need to wait for silence
+        stderr = (trial_dir / "stderr1.txt").read_text()
+        assert statuses[0][trial] == 9 and statuses[1][trial] == 0, (trial, statuses, stderr[-2000:])
+        assert "terminate called" not in stderr, (trial, stderr[-2000:])
+    print(f"{KILL_TRIALS} kill trials in {time.monotonic() - started:.1f}s")
