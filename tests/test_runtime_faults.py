@@ -6,6 +6,7 @@ kill trials launch pairs in which one rank dies mid-forward; the start-up cases 
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -98,6 +99,7 @@ def test_a_frozen_rank_ends_the_survivor_within_the_timeout(liveness):
     assert message.startswith("PeerFailureError: ASTRA rank 1/2: the code exchange with ranks [0] failed"), message
     assert "no heartbeat from rank(s) [0]" in message
     assert workers.TIMEOUT <= seconds <= workers.TIMEOUT + 2.0
+    print(f"frozen rank 0: rank 1 raised after {seconds:.2f}s (timeout {workers.TIMEOUT:g}s)")
     assert liveness[1]["exitcode"] == 0, liveness[1]["stderr"][-2000:]
     assert "terminate called" not in liveness[1]["stderr"]
 
@@ -119,12 +121,67 @@ def test_a_rank_killed_mid_forward_gives_a_named_error_and_no_abort(tmp_path):
         processes[rank].kill()
     assert not hung, f"ranks {hung} did not finish {KILL_TRIALS} trials within {LAUNCH_TIMEOUT_S}s"
     statuses = [torch.load(tmp_path / f"statuses{rank}.pt") for rank in (0, 1)]
+    times = []
     for trial in range(KILL_TRIALS):
         trial_dir = tmp_path / str(trial)
         message, _, seconds = torch.load(trial_dir / "rank1.pt", weights_only=False)["killed"]
         assert message.startswith("PeerFailureError: ASTRA rank 1/2: the code exchange with ranks [0] failed"), (trial, message)
         assert seconds < workers.TIMEOUT  # a closed connection is seen at once, no need to wait for silence
+        times.append(seconds)
         stderr = (trial_dir / "stderr1.txt").read_text()
         assert statuses[0][trial] == 9 and statuses[1][trial] == 0, (trial, statuses, stderr[-2000:])
         assert "terminate called" not in stderr, (trial, stderr[-2000:])
-    print(f"{KILL_TRIALS} kill trials in {time.monotonic() - started:.1f}s")
+    print(f"{KILL_TRIALS} kill trials in {time.monotonic() - started:.1f}s; survivor's error after {min(times):.3f}-{max(times):.3f}s")
+
+
+# ------------------------------------------------------------------ start-up (rendezvous) bounded by the timeout
+START_TIMEOUT = 2.0
+
+
+def rendezvous_in_threads(settings: list[tuple[int, int]], port: int) -> list[tuple[str, float]]:
+    """Run `init_process_group` for each (rank, WORLD_SIZE) in a thread of this process.
+
+    Every case here fails before torch's process group exists, so threads stand in for processes.
+    """
+    from transformers_astra.rendezvous import init_process_group
+
+    results: list = [None] * len(settings)
+
+    def rank_main(index, rank, world_size):
+        started = time.monotonic()
+        try:
+            init_process_group("gloo", timeout=START_TIMEOUT, rank=rank, world_size=world_size,
+                               master_addr="127.0.0.1", master_port=port)
+            results[index] = ("ok", time.monotonic() - started)
+        except (ValueError, RuntimeError) as error:
+            results[index] = (f"{type(error).__name__}: {error}", time.monotonic() - started)
+
+    threads = []
+    for index, (rank, world_size) in enumerate(settings):
+        threads.append(threading.Thread(target=rank_main, args=(index, rank, world_size)))
+        threads[-1].start()
+        time.sleep(0.2)  # rank 0 first, as in the measured failures
+    for thread in threads:
+        thread.join(5 * START_TIMEOUT)
+    return results
+
+
+def test_no_rank_0_is_a_named_error_within_the_timeout():
+    [(message, seconds)] = rendezvous_in_threads([(1, 2)], free_port())
+    assert message.startswith("RendezvousError: rank 1: could not reach the start-up store at 127.0.0.1:"), message
+    assert START_TIMEOUT <= seconds <= START_TIMEOUT + 0.5
+
+
+def test_a_missing_rank_is_a_named_error_within_the_timeout():
+    [(message, seconds)] = rendezvous_in_threads([(0, 2)], free_port())
+    assert message == f"RendezvousError: rank 0: ranks [1] of WORLD_SIZE=2 did not arrive at 127.0.0.1:{message.split(':')[-1].split()[0]} within 2s"
+    assert START_TIMEOUT <= seconds <= START_TIMEOUT + 0.5
+
+
+@pytest.mark.parametrize("world_sizes", [(2, 3), (3, 2)])
+def test_different_world_sizes_are_a_value_error_naming_both_on_every_rank(world_sizes):
+    results = rendezvous_in_threads([(0, world_sizes[0]), (1, world_sizes[1])], free_port())
+    expected = f"ValueError: ranks were started with different WORLD_SIZE: rank 0 has {world_sizes[0]}, rank 1 has {world_sizes[1]}"
+    for message, seconds in results:
+        assert message == expected
+        assert seconds <= 1.0  # found as soon as both ranks are there, long before the timeout

@@ -17,9 +17,12 @@ full precision and to the other shards' keys/values decoded from the codes it re
 API
 - ``DistributedRuntime(model, group=None, overlap=True, timeout=60.0, check_inputs=True, projection_table=True)``. ``group``: the
   process group whose size must equal ``num_devices`` (default: the default group). ``overlap``: attend
-  to the local keys while the codes are in flight. ``timeout``: seconds any rank waits for any exchange
-  before raising (a dead or stalled rank). ``check_inputs``: compare a hash of every call's inputs
-  across ranks first (one 48-byte all_gather; ValueError naming the input that differs). Construction
+  to the local keys while the codes are in flight. ``timeout``: seconds of silence from a peer before an
+  exchange fails (`liveness.PeerFailureError`): a peer that is alive and busy (its heartbeat advances)
+  is waited for, up to the process group's own operation timeout; a dead or frozen one ends every
+  wait within ``timeout``. Every call starts with one fixed-size all_gather of the batch size, the
+  sequence layout and (``check_inputs``) digests of the inputs: ValueError on every rank naming what
+  differs; every later exchange has sizes derived from that agreed layout. Construction
   runs a checksum handshake (AstraConfig, model config, weights, codebooks) and raises ValueError
   naming what differs. Inference only; ``runtime.layout`` is the `ShardLayout` of the latest call and
   ``runtime.traffic`` its bytes. The runtime's hooks live for one call only (``close()`` has nothing
