@@ -118,21 +118,25 @@ def current_heartbeat() -> Heartbeat | None:
     return _heartbeat
 
 
-def wait(work, what: str, timeout: float, peers: list[int], where: str, sliced: bool = True) -> None:
-    """Wait for ``work``; `PeerFailureError` naming ``what`` when it fails or a peer is silent for ``timeout``.
+def wait(works, what: str, timeout: float, peers: list[int], where: str, sliced: bool = True) -> None:
+    """Wait for ``works`` (one or a list); `PeerFailureError` naming ``what`` when one fails or a peer is silent for ``timeout``.
 
     ``peers``: global ranks this exchange depends on. ``where``: who waits ("ASTRA rank 1/2").
-    ``sliced=False`` (NCCL): one wait bounded by ``timeout``, as the backend implements it.
+    ``sliced=False`` (NCCL): one wait bounded by ``timeout`` per work, as the backend implements it.
     """
+    works = list(works) if isinstance(works, (list, tuple)) else [works]
     started = time.monotonic()
     heartbeat = current_heartbeat() if sliced else None
     if heartbeat is None:
         try:
-            work.wait(timedelta(seconds=timeout))
+            for work in works:
+                work.wait(timedelta(seconds=timeout))
         except RuntimeError as error:  # DistBackendError is a RuntimeError
             raise _failure(where, what, started, timeout, f"a rank died, stalled or gave up. Cause: {error}") from error
         return
-    done, outcome = _completion(work)
+    if not works:
+        return
+    done, outcome = _completion(works)
     while not done.wait(max(heartbeat.interval, 0.01)):
         silent = {peer: s for peer, s in heartbeat.silence(peers, started).items() if s > timeout}
         if silent:
@@ -146,17 +150,20 @@ def wait(work, what: str, timeout: float, peers: list[int], where: str, sliced: 
         raise _failure(where, what, started, timeout, f"a rank died or gave up. Cause: {error}") from error
 
 
-def _completion(work) -> tuple[threading.Event, list[Exception]]:
-    """An event set when ``work`` ends, and the exception it ended with (if any).
+def _completion(works: list) -> tuple[threading.Event, list[Exception]]:
+    """An event set when every one of ``works`` has ended, and the first exception among them (if any).
 
-    Collectives have a future to hang a callback on; gloo's point-to-point works do not (and a gloo
-    wait with a timeout closes the connection when it expires), so a helper thread waits for those.
+    A single collective has a future to hang a callback on; gloo's point-to-point works do not (and a
+    gloo wait with a timeout closes the connection when it expires), so one helper thread waits for
+    those, in order (about 0.1-0.2 ms per call on this project's CPU container).
     """
     done, outcome = threading.Event(), []
-    try:
-        future = work.get_future()
-    except RuntimeError:
-        future = None
+    future = None
+    if len(works) == 1:
+        try:
+            future = works[0].get_future()
+        except RuntimeError:
+            future = None
     if future is not None:
         def finished(fut):
             try:
@@ -170,7 +177,8 @@ def _completion(work) -> tuple[threading.Event, list[Exception]]:
 
     def waiter():
         try:
-            work.wait()
+            for work in works:
+                work.wait()
         except Exception as error:  # noqa: BLE001 - handed to the waiting thread
             outcome.append(error)
         done.set()

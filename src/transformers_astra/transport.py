@@ -110,7 +110,7 @@ class CodeTransport:
         self.traffic.received[kind] += received
 
     def wait(self, work, what: str) -> None:
-        """Wait for an async collective: `liveness.PeerFailureError` naming ``what`` when a peer is lost.
+        """Wait for an async collective (or a list of works): `liveness.PeerFailureError` naming ``what`` when a peer is lost.
 
         A busy peer (its heartbeat advances) is waited for; one silent for ``timeout`` seconds is not.
         """
@@ -166,6 +166,5 @@ class _PointToPointTransfer(CodeTransfer):
         transport.count("codes", len(receivers) * sizes[transport.rank], sum(sizes[s] for s in sources))
 
     def wait(self) -> list[torch.Tensor]:
-        for work in self.works:
-            self.transport.wait(work, f"the code exchange with ranks {self.sources}")
+        self.transport.wait(self.works, f"the code exchange with ranks {self.sources}")
         return [self.transport.unpack(self.buffers[s], self.shapes[s]) for s in self.sources]
