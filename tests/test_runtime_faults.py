@@ -19,20 +19,28 @@ from test_distributed import free_port
 LAUNCH_TIMEOUT_S = 120
 
 
-def launch(worker, out_dir: Path, world_size: int = 2, wait_for=None) -> list:
-    """Spawn the ranks; wait for ``wait_for`` (default all), then kill any left (a frozen rank) and collect."""
-    context = mp.get_context("spawn")
-    port = free_port()
-    processes = [context.Process(target=worker, args=(rank, world_size, port, str(out_dir))) for rank in range(world_size)]
+def start_and_join(worker, args_per_rank: list[tuple], wait_for=None) -> list:
+    """Spawn one process per args tuple; join ``wait_for`` (default all, each must end), kill the rest (a frozen rank)."""
+    processes = [mp.get_context("spawn").Process(target=worker, args=args) for args in args_per_rank]
     for process in processes:
         process.start()
-    for rank in wait_for if wait_for is not None else range(world_size):
+    for rank in wait_for if wait_for is not None else range(len(processes)):
         processes[rank].join(LAUNCH_TIMEOUT_S)
-        assert not processes[rank].is_alive(), f"rank {rank} did not finish within {LAUNCH_TIMEOUT_S}s"
+        if processes[rank].is_alive():
+            for process in processes:
+                process.kill()
+            pytest.fail(f"rank {rank} did not finish within {LAUNCH_TIMEOUT_S}s")
     for process in processes:
         if process.is_alive():
             process.kill()
         process.join()
+    return processes
+
+
+def launch(worker, out_dir: Path, world_size: int = 2, wait_for=None) -> list:
+    """Run ``worker`` on ``world_size`` ranks and collect each rank's outcomes, exit code and stderr."""
+    port = free_port()
+    processes = start_and_join(worker, [(rank, world_size, port, str(out_dir)) for rank in range(world_size)], wait_for)
     return [
         {
             "outcomes": torch.load(out_dir / f"rank{rank}.pt", weights_only=False) if (out_dir / f"rank{rank}.pt").exists() else {},
@@ -109,17 +117,8 @@ KILL_TRIALS = 10
 
 def test_a_rank_killed_mid_forward_gives_a_named_error_and_no_abort(tmp_path):
     started = time.monotonic()
-    context = mp.get_context("spawn")
     ports = [free_port() for _ in range(KILL_TRIALS)]
-    processes = [context.Process(target=workers.kill_trials, args=(rank, ports, str(tmp_path))) for rank in (0, 1)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(LAUNCH_TIMEOUT_S)
-    hung = [rank for rank, process in enumerate(processes) if process.is_alive()]
-    for rank in hung:
-        processes[rank].kill()
-    assert not hung, f"ranks {hung} did not finish {KILL_TRIALS} trials within {LAUNCH_TIMEOUT_S}s"
+    start_and_join(workers.kill_trials, [(rank, ports, str(tmp_path)) for rank in (0, 1)])
     statuses = [torch.load(tmp_path / f"statuses{rank}.pt") for rank in (0, 1)]
     times = []
     for trial in range(KILL_TRIALS):

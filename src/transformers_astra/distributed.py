@@ -66,6 +66,7 @@ from .config import validate_timeout
 from .exchange import rebuild_keys_values, sent_vectors, split_heads
 from . import liveness
 from .handshake import CHECKED_INPUTS, check_same_call, check_same_model
+from .liveness import PeerFailureError
 from .kernels import PROJECTION_TABLE_MAX_BYTES, merge_partials, partial_attention, projected_from_codes, projection_tables
 from .models.base import RankView
 from .patch import astra_state, quantizers
@@ -87,6 +88,7 @@ __all__ = [
     "PROJECTION_TABLE_MAX_BYTES",
     "TRAFFIC_KINDS",
     "DistributedRuntime",
+    "PeerFailureError",
     "RankExchange",
     "Traffic",
     "code_receivers",
