@@ -6,6 +6,8 @@ kill trials launch pairs in which one rank dies mid-forward; the start-up cases 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -184,3 +186,20 @@ def test_different_world_sizes_are_a_value_error_naming_both_on_every_rank(world
     for message, seconds in results:
         assert message == expected
         assert seconds <= 1.0  # found as soon as both ranks are there, long before the timeout
+
+
+def test_rendezvous_under_torchrun_uses_the_agents_store(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import os, torch, torch.distributed as dist\n"
+        "from transformers_astra.rendezvous import init_process_group\n"
+        "init_process_group('gloo', timeout=10)\n"
+        "total = torch.tensor([dist.get_rank() + 1]); dist.all_reduce(total)\n"
+        "print('rank', dist.get_rank(), 'total', total.item(), 'agent store', os.environ.get('TORCHELASTIC_USE_AGENT_STORE'))\n"
+        "dist.destroy_process_group()\n"
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), str(script)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank} total 3 agent store True" in completed.stdout
