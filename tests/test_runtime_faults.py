@@ -195,11 +195,11 @@ def test_rendezvous_under_torchrun_uses_the_agents_store(tmp_path):
         "from transformers_astra.rendezvous import init_process_group\n"
         "init_process_group('gloo', timeout=10)\n"
         "total = torch.tensor([dist.get_rank() + 1]); dist.all_reduce(total)\n"
-        "print('rank', dist.get_rank(), 'total', total.item(), 'agent store', os.environ.get('TORCHELASTIC_USE_AGENT_STORE'))\n"
+        f"open(r'{tmp_path}' + f'/rank{{dist.get_rank()}}.txt', 'w').write(f'total {{total.item()}} agent store {{os.environ.get(\"TORCHELASTIC_USE_AGENT_STORE\")}}')\n"
         "dist.destroy_process_group()\n"
     )
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), str(script)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
     assert completed.returncode == 0, completed.stderr[-3000:]
     for rank in (0, 1):
-        assert f"rank {rank} total 3 agent store True" in completed.stdout
+        assert (tmp_path / f"rank{rank}.txt").read_text() == "total 3 agent store True"
