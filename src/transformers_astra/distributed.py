@@ -17,9 +17,12 @@ full precision and to the other shards' keys/values decoded from the codes it re
 API
 - ``DistributedRuntime(model, group=None, overlap=True, timeout=60.0, check_inputs=True, projection_table=True)``. ``group``: the
   process group whose size must equal ``num_devices`` (default: the default group). ``overlap``: attend
-  to the local keys while the codes are in flight. ``timeout``: seconds any rank waits for any exchange
-  before raising (a dead or stalled rank). ``check_inputs``: compare a hash of every call's inputs
-  across ranks first (one 48-byte all_gather; ValueError naming the input that differs). Construction
+  to the local keys while the codes are in flight. ``timeout``: seconds of silence from a peer before an
+  exchange fails (`liveness.PeerFailureError`): a peer that is alive and busy (its heartbeat advances)
+  is waited for, up to the process group's own operation timeout; a dead or frozen one ends every
+  wait within ``timeout``. Every call starts with one fixed-size all_gather of the batch size, the
+  sequence layout and (``check_inputs``) digests of the inputs: ValueError on every rank naming what
+  differs; every later exchange has sizes derived from that agreed layout. Construction
   runs a checksum handshake (AstraConfig, model config, weights, codebooks) and raises ValueError
   naming what differs. Inference only; ``runtime.layout`` is the `ShardLayout` of the latest call and
   ``runtime.traffic`` its bytes. The runtime's hooks live for one call only (``close()`` has nothing
@@ -61,7 +64,9 @@ from transformers import DynamicCache
 from .attention import attend, replace_cached_keys_values
 from .config import validate_timeout
 from .exchange import rebuild_keys_values, sent_vectors, split_heads
-from .handshake import CHECKED_INPUTS, check_same_inputs, check_same_model
+from . import liveness
+from .handshake import CHECKED_INPUTS, check_same_call, check_same_model
+from .liveness import PeerFailureError
 from .kernels import PROJECTION_TABLE_MAX_BYTES, merge_partials, partial_attention, projected_from_codes, projection_tables
 from .models.base import RankView
 from .patch import astra_state, quantizers
@@ -83,6 +88,7 @@ __all__ = [
     "PROJECTION_TABLE_MAX_BYTES",
     "TRAFFIC_KINDS",
     "DistributedRuntime",
+    "PeerFailureError",
     "RankExchange",
     "Traffic",
     "code_receivers",
@@ -129,6 +135,7 @@ class DistributedRuntime:
         self.num_layers = len(self.adapter.attention_modules(model))
         device = next(model.parameters()).device
         self.comm_device = device if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
+        liveness.start_heartbeat(self.timeout)  # peers waiting on this rank see it alive while it works
         self.transport = CodeTransport(self.group, self.config, self.timeout, self.comm_device, device)
         self.layout: ShardLayout | None = None
         self._keep_cache = False
@@ -159,9 +166,10 @@ class DistributedRuntime:
         if self.state.full_precision:
             raise ValueError("DistributedRuntime always sends codes; leave the astra.full_precision context first")
         self.transport.traffic = Traffic()
-        if self.check_inputs:
-            check_same_inputs(self.transport, inputs)
         layout = self.adapter.rank_layout(self.model, self.state, inputs)
+        # The first exchange, fixed-size, always: every rank agrees on the sizes of all later exchanges.
+        check_same_call(self.transport, inputs, layout, self.check_inputs)
+        self.adapter.check_sequence_length(self.model, layout.total)  # the same error on every rank
         # The whole sequence's padding and positions, computed before any rank hook is in place.
         view = RankView(
             layout, self.rank, self.adapter.key_padding(inputs, layout), self.adapter.position_table(self.model, inputs, layout)
@@ -263,13 +271,25 @@ class DistributedRuntime:
         return new_tokens
 
     def _broadcast_from_last(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The last rank's (rows, columns) int64 ``tensor`` on every rank: a fixed 2-value header, then the ids.
+
+        The header carries the sizes, so a rank asked for a different ``max_new_tokens`` posts no
+        wrong-sized receive: every rank returns the last rank's tokens.
+        """
+        header = torch.tensor(tensor.shape if self.is_last else (0, 0), dtype=torch.long)
+        rows, columns = self._broadcast(header, "receiving the generated tokens' sizes from the last rank").tolist()
+        buffer = tensor if self.is_last else torch.zeros(rows, columns, dtype=torch.long, device=tensor.device)
+        if rows * columns:
+            buffer = self._broadcast(buffer, "receiving the generated tokens from the last rank")
+        return buffer
+
+    def _broadcast(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
         buffer = tensor.to(self.comm_device).contiguous()
         work = dist.broadcast(buffer, src=dist.get_global_rank(self.group, self.world_size - 1), group=self.group, async_op=True)
-        self.wait(work, "receiving the generated tokens from the last rank")
+        self.wait(work, what)
         size = buffer.numel() * buffer.element_size()
         self._count("control", (self.world_size - 1) * size if self.is_last else 0, 0 if self.is_last else size)
         return buffer.to(tensor.device)
-
 
 
 class RankExchange:
