@@ -80,7 +80,7 @@ def equivalence_worker(rank: int, world_size: int, port: int, out_dir: str) -> N
                 result["diff_to_full_precision"] = max_abs_diff(got, unquantized, runtime, batch)
                 result["layout"], result["batch_size"] = runtime.layout.sizes, case_batch(family)["attention_mask"].shape[0]
                 if family == "gpt2" and overlap:
-                    generated = runtime.generate(batch["input_ids"], batch["attention_mask"], GENERATED_TOKENS)
+                    generated = runtime.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=GENERATED_TOKENS)
                     with torch.no_grad():
                         wanted = model.generate(**batch, max_new_tokens=GENERATED_TOKENS, do_sample=False)
                     result["generated"], result["wanted"] = generated, wanted
