@@ -10,9 +10,11 @@
    first forward recomputes the prompt's last token alone: one token, attending to the cache and to its
    own exact key. That is the same attention the last token had in the prefill (the last token is
    always in the last shard: own shard exact, earlier shards decoded), so the first new token comes from
-   the same logits as in the simulation's ``model.generate``; every later step is ordinary cached decoding
-   in both. Everything else is transformers' own code: logits processors, sampling, beam search,
-   stopping criteria, streamers, eos/pad handling, ``GenerationConfig``.
+   the same logits (up to float rounding) as in the simulation's ``model.generate``; every later step is
+   ordinary cached decoding in both. Everything else is transformers' own code: logits processors,
+   sampling, beam search, stopping criteria, streamers, eos/pad handling, ``GenerationConfig``. For
+   ``num_beams`` / ``num_return_sequences`` > 1 the cache is repeated per row first: generate repeats
+   the prompt, not a cache it is given.
 3. Broadcast from the last rank: a fixed header of ``HEADER_FIELDS`` int64 values (status, rows, new
    tokens, output kind, error-message length, timings), then the new token ids (int64), or the error's
    UTF-8 text when the last rank's generate raised, which every other rank then raises too. No pickled
@@ -148,6 +150,7 @@ def generate(runtime: "DistributedRuntime", input_ids: torch.Tensor, attention_m
     if not runtime.causal:
         raise ValueError("generate needs a causal language model (GPT2)")
     check_generate_inputs(runtime.model, input_ids, attention_mask, generate_kwargs)
+    runtime.generation_stats = None  # until this call's tokens are here
     started = time.perf_counter_ns()
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
