@@ -191,6 +191,7 @@ def run(args: argparse.Namespace) -> None:
         with torch.no_grad():
             wanted = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.max_new_tokens, do_sample=False)
         prediction = {"next_tokens": generated.tolist(), "matches_simulation": torch.equal(generated, wanted[:, prompt.shape[1]:])}
+        prediction["generation_stats"] = runtime.generation_stats.to_dict()  # time to first token, decode tokens/s
     else:
         prediction = {"classes": output.logits.argmax(-1).tolist(), "matches_simulation": torch.equal(output.logits.argmax(-1), simulated.argmax(-1))}
 
@@ -231,6 +232,10 @@ def report(result: dict) -> None:
     what = "greedy next tokens" if "next_tokens" in prediction else "classes"
     predicted = prediction.get("next_tokens", prediction.get("classes"))
     print(f"prediction ({what}): {predicted}; same as the single-process simulation: {prediction['matches_simulation']}")
+    if (stats := prediction.get("generation_stats")) and stats["time_to_first_token_s"] is not None:
+        rate = f"{stats['decode_tokens_per_s']:.1f}" if stats["decode_tokens_per_s"] is not None else "n/a"
+        print(f"generate: time to first token {stats['time_to_first_token_s'] * 1e3:.1f} ms (parallel prefill "
+              f"{stats['prefill_s'] * 1e3:.1f} ms), then {rate} tokens/s per sequence on the last rank")
     print(f"max |distributed - single-process simulation| = {result['max_abs_diff_vs_simulation']:.2e}")
     print(f"latency per forward: {result['latency_s'] * 1e3:.1f} ms with overlap, "
           f"{result['latency_no_overlap_s'] * 1e3:.1f} ms without (median of {result['repeats']})")

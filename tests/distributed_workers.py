@@ -101,7 +101,7 @@ def equivalence_worker(rank: int, world_size: int, port: int, out_dir: str, back
                 result["layout"], result["batch_size"] = runtime.layout.sizes, case_batch(family)["attention_mask"].shape[0]
                 result["quantized_width"] = astra.quantizers(model)[0].width
                 if is_causal(family) and overlap:
-                    generated = runtime.generate(batch["input_ids"], batch["attention_mask"], GENERATED_TOKENS)
+                    generated = runtime.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=GENERATED_TOKENS)
                     with torch.no_grad():
                         wanted = model.generate(**batch, max_new_tokens=GENERATED_TOKENS, do_sample=False)
                     result["generated"], result["wanted"] = generated.cpu(), wanted.cpu()

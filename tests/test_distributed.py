@@ -223,6 +223,9 @@ def test_example_runs_under_a_launcher_and_reports_json(tmp_path, launcher, task
     assert result["code_bytes_sent_per_rank"][0] > 0 and (sent_by_last_rank == 0) == (task == "gpt2")  # causal
     assert all(sent >= codes for sent, codes in zip(result["bytes_sent_per_rank"], result["code_bytes_sent_per_rank"]))
     assert result["latency_s"] > 0 and result["latency_no_overlap_s"] > 0
+    if task == "gpt2":
+        assert result["prediction"]["generation_stats"]["time_to_first_token_s"] > 0
+        assert "time to first token" in completed.stdout
     assert "prediction" in completed.stdout and "full-precision sequence parallelism" in completed.stdout
 
 

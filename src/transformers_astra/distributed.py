@@ -11,7 +11,7 @@ full precision and to the other shards' keys/values decoded from the codes it re
     dist.init_process_group("gloo")  # or accelerate / torchrun; NCCL on GPU
     runtime = astra.DistributedRuntime(model)  # model: patched (and calibrated) identically on every rank
     out = runtime(input_ids=ids)  # this rank's logits (B, T_r, V); ids are the WHOLE batch on every rank
-    ids = runtime.generate(input_ids=ids, max_new_tokens=20)  # causal LMs: prefill here, decode on the last rank
+    ids = runtime.generate(ids, max_new_tokens=20, do_sample=True)  # causal LMs: prefill here, HF generate on the last rank
     runtime.traffic  # bytes sent/received by this rank in the latest call, by kind
 
 API
@@ -35,9 +35,10 @@ API
   shard's tokens with global positions; the next-token logits are ``logits[:, -1]`` on the last rank
   (``runtime.is_last``). ViT (distributed class tokens): every rank returns the same pooled CLS, so the
   same classification ``logits``; ``last_hidden_state`` is [pooled CLS, own patches].
-- ``runtime.generate(input_ids, attention_mask=None, max_new_tokens=20)``: greedy decoding. The prompt is
-  prefilled in parallel; the last rank then decodes alone with its mixed KV cache (its shard exact,
-  earlier shards decoded from codes), and broadcasts the new tokens, so every rank returns them.
+- ``runtime.generate(input_ids, attention_mask=None, **generate_kwargs)``: transformers' ``generate``
+  (any ``model.generate`` argument). The prompt is prefilled in parallel; the last rank then runs
+  ``model.generate`` from its mixed KV cache (its shard exact, earlier shards decoded from codes) and
+  broadcasts the new tokens, so every rank returns them (`generation`); ``runtime.generation_stats``.
 - ``runtime.traffic``: `Traffic` of the latest call: ``sent``/``received`` bytes by kind ("codes",
   "padding", "pooling", "control"), ``code_bytes_per_layer`` and ``full_precision_bytes`` (what
   full-precision sequence parallelism would have sent from this rank in the same exchanges).
@@ -53,7 +54,6 @@ single-process simulation shares.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from typing import Any
 
 import torch
@@ -64,7 +64,7 @@ from transformers import DynamicCache
 from .attention import attend, replace_cached_keys_values
 from .config import validate_timeout
 from .exchange import rebuild_keys_values, sent_vectors, split_heads
-from . import liveness
+from . import generation, liveness
 from .handshake import CHECKED_INPUTS, check_same_call, check_same_model
 from .liveness import PeerFailureError
 from .kernels import PROJECTION_TABLE_MAX_BYTES, merge_partials, partial_attention, projected_from_codes, projection_tables
@@ -139,6 +139,7 @@ class DistributedRuntime:
         self.transport = CodeTransport(self.group, self.config, self.timeout, self.comm_device, device)
         self.layout: ShardLayout | None = None
         self._keep_cache = False
+        self.generation_stats: generation.GenerationStats | None = None  # of the latest generate call
         check_same_model(self.transport, model, self.config, quantizers(model))
         # Hidden mode: layer index -> precomputed codeword projections, where they fit (see projection_tables).
         self._tables = self._projection_tables() if projection_table and self.config.quantize == "hidden" else {}
@@ -179,36 +180,16 @@ class DistributedRuntime:
         if self.causal:
             model_inputs["use_cache"] = self._keep_cache
             if self._keep_cache:  # filled with the last rank's view
-                model_inputs[_cache_argument(self.model)] = DynamicCache(config=self.model.config)
+                model_inputs[generation.cache_argument(self.model)] = DynamicCache(config=self.model.config)
         with self._active(RankExchange(self, view), self.adapter.rank_hooks(self.model, view)):
             return self.model(**model_inputs)
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 20) -> torch.Tensor:
-        """Greedy generation (GPT2): parallel prefill, then decoding on the last rank; the same ids on every rank.
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **generate_kwargs: Any):
+        """transformers' ``generate`` (causal LMs) after a parallel prefill: the same ids on every rank (see `generation`).
 
-        Stops early when every sequence has produced ``generation_config.eos_token_id`` (later positions
-        get its ``pad_token_id``), like ``model.generate(do_sample=False)``, which the simulation matches.
+        ``generate_kwargs`` are what ``model.generate`` takes; they are used on the last rank only.
         """
-        if not self.causal:
-            raise ValueError("generate needs a causal language model (GPT2)")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        # Position ids as `model.generate` derives them from the padding mask.
-        position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-        self._keep_cache = self.is_last
-        try:
-            output = self.forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        finally:
-            self._keep_cache = False
-        new_tokens = torch.full((input_ids.shape[0], max_new_tokens), -1, dtype=torch.long, device=input_ids.device)
-        if self.is_last:
-            new_tokens = self._decode_greedy(output, attention_mask, position_ids, max_new_tokens, new_tokens)
-        new_tokens = self._broadcast_from_last(new_tokens)
-        generated = new_tokens[:, (new_tokens >= 0).any(dim=0)]
-        return torch.cat([input_ids, generated], dim=1)
+        return generation.generate(self, input_ids, attention_mask, **generate_kwargs)
 
     def close(self) -> None:
         """Nothing to undo since the runtime's hooks live for one forward only (kept for the API)."""
@@ -245,51 +226,6 @@ class DistributedRuntime:
             layer_idx: projection_tables(module, self.adapter, module.astra_quantizer)
             for layer_idx, module in enumerate(self.adapter.attention_modules(self.model))
         }
-
-    # --------------------------------------------------------------------------------- generation
-    def _decode_greedy(self, output, attention_mask, position_ids, max_new_tokens, new_tokens):
-        generation_config = getattr(self.model, "generation_config", None)
-        eos = getattr(generation_config, "eos_token_id", None)
-        eos = torch.tensor([eos] if isinstance(eos, int) else (eos or []), device=new_tokens.device)
-        pad = getattr(generation_config, "pad_token_id", None)
-        pad = pad if pad is not None else (int(eos[0]) if eos.numel() else 0)
-        cache = _output_cache(output)
-        logits, unfinished = output.logits[:, -1], torch.ones(new_tokens.shape[0], dtype=torch.bool, device=new_tokens.device)
-        for step in range(max_new_tokens):
-            token = torch.where(unfinished, logits.argmax(dim=-1), torch.full_like(unfinished, pad, dtype=torch.long))
-            new_tokens[:, step] = token
-            unfinished &= ~torch.isin(token, eos)
-            if not unfinished.any() or step == max_new_tokens - 1:
-                break
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
-            position_ids = position_ids[:, -1:] + 1
-            out = self.model(
-                input_ids=token[:, None], attention_mask=attention_mask, position_ids=position_ids,
-                use_cache=True, **{_cache_argument(self.model): cache},
-            )
-            logits, cache = out.logits[:, -1], _output_cache(out)
-        return new_tokens
-
-    def _broadcast_from_last(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The last rank's (rows, columns) int64 ``tensor`` on every rank: a fixed 2-value header, then the ids.
-
-        The header carries the sizes, so a rank asked for a different ``max_new_tokens`` posts no
-        wrong-sized receive: every rank returns the last rank's tokens.
-        """
-        header = torch.tensor(tensor.shape if self.is_last else (0, 0), dtype=torch.long)
-        rows, columns = self._broadcast(header, "receiving the generated tokens' sizes from the last rank").tolist()
-        buffer = tensor if self.is_last else torch.zeros(rows, columns, dtype=torch.long, device=tensor.device)
-        if rows * columns:
-            buffer = self._broadcast(buffer, "receiving the generated tokens from the last rank")
-        return buffer
-
-    def _broadcast(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
-        buffer = tensor.to(self.comm_device).contiguous()
-        work = dist.broadcast(buffer, src=dist.get_global_rank(self.group, self.world_size - 1), group=self.group, async_op=True)
-        self.wait(work, what)
-        size = buffer.numel() * buffer.element_size()
-        self._count("control", (self.world_size - 1) * size if self.is_last else 0, 0 if self.is_last else size)
-        return buffer.to(tensor.device)
 
 
 class RankExchange:
@@ -388,13 +324,3 @@ class RankExchange:
         """Mean of every rank's vector (one small all_gather)."""
         gathered = self.runtime.transport.all_gather(copies[:, 0], "pooling the class tokens", "pooling")
         return torch.stack(gathered, dim=1).mean(dim=1, keepdim=True)
-
-
-def _cache_argument(model: nn.Module) -> str:
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _output_cache(output):
-    """The KV cache of a model output: ``cache`` in recent transformers, ``past_key_values`` before."""
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else getattr(output, "past_key_values", None)
