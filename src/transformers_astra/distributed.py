@@ -15,7 +15,7 @@ full precision and to the other shards' keys/values decoded from the codes it re
     runtime.traffic  # bytes sent/received by this rank in the latest call, by kind
 
 API
-- ``DistributedRuntime(model, group=None, overlap=True, timeout=60.0, check_inputs=True, projection_table=True)``. ``group``: the
+- ``DistributedRuntime(model, group=None, overlap=True, timeout=60.0, check_inputs=True, projection_table=True, secret=None)``. ``group``: the
   process group whose size must equal ``num_devices`` (default: the default group). ``overlap``: attend
   to the local keys while the codes are in flight. ``timeout``: seconds any rank waits for any exchange
   before raising (a dead or stalled rank). ``check_inputs``: compare a hash of every call's inputs
@@ -23,6 +23,8 @@ API
   runs a checksum handshake (AstraConfig, model config, weights, codebooks) and raises ValueError
   naming what differs. Inference only; ``runtime.layout`` is the `ShardLayout` of the latest call and
   ``runtime.traffic`` its bytes; ``close()`` removes the runtime's hooks.
+  ``secret`` (else the ``ASTRA_SECRET`` environment variable): every rank must prove it holds the same
+  secret before anything else is exchanged (`trust.verify_peers`; `trust.PeerAuthenticationError`).
   ``projection_table``: hidden mode precomputes every codeword's K/V projection (when the pair of tables
   of a layer fits in 64 MiB: G·K·D·2 values, e.g. G=1, K=1024, D=768: 6.3 MB in fp32), so a receiver
   gathers and sums instead of decoding and projecting every received token. Built at construction
@@ -69,6 +71,7 @@ from .packing import pack, packed_size, unpack
 from .patch import astra_state, quantizers
 from .sharding import ShardLayout
 from .state import LayerState
+from .trust import verify_peers
 
 TRAFFIC_KINDS = ("codes", "padding", "pooling", "control")
 # Inputs whose equality across ranks is checked by name; anything else is checked as one "other inputs".
@@ -165,6 +168,7 @@ class DistributedRuntime:
         timeout: float = DEFAULT_TIMEOUT_S,
         check_inputs: bool = True,
         projection_table: bool = True,
+        secret: str | bytes | None = None,
     ):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
@@ -192,6 +196,7 @@ class DistributedRuntime:
         self._key_mask: torch.Tensor | None = None  # (B, T) global padding mask, True = real token
         self._layer_masks: tuple[torch.Tensor, torch.Tensor] | None = None
         self._keep_cache = False
+        verify_peers(self.group, secret, self.timeout)  # trust.py: header + optional shared secret, first of all
         self._hooks = self._install_hooks()
         self._handshake()
         # Hidden mode: layer index -> precomputed codeword projections, where they fit (see projection_tables).
