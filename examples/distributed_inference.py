@@ -21,7 +21,6 @@ docs/distributed.md ("Several machines", "Faults and trust").
 from __future__ import annotations
 
 import argparse
-import copy
 import inspect
 import json
 import os
@@ -49,7 +48,8 @@ SHIPPED = {"gpt2": CHECKPOINTS / "gpt2-kjv-astra-n2", "vit": CHECKPOINTS / "vit-
 # Fashion-MNIST test images shipped next to the ViT checkpoint (uint8 "images" (n, 28, 28), int64 "labels"):
 # the demo runs before `make test` installs the Debian dataset, and needs no root or network.
 DEMO_IMAGES = "demo_images.safetensors"
-DEFAULT_PROMPT = "And God said,"
+DEFAULT_PROMPT = ("In the beginning God created the heaven and the earth. And the earth was without form, and void; "
+                  "and darkness was upon the face of the deep. And God said,")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -275,7 +275,8 @@ def generate(runtime: DistributedRuntime, demo: Demo, args: argparse.Namespace, 
 @torch.no_grad()
 def classify(runtime: DistributedRuntime, demo: Demo, batch_size: int = 100) -> dict:
     """Accuracy on the shipped test images: distributed, the single-process simulation, the unpatched model."""
-    unpatched = astra.unpatch(copy.deepcopy(demo.model))  # the same weights through plain transformers
+    # The same weights through plain transformers (a second copy: the runtime holds the first).
+    unpatched = astra.unpatch(load_checkpoint(demo.checkpoint, runtime.world_size)).eval().to(demo.model.device)
     predictions = {"distributed": [], "simulation": [], "unpatched": []}
     for chunk in demo.images.split(batch_size):
         chunk = chunk.to(demo.inputs["pixel_values"].device)
@@ -379,7 +380,8 @@ def report(result: dict) -> None:
     if "text" in prediction:
         print(f"prompt:    {prediction['prompt']!r}\ngenerated: {prediction['text']!r}")
     if "new_tokens" in prediction:
-        print(f"greedy tokens: {prediction['new_tokens']}; same as the single-process simulation: {prediction['matches_simulation']}")
+        tokens = f"{len(prediction['new_tokens'][0])} greedy tokens" if "text" in prediction else f"greedy tokens {prediction['new_tokens']}"
+        print(f"{tokens}; the same as the single-process simulation's: {prediction['matches_simulation']}")
         speed = prediction["decode_tokens_per_s"]
         print(f"time to first token: {prediction['time_to_first_token_s'] * 1e3:.1f} ms (parallel prefill + first token, "
               f"on every rank); {len(prediction['new_tokens'][0])} tokens in {prediction['generate_s']:.2f} s"
