@@ -249,12 +249,18 @@ def shard_difference(runtime: DistributedRuntime, got, simulated) -> float:
     return (got.float() - simulated.float()).abs().max().item()
 
 
+def accepts_streamer(generate) -> bool:
+    """Whether ``generate`` takes transformers' ``streamer`` (by name or through ``**generate_kwargs``)."""
+    parameters = inspect.signature(generate).parameters.values()
+    return any(p.name == "streamer" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
 def generate(runtime: DistributedRuntime, demo: Demo, args: argparse.Namespace, device: torch.device) -> dict:
     """Greedy continuation of the prompt on every rank, time to first token, and the simulation's tokens."""
     prompt = demo.inputs["input_ids"]
     kwargs = {}
-    if demo.tokenizer is not None and runtime.is_last and "streamer" in inspect.signature(runtime.generate).parameters:
-        kwargs["streamer"] = TextStreamer(demo.tokenizer, skip_prompt=True)  # where generate() takes HF kwargs
+    if demo.tokenizer is not None and runtime.is_last and accepts_streamer(runtime.generate):
+        kwargs["streamer"] = TextStreamer(demo.tokenizer, skip_prompt=True)  # the last rank prints as it decodes
     runtime.generate(prompt, max_new_tokens=1)  # warm-up
     # Time to first token: the parallel prefill plus the first decoded token, until every rank has it.
     _, first_token_s = timed(runtime, lambda: runtime.generate(prompt, max_new_tokens=1), device)

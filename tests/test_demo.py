@@ -136,3 +136,19 @@ def test_export_demo_images_writes_the_first_test_images(tmp_path):
     assert torch.equal(tensors["images"], rows["image"].to(torch.uint8)) and torch.equal(tensors["labels"], rows["label"])
     with pytest.raises(ValueError, match="count must be >= 1"):
         export_demo_images.export(tmp_path / "x.safetensors", 0)
+
+
+def test_the_streamer_is_passed_only_where_generate_takes_it():
+    example = load_example()
+
+    def greedy(input_ids, attention_mask=None, max_new_tokens=20):
+        return input_ids
+
+    def hf_like(input_ids, attention_mask=None, **generate_kwargs):
+        return input_ids
+
+    def named(input_ids, streamer=None):
+        return input_ids
+
+    assert not example.accepts_streamer(greedy)
+    assert example.accepts_streamer(hf_like) and example.accepts_streamer(named)
