@@ -28,7 +28,6 @@ import socket
 import statistics
 import sys
 import time
-import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -73,10 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--secret-file", type=Path, help="file holding the shared secret every rank must prove "
                         "(default: the ASTRA_SECRET environment variable, if set)")
     parser.add_argument("--json", type=Path, help="write the machine-readable result here (rank 0)")
-    args = parser.parse_args(argv)
-    if args.max_new_tokens is None:
-        args.max_new_tokens = 8 if args.random else 48
-    return args
+    return parser.parse_args(argv)
 
 
 # ------------------------------------------------------------------------------------------ launch
@@ -150,11 +146,9 @@ def model_source(args: argparse.Namespace, rank: int) -> Path | None:
     if (shipped / "config.json").is_file():
         return shipped
     if rank == 0:
-        warnings.warn(
-            f"no trained {args.task} checkpoint in {shipped} (not made yet; its COMMAND.md names the command that "
-            "makes it): running the tiny RANDOM model instead (--random), whose predictions mean nothing",
-            stacklevel=1,
-        )
+        print(f"WARNING: no trained {args.task} checkpoint in {shipped} (not made yet; {CHECKPOINTS / 'README.md'} says "
+              "how it is made): running the tiny RANDOM model instead (--random), whose predictions mean nothing",
+              file=sys.stderr, flush=True)
     return None
 
 
@@ -208,6 +202,8 @@ class Demo:
 
     def __init__(self, args: argparse.Namespace, world_size: int, device: torch.device):
         source = model_source(args, dist.get_rank())
+        if args.max_new_tokens is None:
+            args.max_new_tokens = 8 if source is None else 48
         self.checkpoint, self.tokenizer, self.images, self.labels = source, None, None, None
         if source is None:
             self.model = embedded_model(args.task, world_size, args)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,12 +51,14 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tasks.train_tokenizer(lines * 20, vocab_size=300)
 
 
-def test_a_missing_shipped_checkpoint_falls_back_to_the_random_model_with_a_warning(tmp_path, monkeypatch):
+def test_a_missing_shipped_checkpoint_falls_back_to_the_random_model_with_a_warning(tmp_path, monkeypatch, capsys):
     example = load_example()
     monkeypatch.setattr(example, "SHIPPED", {"gpt2": tmp_path / "not-made-yet", "vit": tmp_path / "not-made-yet"})
     args = example.parse_args(["--task", "gpt2"])
-    with pytest.warns(UserWarning, match="no trained gpt2 checkpoint in .*not-made-yet.*tiny RANDOM model"):
-        assert example.model_source(args, rank=0) is None
+    assert example.model_source(args, rank=0) is None
+    assert re.match(r"WARNING: no trained gpt2 checkpoint in .*not-made-yet .*checkpoints/README.md.*tiny RANDOM model",
+                    capsys.readouterr().err)
+    assert example.model_source(args, rank=1) is None and capsys.readouterr().err == ""  # rank 0 says it once
     assert example.model_source(example.parse_args(["--random"]), rank=0) is None
     (tmp_path / "made").mkdir()
     (tmp_path / "made" / "config.json").write_text("{}")
