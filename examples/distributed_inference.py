@@ -222,7 +222,7 @@ class Demo:
                 self.inputs = {"pixel_values": self.images[: args.batch_size]}
         self.model = self.model.eval().to(device)
         self.inputs = {name: value.to(device) for name, value in self.inputs.items()}
-        self.description = str(source) if source is not None else "tiny random model (seeded; predictions mean nothing)"
+        self.description = os.path.relpath(source) if source is not None else "tiny random model (seeded; predictions mean nothing)"
 
 
 # ------------------------------------------------------------------------------------- the run
