@@ -155,3 +155,48 @@ def test_the_streamer_is_passed_only_where_generate_takes_it():
 
     assert not example.accepts_streamer(greedy)
     assert example.accepts_streamer(hf_like) and example.accepts_streamer(named)
+
+
+def finetuned_folder(tmp_path: Path, num_devices: int = 2, dtype=torch.float16) -> Path:
+    """What finetune_astra.py --save leaves (a patched model, result.json), and the base's base_result.json."""
+    base, source = tmp_path / "base", tmp_path / "finetuned"
+    base.mkdir()
+    (base / "base_result.json").write_text(json.dumps({"command": "python examples/train_base.py --task gpt2 --output-dir base",
+                                                       "metric": "perplexity", "value": 42.5, "hardware": "test"}))
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_gpt2_config(vocab_size=len(tokenizer))).eval()
+    astra.patch(model, num_devices=num_devices, groups=4, codebook_size=16)
+    astra.calibrate(model, [{"input_ids": torch.randint(0, len(tokenizer), (4, 12))}], progress=False)
+    astra.save_pretrained(model.to(dtype), source, processor=tokenizer)
+    (source / "trainer").mkdir()
+    (source / "trainer" / "optimizer.pt").write_bytes(b"not shipped")
+    (source / "result.json").write_text(json.dumps({
+        "model": str(base), "N": num_devices, "G": 4, "K": 16, "quantize": "hidden", "metric": "perplexity", "value": 40.25,
+        "hardware": "test machine", "date": "2026-11-27", "command": "python examples/finetune_astra.py --task gpt2 --save"}))
+    return source
+
+
+def test_ship_demo_checkpoint_copies_the_model_and_writes_its_card(tmp_path):
+    sys.path.insert(0, str(EXAMPLE.parent))
+    import ship_demo_checkpoint
+
+    output = ship_demo_checkpoint.ship(finetuned_folder(tmp_path), tmp_path / "checkpoints" / "gpt2-kjv-astra-n2")
+    names = {path.name for path in output.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "COMMAND.md", "result.json", "base_result.json"} <= names
+    assert "trainer" not in names
+    card = (output / "COMMAND.md").read_text()
+    assert "python examples/train_base.py --task gpt2 --output-dir base\npython examples/finetune_astra.py --task gpt2 --save" in card
+    assert "| base model, test perplexity | 42.50 (test) |" in card and "N=2) | 40.25 |" in card
+    model = load_example().load_checkpoint(output, 2)
+    assert astra.is_patched(model) and next(model.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("num_devices, dtype, message", [(3, torch.float16, "num_devices is 3, the demo runs 2"),
+                                                         (2, torch.float32, "weights are float32")])
+def test_ship_demo_checkpoint_refuses_what_the_demo_cannot_run(tmp_path, num_devices, dtype, message):
+    sys.path.insert(0, str(EXAMPLE.parent))
+    import ship_demo_checkpoint
+
+    with pytest.raises(ValueError, match=message):
+        ship_demo_checkpoint.ship(finetuned_folder(tmp_path, num_devices, dtype), tmp_path / "out")
