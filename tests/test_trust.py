@@ -8,6 +8,7 @@ library, the examples, the benchmarks and the test workers.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -64,12 +65,11 @@ def test_answers_are_bound_to_secret_rank_world_size_and_transcript():
 
 
 def test_bind_interface_sets_gloo_and_nccl_and_returns_the_address(monkeypatch):
-    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
-    monkeypatch.delenv("NCCL_SOCKET_IFNAME", raising=False)
+    for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):  # set first, so that monkeypatch restores them
+        monkeypatch.setenv(variable, "unset by the test")
+        monkeypatch.delenv(variable)
     assert trust.bind_interface("lo") == "127.0.0.1"
     assert trust.bind_interface("lo") == "127.0.0.1"  # idempotent
-    import os
-
     assert os.environ["GLOO_SOCKET_IFNAME"] == os.environ["NCCL_SOCKET_IFNAME"] == "lo"
     with pytest.raises(ValueError, match="interface 'no-such-if0' does not exist"):
         trust.bind_interface("no-such-if0")
