@@ -187,6 +187,8 @@ def demo_images(checkpoint: Path, model, count: int | None) -> tuple[torch.Tenso
 
     import tasks  # examples/tasks.py: the training's image preprocessing
 
+    if count is not None and count < 1:
+        sys.exit(f"--images must be >= 1, got {count}")
     path = checkpoint / DEMO_IMAGES
     if not path.is_file():
         sys.exit(f"{path} is missing: the ViT demo classifies the test images shipped there; make it with "
@@ -320,11 +322,23 @@ def gather_rank_numbers(runtime: DistributedRuntime, mine: torch.Tensor) -> list
     return [from_rank_numbers(values.cpu()) for values in everyone]
 
 
+def read_secret(path: Path | None) -> str | None:
+    """The secret in ``path`` (surrounding whitespace dropped); None: the runtime reads ASTRA_SECRET, if set."""
+    if path is None:
+        return None
+    if not path.is_file():
+        sys.exit(f"--secret-file {path}: no such file")
+    secret = path.read_text().strip()
+    if not secret:
+        sys.exit(f"--secret-file {path} is empty")
+    return secret
+
+
 def run(args: argparse.Namespace) -> None:
+    secret = read_secret(args.secret_file)
     device = init_process_group(args)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     demo = Demo(args, world_size, device)  # every rank loads or builds the model itself: nothing exchanged yet
-    secret = args.secret_file.read_text().strip() if args.secret_file else None  # else ASTRA_SECRET, if set
     runtime = DistributedRuntime(demo.model, timeout=args.timeout, secret=secret)  # first exchange: trust, handshake
     model, inputs = demo.model, demo.inputs
     with torch.no_grad():

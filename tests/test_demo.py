@@ -200,3 +200,15 @@ def test_ship_demo_checkpoint_refuses_what_the_demo_cannot_run(tmp_path, num_dev
 
     with pytest.raises(ValueError, match=message):
         ship_demo_checkpoint.ship(finetuned_folder(tmp_path, num_devices, dtype), tmp_path / "out")
+
+
+def test_the_secret_file_is_read_or_refused_by_name(tmp_path):
+    example = load_example()
+    assert example.read_secret(None) is None
+    (tmp_path / "secret").write_text("  s3cret\n")
+    assert example.read_secret(tmp_path / "secret") == "s3cret"
+    with pytest.raises(SystemExit, match="no such file"):
+        example.read_secret(tmp_path / "missing")
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(SystemExit, match="is empty"):
+        example.read_secret(tmp_path / "empty")
