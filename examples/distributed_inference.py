@@ -24,9 +24,9 @@ import argparse
 import inspect
 import json
 import os
-import socket
 import statistics
 import sys
+import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -95,12 +95,12 @@ def started_by_accelerate_alone() -> bool:
 
 
 def spawn_locally(args: argparse.Namespace, num_processes: int) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(port)
-    mp.start_processes(spawned_rank, args=(num_processes, args), nprocs=num_processes, start_method="spawn")
+    """Start the processes here. The rendezvous is a file (torch's FileStore), not a TCP port, and gloo uses
+    the loopback interface unless --interface names another: nothing listens on the machine's network."""
+    with tempfile.TemporaryDirectory(prefix="astra-rendezvous-") as folder:
+        args.init_method = f"file://{Path(folder) / 'store'}"
+        args.interface = args.interface or "lo"
+        mp.start_processes(spawned_rank, args=(num_processes, args), nprocs=num_processes, start_method="spawn")
 
 
 def spawned_rank(rank: int, world_size: int, args: argparse.Namespace) -> None:
@@ -122,7 +122,12 @@ def init_process_group(args: argparse.Namespace) -> torch.device:
         address = bind_interface(args.interface)
         print(f"rank {os.environ.get('RANK', '?')}: gloo/NCCL use interface {args.interface} ({address})", flush=True)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=args.timeout))
+        backend, timeout = "nccl" if use_cuda else "gloo", timedelta(seconds=args.timeout)
+        if getattr(args, "init_method", None):  # spawn_locally's file rendezvous
+            dist.init_process_group(backend, init_method=args.init_method, rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+        else:  # torchrun / accelerate: MASTER_ADDR, MASTER_PORT (torch's TCPStore)
+            dist.init_process_group(backend, timeout=timeout)
     return device
 
 
