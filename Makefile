@@ -4,7 +4,7 @@
 # torch: with no torch in the venv, TORCH_SPEC is installed first. Its default pins the CPU build
 # that pip finds locally on our CI machines; elsewhere bring your own, e.g.
 #   make test TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"
-# or install the package into an environment that already has torch: pip install -e ".[test]".
+# or install the package into an environment that already has torch: pip install -e ".[test,examples]".
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,examples]"
 	touch $@
 
 # Main job: distributed ASTRA inference, 2 CPU processes (gloo), the trained GPT2 in checkpoints/, offline.
@@ -42,7 +42,7 @@ $(OLDEST_VENV)/.astra-installed: pyproject.toml
 	test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/python -m pip install -q --upgrade pip
 	$(OLDEST_VENV)/bin/python -c "import torch" 2>/dev/null || $(OLDEST_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
-	$(OLDEST_VENV)/bin/python -m pip install -q -e ".[test]" "transformers==5.9.0"
+	$(OLDEST_VENV)/bin/python -m pip install -q -e ".[test,examples]" "transformers==5.9.0"
 	touch $@
 
 test-oldest: $(OLDEST_VENV)/.astra-installed data

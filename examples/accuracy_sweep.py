@@ -204,7 +204,7 @@ Written by `examples/accuracy_sweep.py report` from the per-run JSON files of `e
 Setup (no pretrained weights can be downloaded here, so the base models were trained here first):
 - ViT: 6 layers, width 192, 3 heads, 4x4 patches on 28x28 Fashion-MNIST (49 patches + CLS), trained from scratch
   (`train_base.py`, 20 epochs, AdamW 1e-3, cosine, flip/shift augmentation). Metric: test accuracy in percent
-  (10 000 images), through `evaluate` with the offline accuracy module `transformers_astra/metrics/accuracy.py`.
+  (10 000 images), through `evaluate` with the offline accuracy module `examples/astra_examples/metrics/accuracy.py`.
 - GPT2: 6 layers, width 256, 4 heads, context 256, byte-level BPE of 8192 tokens trained here with `tokenizers`
   on the training split; the King James Bible split by chapter (every 20th chapter test, the one before it
   validation, the rest train). Metric: perplexity = exp(mean token cross-entropy) on the test split's blocks

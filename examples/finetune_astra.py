@@ -117,10 +117,9 @@ def main(argv=None) -> dict:
     callback = astra.AstraNAQCallback(
         noise_schedule=args.noise_schedule, reset_dead_codes=not args.no_dead_code_reset, seed=args.seed
     )
-    trainer = Trainer(
-        model=model, args=training_args, train_dataset=train, callbacks=None if args.control else [callback],
-        **tasks.task_trainer_kwargs(args.task, collator),
-    )
+    trainer = Trainer(model=model, args=training_args, train_dataset=train, **tasks.task_trainer_kwargs(args.task, collator))
+    if not args.control:
+        callback.attach(trainer)  # ahead of the reporting callbacks, which then log its astra/* statistics
     base_value = tasks.evaluate_task(trainer, args.task, test)
 
     config = astra_config(args)

@@ -1,5 +1,5 @@
 """The two example tasks shared by train_base.py and finetune_astra.py: image classification (ViT) and causal
-language modelling (GPT2). Data come from `transformers_astra.data` (offline Debian sources or Hub names).
+language modelling (GPT2). Data come from `astra_examples.data` (offline Debian sources or Hub names).
 
 - vit: Fashion-MNIST (or a Hub image dataset such as ``uoft-cs/cifar100``), metric accuracy in percent.
 - gpt2: the King James Bible (or a Hub text dataset such as ``Salesforce/wikitext``), metric perplexity on
@@ -32,8 +32,8 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from transformers_astra.data import load_image_dataset, load_text_dataset
-from transformers_astra.metrics import load_accuracy, perplexity_from_loss
+from astra_examples.data import load_image_dataset, load_text_dataset
+from astra_examples.metrics import load_accuracy, perplexity_from_loss
 
 TASKS = ("vit", "gpt2")
 DEFAULT_DATASETS = {"vit": "fashion-mnist", "gpt2": "kjv"}

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from transformers_astra import data
-from transformers_astra.metrics import load_accuracy, perplexity_from_loss
+from astra_examples import data
+from astra_examples.metrics import load_accuracy, perplexity_from_loss
 
 
 def write_idx(path, array: np.ndarray) -> None:

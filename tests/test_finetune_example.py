@@ -8,7 +8,7 @@ import pytest
 from test_data import tiny_fashion  # noqa: F401  (fixture: tiny Fashion-MNIST IDX files)
 
 import transformers_astra as astra
-from transformers_astra import data
+from astra_examples import data
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -39,4 +39,4 @@ def test_train_base_then_finetune_astra(tiny_fashion, examples_on_path, tmp_path
                 "metric", "value", "base_value", "command"):
         assert key in result
     reloaded = astra.from_pretrained(tmp_path / "astra")
-    assert reloaded.config.astra["groups"] == 4 and all(bool(q.initialized) for q in astra.quantizers(reloaded))
+    assert reloaded.config.quantization_config.groups == 4 and all(bool(q.initialized) for q in astra.quantizers(reloaded))

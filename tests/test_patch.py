@@ -12,7 +12,7 @@ def test_patch_returns_model_and_records_config():
     model, _ = make_pair(GPT2LMHeadModel, tiny_gpt2_config())
     config = astra.AstraConfig(num_devices=4, groups=8)
     assert astra.patch(model, config) is model
-    assert model.config.astra == config.to_dict()
+    assert model.config.quantization_config.astra_config == config
     assert astra.is_patched(model)
     assert len(astra.quantizers(model)) == 2
     assert astra.quantizers(model)[0].codebook.shape == (8, 1024, 4)
@@ -21,15 +21,16 @@ def test_patch_returns_model_and_records_config():
 def test_overrides_update_the_config():
     model, _ = make_pair(GPT2LMHeadModel, tiny_gpt2_config())
     astra.patch(model, astra.AstraConfig(num_devices=4), groups=2, quantize="kv")
-    assert model.config.astra["groups"] == 2 and model.config.astra["num_devices"] == 4
+    assert model.config.quantization_config.groups == 2 and model.config.quantization_config.num_devices == 4
     assert astra.quantizers(model)[0].codebook.shape == (4, 1024, 16)  # K and V: 2 x 2 groups of 16
 
 
-def test_astra_block_survives_save_pretrained(tmp_path):
+def test_quantization_config_survives_save_pretrained(tmp_path):
     model, _ = make_pair(GPT2LMHeadModel, tiny_gpt2_config())
     astra.patch(model, num_devices=3, groups=4, shard_sizes=[2, 1, 1])
     model.save_pretrained(tmp_path)
-    assert AutoConfig.from_pretrained(tmp_path).astra == model.config.astra
+    saved = AutoConfig.from_pretrained(tmp_path).quantization_config
+    assert astra.AstraQuantizationConfig.from_dict(saved).astra_config == model._astra_state.config
 
 
 def test_unpatch_restores_the_original_model():
@@ -154,7 +155,7 @@ def test_full_precision_generation_matches_unpatched():
 
 def test_quantized_generation_continues_from_the_last_device_view():
     batch = gpt2_batch(batch=1, length=9)
-    model = train_step_model(GPT2LMHeadModel, tiny_gpt2_config, batch, num_devices=3, groups=4, codebook_size=16).eval()
+    model = train_step_model(GPT2LMHeadModel, tiny_gpt2_config, batch, num_devices=3, groups=4, codebook_size=4).eval()  # K < 9 tokens: lossy
     with torch.no_grad():
         prefill = model(**batch, use_cache=True)
         cache = prefill.past_key_values if hasattr(prefill, "past_key_values") else prefill.cache
@@ -191,3 +192,15 @@ def test_training_after_an_inference_mode_forward():
         model.eval()(**batch)
     model.train()(**batch).logits.sum().backward()
     assert astra.quantizers(model)[0].codebook.grad is not None
+
+
+def test_patch_refuses_a_model_quantized_otherwise_and_accepts_a_config_read_from_an_astra_checkpoint():
+    model, _ = make_pair(GPT2LMHeadModel, tiny_gpt2_config())
+    model.config.quantization_config = {"quant_method": "bitsandbytes_4bit"}
+    with pytest.raises(ValueError, match="already quantized .*bitsandbytes_4bit"):
+        astra.patch(model, num_devices=2, groups=4)
+    assert not astra.is_patched(model)
+    # A model built from the config.json of an ASTRA checkpoint (AutoConfig gives the block as a dict).
+    model.config.quantization_config = {"quant_method": "astra", "groups": 4}
+    astra.patch(model, num_devices=2, groups=4)
+    assert isinstance(model.config.quantization_config, astra.AstraQuantizationConfig)

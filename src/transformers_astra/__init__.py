@@ -2,23 +2,33 @@
 
     import transformers_astra as astra
     astra.patch(model, astra.AstraConfig(num_devices=4, groups=32))
+
+Importing it registers ``quant_method="astra"`` with transformers' quantization registry, so that
+``AutoModelFor....from_pretrained`` and ``pipeline(...)`` load saved ASTRA checkpoints as patched models.
 """
 
 from .callback import AstraNAQCallback
 from .calibration import calibrate, collect_activations
 from .config import AstraConfig
 from .distributed import DistributedRuntime, Traffic
+from .hf_quantizer import AstraHfQuantizer
+from .hf_quantizer import register as _register_quantizer
 from .hub import from_pretrained, push_to_hub, save_pretrained
 from .modelcard import create_model_card
 from .patch import auxiliary_loss, capture_codes, full_precision, is_patched, patch, quantizers, unpatch
+from .quantization_config import AstraQuantizationConfig
 from .quantizer import GroupedVQ
 from .sharding import ShardLayout, split_sizes
 
 __version__ = "0.1.0"
 
+_register_quantizer()
+
 __all__ = [
     "AstraNAQCallback",
     "AstraConfig",
+    "AstraHfQuantizer",
+    "AstraQuantizationConfig",
     "DistributedRuntime",
     "GroupedVQ",
     "ShardLayout",

@@ -10,6 +10,11 @@ What it does:
 - codebook usage, code perplexity and dead codes, logged through the Trainer's logs (TensorBoard, W&B, ...);
 - dead-code reset: codewords unused over a logging window are re-seeded from recent inputs of that layer.
 
+Its state (the reset generator, the code counts of the current window, the reset total, the lambda target)
+goes into every Trainer checkpoint (``trainer_state.json``, transformers' `ExportableState`), and a run
+resumed with ``trainer.train(resume_from_checkpoint=...)`` continues exactly as the uninterrupted run.
+``callback.attach(trainer)`` puts it ahead of the Trainer's reporting callbacks so that they see its statistics.
+
 The commitment loss needs nothing here: a patched model adds it to ``outputs.loss`` in training mode.
 Under data-parallel training (``accelerate launch``, torchrun) DDP all-reduces the codebook gradients; the
 callback makes the other codebook changes (k-means, resets) on rank 0 and broadcasts them, so every rank
@@ -18,9 +23,11 @@ keeps the same codebooks.
 
 from __future__ import annotations
 
-import gc
+import base64
 import itertools
+import logging
 import math
+import zlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -28,20 +35,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from transformers import TrainerCallback
-from transformers.trainer_callback import DefaultFlowCallback
+from transformers.trainer_callback import DefaultFlowCallback, ExportableState
 
 from .calibration import calibrate
-from .patch import astra_state, quantizers
+from .patch import astra_state, quantizers, set_config
 
 NOISE_SCHEDULES = ("constant", "warmup")
 LOG_PREFIX = "astra/"
 
+logger = logging.getLogger(__name__)
+
 
 def set_noise_scale(model: nn.Module, value: float) -> None:
     """Change NAQ's lambda of a patched model (the config is replaced, never mutated: it is validated)."""
-    state = astra_state(model)
-    state.config = state.config.replace(noise_scale=float(value))
-    model.config.astra = state.config.to_dict()
+    set_config(model, astra_state(model).config.replace(noise_scale=float(value)))
 
 
 class CodeUsage:
@@ -117,13 +124,42 @@ class CodeUsage:
         for counts in self.counts:
             counts.zero_()
 
+    def export_counts(self) -> str | None:
+        """The counts of the current window as text for a checkpoint (exact float32 bytes); None when empty."""
+        if not any(counts.sum() > 0 for counts in self.counts):
+            return None
+        raw = torch.cat([counts.detach().float().flatten().cpu() for counts in self.counts]).numpy().tobytes()
+        return _to_text(raw)
+
+    def import_counts(self, text: str) -> None:
+        """Restore what `export_counts` wrote (for the same quantizer shapes)."""
+        flat = torch.frombuffer(bytearray(_from_text(text)), dtype=torch.float32)
+        expected = sum(counts.numel() for counts in self.counts)
+        if flat.numel() != expected:
+            raise ValueError(
+                f"the checkpoint's AstraNAQCallback code counts hold {flat.numel()} values but this model's "
+                f"codebooks have {expected} codewords: resume with the model that was trained"
+            )
+        for counts, saved in zip(self.counts, flat.split([c.numel() for c in self.counts])):
+            counts.copy_(saved.view_as(counts))
+
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
 
 
-class AstraNAQCallback(TrainerCallback):
+class AstraNAQCallback(TrainerCallback, ExportableState):
     """Codebook initialisation, NAQ schedule, code statistics and dead-code reset for `transformers.Trainer`.
+
+    Add it with ``callback.attach(trainer)`` (reporters such as TensorBoard and W&B then see the
+    ``astra/*`` statistics) or ``Trainer(callbacks=[callback])`` (the statistics reach
+    ``trainer.state.log_history`` only, as the Trainer runs its reporters before user callbacks).
+
+    Resuming: the state saved in each checkpoint is restored at train start, whether or not
+    ``TrainingArguments.restore_callback_states_from_checkpoint`` is set (leave it False: set, the Trainer
+    replaces this object by a new one, built from `state`, at the end of its callback list). The lambda
+    target comes from the checkpoint too, so a resumed warm-up still ends at the original target even
+    when the model's config holds a mid-warm-up lambda.
 
     Args:
         calibration_data: batches of model inputs for k-means; default: the first ``calibration_batches``
@@ -172,6 +208,82 @@ class AstraNAQCallback(TrainerCallback):
         self.codes_reset = 0
         self._model: nn.Module | None = None
         self._generator = torch.Generator().manual_seed(seed)
+        self._saved_counts: str | None = None  # from a checkpoint, loaded into `usage` at train start
+        self._attached = False
+
+    # --- checkpoint state (transformers' ExportableState) ----------------------------------------------
+
+    def state(self) -> dict:
+        """What a Trainer checkpoint records: constructor arguments (JSON) and the running state."""
+        return {
+            "args": {
+                "calibration_batches": self.calibration_batches,
+                "calibration_samples": self.calibration_samples,
+                "noise_scale": self.target_noise_scale,
+                "noise_schedule": self.noise_schedule,
+                "noise_warmup_ratio": self.noise_warmup_ratio,
+                "reset_dead_codes": self.reset_dead_codes,
+                "reservoir_size": self.reservoir_size,
+                "seed": self.seed,
+            },
+            "attributes": {
+                "codes_reset": self.codes_reset,
+                "generator_state": self.generator_state,
+                "code_counts": self.code_counts,
+            },
+        }
+
+    @property
+    def generator_state(self) -> str:
+        """The dead-code reset generator's state as text."""
+        return _to_text(self._generator.get_state().numpy().tobytes())
+
+    @generator_state.setter
+    def generator_state(self, text: str) -> None:
+        self._generator.set_state(torch.frombuffer(bytearray(_from_text(text)), dtype=torch.uint8))
+
+    @property
+    def code_counts(self) -> str | None:
+        """Code counts of the current logging window as text (None when empty)."""
+        if self.usage is not None:
+            return self.usage.export_counts()
+        return self._saved_counts
+
+    @code_counts.setter
+    def code_counts(self, text: str | None) -> None:
+        self._saved_counts = text
+
+    def _restore(self, state) -> None:
+        """Take the running state a resumed Trainer loaded from its checkpoint (``state.stateful_callbacks``)."""
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if isinstance(saved, list):
+            saved = saved[0] if len(saved) == 1 else None
+        if saved is None:
+            logger.warning(
+                "Resuming at step %d without a single saved AstraNAQCallback state in the checkpoint: the dead-code "
+                "reset draws, code counts and lambda target start afresh, so the run will not repeat the original.",
+                state.global_step,
+            )
+            return
+        if self.target_noise_scale is None:
+            self.target_noise_scale = saved["args"].get("noise_scale")
+        for name, value in saved["attributes"].items():
+            setattr(self, name, value)
+
+    def attach(self, trainer) -> "AstraNAQCallback":
+        """Add this callback to ``trainer`` right after its DefaultFlowCallback (moving it if already there).
+
+        The Trainer calls callbacks in list order and puts the reporting integrations (TensorBoard, W&B,
+        the progress printer) before the ``callbacks=`` it was given; here the ``astra/*`` statistics this
+        callback adds to the logs are in place before any reporter runs. Uses the Trainer's public
+        `pop_callback` and its callback handler's list. Returns the callback.
+        """
+        trainer.pop_callback(self)
+        callbacks = trainer.callback_handler.callbacks
+        flow = next((i for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)), -1)
+        callbacks.insert(flow + 1, self)
+        self._attached = True
+        return self
 
     # --- Trainer events -------------------------------------------------------------------------------
 
@@ -179,18 +291,44 @@ class AstraNAQCallback(TrainerCallback):
         if model is None:
             raise ValueError("AstraNAQCallback needs the Trainer's model")
         self._model = model
+        if state.global_step > 0:  # resumed from a checkpoint
+            self._restore(state)
         if self.target_noise_scale is None:
             self.target_noise_scale = astra_state(model).config.noise_scale
         if not all(bool(q.initialized) for q in quantizers(model)):
             self._initialise_codebooks(model, train_dataloader)
-        self._run_before_reporters()
+        if not self._attached and args.report_to and args.report_to not in ("none", ["none"]):
+            logger.warning(
+                "AstraNAQCallback was given to Trainer(callbacks=...), so the reporting callbacks %s run before it "
+                "and miss its astra/* statistics (they still reach trainer.state.log_history). Add it with "
+                "`AstraNAQCallback(...).attach(trainer)` instead.",
+                args.report_to,
+            )
         if self.usage is not None:
             self.usage.remove()
         self.usage = CodeUsage(quantizers(model), self.reservoir_size)
+        if self._saved_counts is not None and _rank() == 0:  # rank 0 saved the whole group's counts (see below)
+            self.usage.import_counts(self._saved_counts)
+        self._saved_counts = None
         self._apply_noise_schedule(state)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._apply_noise_schedule(state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._gather_counts_before_save(control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._gather_counts_before_save(control)
+
+    def _gather_counts_before_save(self, control) -> None:
+        """A checkpoint follows (DefaultFlowCallback, called before us, decided): only rank 0 writes `state`,
+        so the window's counts are summed onto rank 0 and cleared elsewhere. The next log's all-reduce gives
+        the same totals as without the checkpoint."""
+        if control.should_save and self.usage is not None and _distributed():
+            self.usage.all_reduce()
+            if _rank() != 0:
+                self.usage.clear()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # Called on every rank for every log (training and evaluation); act once per window of training steps.
@@ -236,8 +374,19 @@ class AstraNAQCallback(TrainerCallback):
                 raise ValueError("codebooks are not initialised and there is no calibration_data or train_dataloader")
             # Every rank draws its batches (a distributed dataloader may synchronise on iteration); rank 0 uses them.
             data = list(itertools.islice(train_dataloader, self.calibration_batches))
+        error: ValueError | None = None
         if _rank() == 0:
-            calibrate(model, data, max_samples=self.calibration_samples, seed=self.seed)
+            try:
+                calibrate(model, data, max_samples=self.calibration_samples, seed=self.seed)
+            except ValueError as caught:  # e.g. NaN activations: every rank stops, none waits for codebooks
+                error = caught
+        if _distributed():
+            failed = torch.tensor([error is not None], dtype=torch.int32, device=quantizers(model)[0].codebook.device)
+            dist.broadcast(failed, src=0)
+            if failed.item() and error is None:
+                raise ValueError("k-means on rank 0 failed (its error names the cause); no codebook was changed")
+        if error is not None:
+            raise error
         _broadcast_codebooks(model)
         for quantizer in quantizers(model):
             quantizer.initialized.fill_(True)
@@ -250,21 +399,6 @@ class AstraNAQCallback(TrainerCallback):
         if _distributed():
             dist.broadcast(reset, src=0)
         return int(reset.item())
-
-    def _run_before_reporters(self) -> None:
-        """Move this callback right after DefaultFlowCallback, so that the reporting callbacks (TensorBoard,
-        W&B, the progress bar) see the statistics it adds to ``logs``.
-
-        The Trainer appends user callbacks after its reporters and passes callbacks no handle on their list,
-        so the list is found as the one object that refers to this callback and holds a DefaultFlowCallback.
-        Moving an element earlier while the handler iterates over the list calls nobody twice nor skips anyone.
-        """
-        for referrer in gc.get_referrers(self):
-            if isinstance(referrer, list) and any(isinstance(cb, DefaultFlowCallback) for cb in referrer):
-                referrer.remove(self)
-                flow = next(i for i, cb in enumerate(referrer) if isinstance(cb, DefaultFlowCallback))
-                referrer.insert(flow + 1, self)
-                return
 
 
 def _distributed() -> bool:
@@ -282,3 +416,12 @@ def _broadcast_codebooks(model: nn.Module) -> None:
     with torch.no_grad():
         for quantizer in quantizers(model):
             dist.broadcast(quantizer.codebook.data, src=0)
+
+
+def _to_text(raw: bytes) -> str:
+    """Bytes as compressed base64 text: checkpoints keep callback state in JSON (no pickle)."""
+    return base64.b64encode(zlib.compress(raw)).decode("ascii")
+
+
+def _from_text(text: str) -> bytes:
+    return zlib.decompress(base64.b64decode(text))

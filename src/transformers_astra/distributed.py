@@ -66,6 +66,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from .attention import attend, merge_heads, replace_cached_keys_values, split_heads
+from .config import validate_timeout
 from .models.vit import distributed_cls_layout, spread_index
 from .packing import pack, packed_size, unpack
 from .patch import astra_state, quantizers
@@ -184,9 +185,7 @@ class DistributedRuntime:
                 f"The process group has {self.world_size} ranks but AstraConfig.num_devices="
                 f"{self.config.num_devices}; launch exactly num_devices processes (--num_processes / --nproc_per_node)"
             )
-        if not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
-        self.overlap, self.timeout, self.check_inputs = overlap, float(timeout), check_inputs
+        self.overlap, self.timeout, self.check_inputs = overlap, validate_timeout(timeout), check_inputs
         self.causal = self.state.adapter.model_type == "gpt2"
         self.num_layers = len(self.state.adapter.attention_modules(model))
         device = next(model.parameters()).device

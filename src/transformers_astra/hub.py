@@ -1,48 +1,40 @@
-"""ASTRA checkpoints: load a patched model back (`from_pretrained`), save it with a model card, push it.
+"""ASTRA checkpoints: save with a model card, push, and load with extra options.
 
-A patched model's ``save_pretrained`` already writes everything: ``config.json`` carries the ``astra``
-block (``model.config.astra``) and the safetensors weights carry every layer's codebook
-(``...astra_quantizer.codebook``, ``...astra_quantizer.initialized``). Loading goes through
-transformers' own ``from_pretrained`` for the base weights (dtype, device_map, sharding, tied weights),
-then `astra.patch`, then loads the codebooks itself so that every mismatch is an error naming the layer.
+Loading needs nothing from here: after ``import transformers_astra`` the Auto classes, ``pipeline`` and any
+model class's ``from_pretrained`` load a checkpoint saved from a patched model as the patched model
+(`transformers_astra.hf_quantizer`). `from_pretrained` here adds what they cannot do:
+
+- patch a plain checkpoint while it loads, given an AstraConfig (or its fields as keyword arguments);
+- override a saved checkpoint's settings, e.g. ``num_devices`` (with a warning: it was fine-tuned for its own N);
+- pick the model class from the checkpoint's ``architectures`` (any task) with a named error when it is not one;
+- name the one command that converts a checkpoint written by transformers-astra 0.1.0.
+
+`save_pretrained` and `push_to_hub` write the ASTRA model card (`create_model_card`) next to the weights.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import os
 import tempfile
-import types
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 import transformers
-from huggingface_hub import CommitInfo, HfApi, snapshot_download
-from huggingface_hub.errors import HFValidationError
-from safetensors import SafetensorError, safe_open
+from huggingface_hub import CommitInfo, HfApi
 from torch import nn
-from transformers import AutoConfig, AutoModel, PretrainedConfig
-
-try:  # transformers renames some weights on save (legacy checkpoint names); this gives the saved names
-    from transformers.core_model_loading import revert_weight_conversion
-except ImportError:  # a transformers version without such renaming
-    revert_weight_conversion = None
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from .config import AstraConfig
 from .modelcard import create_model_card
-from .patch import astra_state, patch, quantizers
+from .patch import astra_state
+from .quantization_config import QUANT_METHOD, AstraQuantizationConfig
 
-# Every tensor `astra.patch` adds to the state dict lives under an attention module's `astra_quantizer`.
-ASTRA_KEY_MARKER = ".astra_quantizer."
 ASTRA_FIELDS = frozenset(field.name for field in dataclasses.fields(AstraConfig))
-# What a Hub download fetches: config (and tokenizer) JSON, weights, card; no training state or other formats.
-CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "README.md"]
-HUB_DOWNLOAD_ARGS = ("revision", "cache_dir", "token", "force_download", "local_files_only", "endpoint")
+# from_pretrained arguments that also locate config.json (they go to AutoConfig and to the model's loader).
+CONFIG_ARGS = ("revision", "cache_dir", "token", "force_download", "local_files_only", "subfolder")
+CONVERT_COMMAND = "python -m transformers_astra.convert"
 
 
 def from_pretrained(
@@ -52,39 +44,50 @@ def from_pretrained(
     model_class: type | None = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """A patched ASTRA model from a local directory or a Hub repo id, with its codebooks loaded.
+    """A patched ASTRA model from a local directory or a Hub repo id, through transformers' ``from_pretrained``.
 
-    - A checkpoint saved from a patched model (``config.json`` has an ``astra`` block) comes back with the
-      same AstraConfig and codebooks: its outputs equal the saved model's.
-    - A plain transformers checkpoint needs ``astra_config`` (or AstraConfig fields as keyword arguments);
-      it is patched with uninitialised codebooks, and a warning says to run `astra.calibrate`.
+    - A checkpoint saved from a patched model comes back with its settings and codebooks: its outputs equal
+      the saved model's (the same as ``AutoModelFor....from_pretrained`` after ``import transformers_astra``).
+    - A plain transformers checkpoint needs ``astra_config`` (or AstraConfig fields as keyword arguments); it
+      is patched while it loads, with uninitialised codebooks, and a warning says to run `astra.calibrate`.
 
     Keyword arguments that are AstraConfig fields (``num_devices=2``, ``noise_scale=0.0``) override the
-    saved config. A different ``num_devices`` is allowed with a warning: the codebooks do not depend on N,
+    saved settings. A different ``num_devices`` is allowed with a warning: the codebooks do not depend on N,
     but the checkpoint was fine-tuned for its own N. Fields that change the codebook shapes (``groups``,
     ``codebook_size``, ``quantize``) do not fit the saved codebooks and raise an error naming the layer.
-    ``revision``, ``cache_dir``, ``token``, ``force_download``, ``local_files_only`` and ``endpoint`` go to
-    the Hub download (which respects ``HF_HUB_OFFLINE``); everything else goes to transformers' ``from_pretrained``
-    (``dtype``, ``device_map``, ...). ``model_class`` picks the class (a model class or an Auto class);
-    by default the one named in the config's ``architectures``.
+    Everything else goes to transformers' ``from_pretrained`` (``dtype``, ``device_map``, ``revision``,
+    ``cache_dir``, ``token``, ...). ``model_class`` picks the class (a model class or an Auto class); by
+    default the one named in the config's ``architectures``.
     """
     overrides = {name: kwargs.pop(name) for name in list(kwargs) if name in ASTRA_FIELDS}
-    hub_args = {name: kwargs.pop(name) for name in HUB_DOWNLOAD_ARGS if name in kwargs}
-    directory = checkpoint_directory(pretrained_model_name_or_path, **hub_args)
-    config = AutoConfig.from_pretrained(directory)
-    saved_block = getattr(config, "astra", None)
-    effective = _effective_astra_config(saved_block, astra_config, overrides, directory)
-    codebook_files = _codebook_files(directory, required=saved_block is not None)
-
-    concrete_class = _concrete_model_class(config, model_class)
-    with _astra_keys_expected(concrete_class):
-        model = concrete_class.from_pretrained(directory, **kwargs)
-    if directory != Path(pretrained_model_name_or_path):
-        model.config._name_or_path = str(pretrained_model_name_or_path)  # the repo id, as transformers keeps it
-    patch(model, effective)
-    _load_codebooks(model, codebook_files, directory, required=saved_block is not None)
-    _warn_if_uninitialised(model)
-    return model
+    if Path(pretrained_model_name_or_path).is_file():
+        raise ValueError(
+            f"{pretrained_model_name_or_path} is a file; pass the checkpoint directory (the one holding config.json)"
+        )
+    config = AutoConfig.from_pretrained(
+        pretrained_model_name_or_path, **{name: kwargs[name] for name in CONFIG_ARGS if name in kwargs}
+    )
+    _refuse_legacy_checkpoint(config, pretrained_model_name_or_path)
+    saved = getattr(config, "quantization_config", None)
+    if saved is not None:
+        saved = saved if isinstance(saved, dict) else saved.to_dict()
+        if saved.get("quant_method") != QUANT_METHOD:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is quantized with {saved.get('quant_method')!r}; ASTRA patches "
+                "full-precision models only."
+            )
+        if astra_config is not None or overrides:
+            config.quantization_config = _overridden(saved, astra_config, overrides, pretrained_model_name_or_path)
+    elif astra_config is None and not overrides:
+        raise ValueError(
+            f"{pretrained_model_name_or_path} is a plain transformers checkpoint (its config.json has no ASTRA "
+            "quantization_config): pass astra_config=AstraConfig(...) or AstraConfig fields such as num_devices=4, "
+            "groups=32"
+        )
+    else:
+        settings = (astra_config or AstraConfig()).replace(**overrides)
+        kwargs["quantization_config"] = AstraQuantizationConfig.from_astra_config(settings)
+    return _model_class(config, model_class).from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
 
 
 def save_pretrained(
@@ -128,7 +131,8 @@ def push_to_hub(
     Same arguments as transformers' ``push_to_hub`` (``tags`` are added to the card), plus ``endpoint``
     (a Hub mirror; default ``HF_ENDPOINT``), ``processor`` (a tokenizer or image processor to upload in the
     same commit) and the `create_model_card` options (``base_model``, ``datasets``, ``results``, ...).
-    A patched model's own ``model.push_to_hub`` calls this.
+    (transformers' own ``model.push_to_hub`` uploads the same weights and config, but writes its generic card,
+    tagged ``astra``, or keeps the card already on the Hub: see docs/checkpoints.md.)
     """
     api = HfApi(endpoint=endpoint, token=token, library_name="transformers-astra")
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
@@ -148,212 +152,52 @@ def push_to_hub(
         )
 
 
-def attach_push_to_hub(model: nn.Module) -> None:
-    """Make ``model.push_to_hub`` upload the ASTRA model card too (called by `astra.patch`).
-
-    transformers' ``push_to_hub`` writes its own generic README.md after ``save_pretrained``, so no save
-    hook can put the card in; an instance method in front of the class's one can.
-    """
-    model.push_to_hub = types.MethodType(_push_patched_model, model)
+def _refuse_legacy_checkpoint(config: PretrainedConfig, name: str | os.PathLike) -> None:
+    if getattr(config, "astra", None) is not None and getattr(config, "quantization_config", None) is None:
+        raise ValueError(legacy_checkpoint_message(name))
 
 
-def detach_push_to_hub(model: nn.Module) -> None:
-    model.__dict__.pop("push_to_hub", None)
-
-
-def _push_patched_model(self: nn.Module, repo_id: str, **kwargs: Any) -> CommitInfo:
-    return push_to_hub(self, repo_id, **kwargs)
-
-
-_push_patched_model.__doc__ = push_to_hub.__doc__
-
-
-def checkpoint_directory(path_or_repo_id: str | os.PathLike, **hub_args: Any) -> Path:
-    """A local directory as is; a Hub repo id downloaded (or found in the cache) with huggingface_hub."""
-    path = Path(path_or_repo_id)
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ValueError(f"{path} is a file; pass the checkpoint directory (the one holding config.json)")
-    try:
-        return Path(snapshot_download(str(path_or_repo_id), allow_patterns=CHECKPOINT_PATTERNS, **hub_args))
-    except HFValidationError as error:
-        raise ValueError(
-            f"{str(path_or_repo_id)!r} is neither a local directory nor a valid Hub repo id: {error}"
-        ) from error
-
-
-def _effective_astra_config(
-    saved_block: dict[str, Any] | None,
-    astra_config: AstraConfig | None,
-    overrides: dict[str, Any],
-    directory: Path,
-) -> AstraConfig:
-    if saved_block is None and astra_config is None and not overrides:
-        raise ValueError(
-            f"{directory} is a plain transformers checkpoint (its config.json has no 'astra' block): pass "
-            "astra_config=AstraConfig(...) or AstraConfig fields such as num_devices=4, groups=32"
-        )
-    if astra_config is not None:
-        base = astra_config
-    elif saved_block is not None:
-        try:
-            base = AstraConfig.from_dict(saved_block)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{directory}/config.json has an invalid 'astra' block: {error}") from error
-    else:
-        base = AstraConfig()
-    effective = base.replace(**overrides) if overrides else base
-    saved_devices = (saved_block or {}).get("num_devices")
-    if saved_devices is not None and saved_devices != effective.num_devices:
-        warnings.warn(
-            f"{directory} was saved with num_devices={saved_devices}; loading it with "
-            f"num_devices={effective.num_devices}. The codebooks do not depend on N, so the model runs, but "
-            f"fine-tuning (NAQ) adapted it to N={saved_devices}: measure its accuracy at "
-            f"N={effective.num_devices}, or fine-tune again at that N.",
-            stacklevel=3,
-        )
-    return effective
-
-
-def _codebook_files(directory: Path, required: bool) -> dict[str, Path]:
-    """Checkpoint key -> safetensors file, for every ASTRA tensor; every weights file is checked to open."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted({directory / name for name in json.loads(index.read_text())["weight_map"].values()})
-    elif (directory / "model.safetensors").is_file():
-        files = [directory / "model.safetensors"]
-    elif required:
-        raise ValueError(
-            f"{directory} has an 'astra' block in config.json but no model.safetensors (or sharded index): "
-            f"ASTRA codebooks are stored in safetensors; found {sorted(p.name for p in directory.iterdir())}"
-        )
-    else:
-        return {}  # a plain non-safetensors checkpoint: transformers loads it, there are no codebooks
-    locations: dict[str, Path] = {}
-    for file in files:
-        if not file.is_file():
-            raise ValueError(f"{file} is listed in {index.name} but missing from {directory}")
-        for key in _safetensors_keys(file):
-            if ASTRA_KEY_MARKER in key:
-                locations[key] = file
-    return locations
-
-
-def _safetensors_keys(file: Path) -> list[str]:
-    try:
-        with safe_open(file, framework="pt") as handle:
-            return list(handle.keys())
-    except SafetensorError as error:
-        raise ValueError(
-            f"{file} is truncated or corrupt ({error}); save it again, or download it again with "
-            "force_download=True"
-        ) from error
-
-
-def _concrete_model_class(config: PretrainedConfig, model_class: type | None) -> type:
-    if model_class is None:
-        architecture = (getattr(config, "architectures", None) or [None])[0]
-        model_class = getattr(transformers, architecture, None) if architecture else None
-        model_class = model_class or AutoModel
-    mapping = getattr(model_class, "_model_mapping", None)  # an Auto class: pick its class for this config
-    if mapping is None:
-        return model_class
-    try:
-        resolved = mapping[type(config)]
-    except KeyError as error:
-        raise ValueError(f"{model_class.__name__} has no model class for model_type={config.model_type!r}") from error
-    return resolved[0] if isinstance(resolved, (list, tuple)) else resolved
-
-
-@contextlib.contextmanager
-def _astra_keys_expected(model_class: type) -> Iterator[None]:
-    """While transformers loads the base weights, the codebook tensors are not 'unexpected keys'.
-
-    `_keys_to_ignore_on_load_unexpected` is transformers' hook for this; it is read when the model is built,
-    before `astra.patch` can add the modules, so it is set on the class for the duration of the load only.
-    """
-    missing = object()
-    own = model_class.__dict__.get("_keys_to_ignore_on_load_unexpected", missing)
-    inherited = list(model_class._keys_to_ignore_on_load_unexpected or [])
-    model_class._keys_to_ignore_on_load_unexpected = [*inherited, r"\.astra_quantizer\."]
-    try:
-        yield
-    finally:
-        if own is missing:
-            del model_class._keys_to_ignore_on_load_unexpected
-        else:
-            model_class._keys_to_ignore_on_load_unexpected = own
-
-
-def _load_codebooks(model: nn.Module, locations: dict[str, Path], directory: Path, required: bool) -> None:
-    """Copy the checkpoint's ASTRA tensors into the patched model; any mismatch names the layer.
-
-    ``required``: the checkpoint was saved from a patched model, so every layer's codebook must be there.
-    """
-    if not locations and not required:
-        return  # a plain checkpoint: the codebooks stay uninitialised until calibration
-    expected = {name: tensor for name, tensor in model.state_dict().items() if ASTRA_KEY_MARKER in name}
-    sources = {name: _checkpoint_key(model, name, tensor, locations) for name, tensor in expected.items()}
-    missing = sorted(name for name, key in sources.items() if key is None)
-    if missing:
-        layers = sorted({_layer_name(name) for name in missing})
-        raise ValueError(f"{directory} lacks the codebooks of layer(s) {layers} (missing tensors {missing})")
-    strangers = sorted(set(locations) - set(sources.values()))
-    if strangers:
-        raise ValueError(f"{directory} holds ASTRA tensors for modules this model does not have: {strangers}")
-    loaded = {}
-    for name, key in sources.items():
-        tensor = _read_tensor(locations[key], key)
-        if tensor.shape != expected[name].shape:
-            raise ValueError(_shape_error(model, name, key, tuple(tensor.shape), tuple(expected[name].shape)))
-        loaded[name] = tensor
-    model.load_state_dict(loaded, strict=False)
-
-
-def _checkpoint_key(model: nn.Module, name: str, tensor: torch.Tensor, locations: dict[str, Path]) -> str | None:
-    """The checkpoint's key for the model's tensor ``name``, or None.
-
-    transformers may save under other names than the modules have (ViT: ``vit.layers.0`` is saved as
-    ``vit.encoder.layer.0``); its save-side renaming gives that name. A checkpoint of a model with a head
-    loaded into the bare model (or the other way round) differs by the base model prefix.
-    """
-    saved_names = [name, *revert_weight_conversion(model, {name: tensor})] if revert_weight_conversion else [name]
-    prefix = f"{model.base_model_prefix}."
-    for saved in saved_names:
-        for candidate in (saved, prefix + saved, saved.removeprefix(prefix)):
-            if candidate in locations:
-                return candidate
-    return None
-
-
-def _layer_name(key: str) -> str:
-    return key.split(ASTRA_KEY_MARKER)[0]
-
-
-def _read_tensor(file: Path, key: str) -> torch.Tensor:
-    try:
-        with safe_open(file, framework="pt") as handle:
-            return handle.get_tensor(key)
-    except SafetensorError as error:
-        raise ValueError(f"{file} is truncated or corrupt: cannot read {key} ({error})") from error
-
-
-def _shape_error(model: nn.Module, name: str, key: str, found: tuple[int, ...], needed: tuple[int, ...]) -> str:
-    config = astra_state(model).config
+def legacy_checkpoint_message(name: str | os.PathLike) -> str:
     return (
-        f"The codebook of layer {_layer_name(name)} ({key}) has shape {found} in the checkpoint, but "
-        f"AstraConfig(groups={config.groups}, codebook_size={config.codebook_size}, quantize={config.quantize!r}) "
-        f"needs {needed}: the checkpoint was saved with other groups/codebook_size/quantize values than its "
-        "config.json 'astra' block (or the ones passed) say."
+        f"{name} was saved by transformers-astra 0.1.0 (config.json has an 'astra' block and no quantization_config), "
+        f"which transformers loads as a plain, unpatched model. Convert it once, in place: {CONVERT_COMMAND} {name}"
     )
 
 
-def _warn_if_uninitialised(model: nn.Module) -> None:
-    layers = [index for index, quantizer in enumerate(quantizers(model)) if not bool(quantizer.initialized)]
-    if layers:
+def _overridden(
+    saved: dict[str, Any], astra_config: AstraConfig | None, overrides: dict[str, Any], name: str | os.PathLike
+) -> dict[str, Any]:
+    """The saved quantization config with other settings (the codebook records stay, to check shapes)."""
+    try:
+        base = astra_config or AstraQuantizationConfig.from_dict(saved).astra_config
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name}/config.json has an invalid ASTRA quantization_config: {error}") from error
+    effective = base.replace(**overrides)
+    if saved.get("num_devices") != effective.num_devices:
         warnings.warn(
-            f"ASTRA codebooks of layer(s) {layers} are uninitialised (random) until calibration: run "
-            "astra.calibrate(model, batches) (and fine-tune) before using the model.",
+            f"{name} was saved with num_devices={saved.get('num_devices')}; loading it with "
+            f"num_devices={effective.num_devices}. The codebooks do not depend on N, so the model runs, but "
+            f"fine-tuning (NAQ) adapted it to N={saved.get('num_devices')}: measure its accuracy at "
+            f"N={effective.num_devices}, or fine-tune again at that N.",
             stacklevel=3,
         )
+    return {**saved, **effective.to_dict()}
+
+
+def _model_class(config: PretrainedConfig, model_class: type | None) -> type:
+    """``model_class``, or the transformers class that config.json's ``architectures`` names."""
+    if model_class is not None:
+        return model_class
+    architectures = getattr(config, "architectures", None)
+    if not architectures:
+        return AutoModel
+    name = architectures[0] if isinstance(architectures, (list, tuple)) else architectures
+    candidate = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
+    is_model = isinstance(candidate, type) and issubclass(candidate, PreTrainedModel)
+    if not is_model or not isinstance(config, candidate.config_class):
+        raise ValueError(
+            f"config.json 'architectures' is {architectures!r:.200}, which does not name a transformers model class "
+            f"for model_type={config.model_type!r}: the file was altered. Pass model_class= (e.g. "
+            "AutoModelForCausalLM) to choose the class yourself."
+        )
+    return candidate

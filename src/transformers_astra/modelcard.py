@@ -17,9 +17,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
 from .config import AstraConfig
-from .patch import astra_state, quantizers
-
-ASTRA_TAGS = ["astra", "vector-quantization", "sequence-parallel"]
+from .patch import ASTRA_TAGS, astra_state, quantizers
 PAPER = "https://arxiv.org/abs/2505.19342"
 # Result row key -> AstraConfig field; a row that names one of these must equal the model's value.
 ROW_FIELDS = {
@@ -229,10 +227,18 @@ def _results_section(rows: Rows) -> str:
     return "\n".join(lines)
 
 
+AUTO_CLASSES = {
+    "text-generation": "AutoModelForCausalLM",
+    "text-classification": "AutoModelForSequenceClassification",
+    "image-classification": "AutoModelForImageClassification",
+}
+
+
 def _usage_section(model: nn.Module, config: AstraConfig, repo_id: str | None) -> str:
     name = repo_id or "path/to/this/checkpoint"
     n = config.num_devices
     inputs = model.main_input_name
+    auto_class = AUTO_CLASSES.get(_task(model), "AutoModel")
     generate = (
         "\ntokens = runtime.generate(input_ids=input_ids, max_new_tokens=20)  # decoding runs on the last rank"
         if _task(model) == "text-generation"
@@ -240,10 +246,15 @@ def _usage_section(model: nn.Module, config: AstraConfig, repo_id: str | None) -
     )
     return f"""## Usage
 
-```python
-import transformers_astra as astra
+Needs `pip install transformers-astra`, and `import transformers_astra` before loading: the import registers
+ASTRA (`quant_method: "astra"` in config.json) with transformers. Without it transformers only logs
+"Unknown quantization type, got astra" and returns the plain model, without the codebooks.
 
-model = astra.from_pretrained("{name}")  # a patched {type(model).__name__}: N={n}, G={config.groups}
+```python
+import transformers_astra  # registers ASTRA with transformers
+from transformers import {auto_class}
+
+model = {auto_class}.from_pretrained("{name}")  # a patched {type(model).__name__}: N={n}, G={config.groups}
 ```
 
 On {n} devices, one process per device, every process given the whole input: on one GPU host
@@ -254,9 +265,10 @@ On {n} devices, one process per device, every process given the whole input: on 
 # infer.py
 import torch.distributed as dist
 import transformers_astra as astra
+from transformers import {auto_class}
 
 dist.init_process_group("gloo")
-model = astra.from_pretrained("{name}")
+model = {auto_class}.from_pretrained("{name}")
 runtime = astra.DistributedRuntime(model)  # {n} ranks; each runs the model on its own shard of the tokens
 {inputs} = ...  # the whole input, the same on every rank
 output = runtime({inputs}={inputs}){generate}

@@ -8,12 +8,17 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.quantizers import AutoHfQuantizer
 
 from . import attention
 from .config import AstraConfig
 from .models import adapter_for
+from .quantization_config import QUANT_METHOD, AstraQuantizationConfig
 from .quantizer import GroupedVQ
 from .state import AstraState, LayerState
+
+# Tags `model.push_to_hub` puts on the Hub model card of a patched model (transformers' `add_model_tags`).
+ASTRA_TAGS = ["astra", "vector-quantization", "sequence-parallel"]
 
 
 def patch(model: nn.Module, config: AstraConfig | None = None, **overrides: Any) -> nn.Module:
@@ -35,13 +40,20 @@ def patch(model: nn.Module, config: AstraConfig | None = None, **overrides: Any)
             f"({existing.config.to_dict()}); call astra.unpatch(model) first."
         )
     adapter.validate(model, config)
+    recorded = getattr(model.config, "quantization_config", None)
+    ours = isinstance(recorded, AstraQuantizationConfig) or (
+        isinstance(recorded, dict) and recorded.get("quant_method") == QUANT_METHOD
+    )
+    if recorded is not None and not ours:
+        raise ValueError(f"This model is already quantized ({recorded!r:.120}); ASTRA patches full-precision models only.")
     attention.register()
 
     state = AstraState(config, adapter, original_attn_implementation=model.config._attn_implementation)
-    reference = next(model.parameters())
     width = adapter.quantized_width(model, config)
     for layer_idx, module in enumerate(adapter.attention_modules(model)):
-        # A new module starts in training mode; follow the model's, or an eval model would get NAQ noise.
+        # The attention's own device and dtype (a model's first parameter may be kept in fp32 while loading
+        # in fp16). A new module starts in training mode; follow the model's, or an eval model gets NAQ noise.
+        reference = next(module.parameters())
         module.astra_quantizer = GroupedVQ(width, config.codes_per_token, config.codebook_size).to(
             device=reference.device, dtype=reference.dtype
         ).train(model.training)
@@ -52,11 +64,8 @@ def patch(model: nn.Module, config: AstraConfig | None = None, **overrides: Any)
     state.hooks.append(model.register_forward_hook(_add_commitment_loss(state)))
 
     model.set_attn_implementation(attention.ATTENTION_NAME)
-    model.config.astra = config.to_dict()
     model._astra_state = state
-    from .hub import attach_push_to_hub  # imported here: hub.py imports this module
-
-    attach_push_to_hub(model)
+    _record_quantization(model, config)
     return model
 
 
@@ -69,12 +78,36 @@ def unpatch(model: nn.Module) -> nn.Module:
         del module.astra_quantizer
         del module._astra_layer
     model.set_attn_implementation(state.original_attn_implementation or "sdpa")
-    del model.config.astra
     del model._astra_state
-    from .hub import detach_push_to_hub
-
-    detach_push_to_hub(model)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)  # config.quantization_config and the quantizer go
+    if model.model_tags:
+        model.model_tags = [tag for tag in model.model_tags if tag not in ASTRA_TAGS]
     return model
+
+
+def set_config(model: nn.Module, config: AstraConfig) -> None:
+    """Replace a patched model's AstraConfig (e.g. NAQ's lambda during fine-tuning); the saved config follows."""
+    state = astra_state(model)
+    state.config = config
+    model.config.quantization_config.set_astra_config(config)
+
+
+def _record_quantization(model: nn.Module, config: AstraConfig) -> None:
+    """Describe the patch the way transformers describes a quantized model, so that ``save_pretrained`` and
+    ``push_to_hub`` write ``quantization_config`` (quant_method "astra") and ``from_pretrained`` reads it back.
+
+    When transformers loads a checkpoint it sets these itself (its quantizer then replaces the one made here).
+    The quantizer comes from transformers' registry, where `import transformers_astra` put ASTRA's.
+    """
+    quantization_config = getattr(model.config, "quantization_config", None)
+    if isinstance(quantization_config, AstraQuantizationConfig):  # transformers is loading an ASTRA checkpoint
+        quantization_config.set_astra_config(config)
+    else:
+        quantization_config = AstraQuantizationConfig.from_astra_config(config)
+    model.config.quantization_config = quantization_config
+    model.hf_quantizer = AutoHfQuantizer.from_config(quantization_config, pre_quantized=False)
+    model.add_model_tags(ASTRA_TAGS)
 
 
 def astra_state(model: nn.Module) -> AstraState:

@@ -38,6 +38,22 @@ class ModelAdapter:
         """Class tokens every shard holds in addition to its share of the sequence."""
         return 0
 
+    def max_positions(self, model: nn.Module) -> int | None:
+        """The longest sequence the model can take (learned position embeddings); None: no hard limit."""
+        return None
+
+    def check_sequence_length(self, model: nn.Module, num_tokens: int) -> None:
+        """ValueError when ``num_tokens`` positions (prompt plus new tokens) exceed `max_positions`.
+
+        Every rank holds the whole input, so every rank raises the same error before any exchange.
+        """
+        limit = self.max_positions(model)
+        if limit is not None and num_tokens > limit:
+            raise ValueError(
+                f"the sequence needs {num_tokens} positions but this {self.model_type} model has {limit} "
+                f"(config.max_position_embeddings); shorten the input or generate fewer tokens"
+            )
+
     def install(self, model: nn.Module, state) -> list:
         """Extra hooks of this family (e.g. ViT's distributed class tokens); returns their handles."""
         return []

@@ -21,6 +21,9 @@ class GPT2Adapter(ModelAdapter):
         if getattr(model.config, "add_cross_attention", False):
             raise ValueError("ASTRA supports GPT2 self-attention only; this model has add_cross_attention=True")
 
+    def max_positions(self, model: nn.Module) -> int | None:
+        return model.config.n_positions  # learned position embeddings: position n_positions has no row
+
     def project_kv(self, module: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # c_attn is a Conv1D (x @ W + b) producing [Q | K | V]; the receiver needs only the K and V columns.
         width = module.embed_dim
