@@ -34,7 +34,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, TextStreamer, ViTConfig, ViTForImageClassification
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    TextStreamer,
+    ViTConfig,
+    ViTForImageClassification,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 import transformers_astra as astra
 from transformers_astra.distributed import TRAFFIC_KINDS, DistributedRuntime, expected_code_bytes
@@ -47,6 +58,7 @@ SHIPPED = {"gpt2": CHECKPOINTS / "gpt2-kjv-astra-n2", "vit": CHECKPOINTS / "vit-
 # Fashion-MNIST test images shipped next to the ViT checkpoint (uint8 "images" (n, 28, 28), int64 "labels"):
 # the demo runs before `make test` installs the Debian dataset, and needs no root or network.
 DEMO_IMAGES = "demo_images.safetensors"
+CAUSAL_LM_CLASSES = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())  # architectures AutoModelForCausalLM builds
 DEFAULT_PROMPT = ("In the beginning God created the heaven and the earth. And the earth was without form, and void; "
                   "and darkness was upon the face of the deep. And God said,")
 
@@ -133,10 +145,15 @@ def init_process_group(args: argparse.Namespace) -> torch.device:
 
 # ------------------------------------------------------------------------------ model and input
 def load_checkpoint(path: Path, num_devices: int):
-    """A patched checkpoint in float32, patched for ``num_devices``. The one line to change to
-    ``AutoModelForCausalLM`` / ``AutoModelForImageClassification.from_pretrained(path)`` once transformers'
-    quantizer registry loads ASTRA checkpoints (issue 9, item 1)."""
-    return astra.from_pretrained(path, num_devices=num_devices, dtype=torch.float32)
+    """A saved ASTRA checkpoint in float32, through transformers' Auto classes (``import transformers_astra``
+    registers the quantizer that patches the model while it loads). For another number of processes than
+    the checkpoint was fine-tuned for, `astra.from_pretrained` overrides ``num_devices`` (with a warning)."""
+    config = AutoConfig.from_pretrained(path)
+    auto_class = AutoModelForCausalLM if set(config.architectures or ()) & CAUSAL_LM_CLASSES else AutoModelForImageClassification
+    saved = config.quantization_config if isinstance(config.quantization_config, dict) else config.quantization_config.to_dict()
+    if saved.get("num_devices") == num_devices:
+        return auto_class.from_pretrained(path, dtype=torch.float32)
+    return astra.from_pretrained(path, model_class=auto_class, num_devices=num_devices, dtype=torch.float32)
 
 
 def model_source(args: argparse.Namespace, rank: int) -> Path | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from transformers_astra.data import load_image_dataset
+from astra_examples.data import load_image_dataset
 
 
 def export(output: Path, count: int) -> dict[str, torch.Tensor]:

@@ -39,9 +39,10 @@ def read_json(path: Path) -> dict:
 def check_source(source: Path) -> tuple[dict, dict]:
     """(config.json, result.json) of a fine-tuned fp16 checkpoint for the demo's 2 processes, or a ValueError."""
     config, result = read_json(source / "config.json"), read_json(source / "result.json")
-    astra_block = config.get("astra") or config.get("quantization_config")
-    if not astra_block:
-        raise ValueError(f"{source}: config.json has no ASTRA settings (not saved from a patched model)")
+    astra_block = config.get("quantization_config") or {}
+    if astra_block.get("quant_method") != "astra":
+        raise ValueError(f"{source}: config.json has no quantization_config with quant_method 'astra' (not saved "
+                         "from a patched model, or saved by 0.1.0: convert it first, docs/checkpoints.md)")
     if astra_block.get("num_devices") != DEMO_DEVICES or result.get("N") != DEMO_DEVICES:
         raise ValueError(f"{source}: num_devices is {astra_block.get('num_devices')}, the demo runs {DEMO_DEVICES} "
                          f"processes: fine-tune with --num-devices {DEMO_DEVICES}")

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast, ViTForImageClassification
 
 import transformers_astra as astra
+from transformers_astra.patch import astra_state
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "distributed_inference.py"
@@ -125,7 +126,7 @@ def test_the_example_classifies_the_images_shipped_with_a_vit_checkpoint(tmp_pat
 
 
 def test_export_demo_images_writes_the_first_test_images(tmp_path):
-    data = pytest.importorskip("transformers_astra.data")
+    data = pytest.importorskip("astra_examples.data")
     try:
         test = data.load_image_dataset("fashion-mnist")["test"]
     except (FileNotFoundError, OSError) as error:
@@ -212,3 +213,20 @@ def test_the_secret_file_is_read_or_refused_by_name(tmp_path):
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(SystemExit, match="is empty"):
         example.read_secret(tmp_path / "empty")
+
+
+def test_load_checkpoint_goes_through_the_auto_classes_and_overrides_the_number_of_devices(tmp_path):
+    example = load_example()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_gpt2_config()).eval()
+    astra.patch(model, num_devices=2, groups=4, codebook_size=16)
+    astra.calibrate(model, [{"input_ids": torch.randint(0, 61, (4, 12))}], progress=False)
+    astra.save_pretrained(model, tmp_path / "ckpt")
+    ids = torch.randint(0, 61, (1, 9))
+    loaded = example.load_checkpoint(tmp_path / "ckpt", 2)
+    assert type(loaded) is GPT2LMHeadModel and astra.is_patched(loaded)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    with pytest.warns(UserWarning, match="num_devices"):
+        three = example.load_checkpoint(tmp_path / "ckpt", 3)
+    assert astra_state(three).config.num_devices == 3
