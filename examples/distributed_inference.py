@@ -246,7 +246,11 @@ class Demo:
                 self.inputs = {"pixel_values": self.images[: args.batch_size]}
         self.model = self.model.eval().to(device)
         self.inputs = {name: value.to(device) for name, value in self.inputs.items()}
-        self.description = os.path.relpath(source) if source is not None else "tiny random model (seeded; predictions mean nothing)"
+        if source is None:
+            self.description = "tiny random model (seeded; predictions mean nothing)"
+        else:  # relative to the working directory where it is inside it (checkpoints/...)
+            inside = source.resolve().is_relative_to(Path.cwd())
+            self.description = str(source.resolve().relative_to(Path.cwd()) if inside else source.resolve())
 
 
 # ------------------------------------------------------------------------------------- the run
