@@ -208,7 +208,7 @@ def test_accelerate_single_process_launch_is_a_clear_error(tmp_path):
 def test_example_runs_under_a_launcher_and_reports_json(tmp_path, launcher, task):
     result_path = tmp_path / "result.json"
     command = [sys.executable, *(part.format(port=free_port()) for part in LAUNCHERS[launcher])]
-    command += [str(REPO / "examples" / "distributed_inference.py"), "--task", task, "--json", str(result_path),
+    command += [str(REPO / "examples" / "distributed_inference.py"), "--task", task, "--random", "--json", str(result_path),
                 "--tokens", "32", "--codebook-size", "256", "--repeats", "1", "--max-new-tokens", "3", "--cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=env, cwd=tmp_path)
@@ -235,7 +235,7 @@ def test_example_runs_under_a_launcher_and_reports_json(tmp_path, launcher, task
 def test_example_on_two_gpus_with_nccl(tmp_path, task):
     result_path = tmp_path / "result.json"
     command = [sys.executable, *(part.format(port=free_port()) for part in LAUNCHERS["torchrun"])]
-    command += [str(REPO / "examples" / "distributed_inference.py"), "--task", task, "--json", str(result_path)]
+    command += [str(REPO / "examples" / "distributed_inference.py"), "--task", task, "--random", "--json", str(result_path)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
     result = json.loads(result_path.read_text())

@@ -15,7 +15,7 @@ full precision and to the other shards' keys/values decoded from the codes it re
     runtime.traffic  # bytes sent/received by this rank in the latest call, by kind
 
 API
-- ``DistributedRuntime(model, group=None, overlap=True, timeout=60.0, check_inputs=True, projection_table=True)``. ``group``: the
+- ``DistributedRuntime(model, group=None, overlap=True, timeout=60.0, check_inputs=True, projection_table=True, secret=None)``. ``group``: the
   process group whose size must equal ``num_devices`` (default: the default group). ``overlap``: attend
   to the local keys while the codes are in flight. ``timeout``: seconds of silence from a peer before an
   exchange fails (`liveness.PeerFailureError`): a peer that is alive and busy (its heartbeat advances)
@@ -27,6 +27,8 @@ API
   naming what differs. Inference only; ``runtime.layout`` is the `ShardLayout` of the latest call and
   ``runtime.traffic`` its bytes. The runtime's hooks live for one call only (``close()`` has nothing
   left to remove and is kept for compatibility).
+  ``secret`` (else the ``ASTRA_SECRET`` environment variable): every rank must prove it holds the same
+  secret before anything else is exchanged (`trust.verify_peers`; `trust.PeerAuthenticationError`).
   ``projection_table``: hidden mode precomputes every codeword's K/V projection (when the pair of tables
   of a layer fits in 64 MiB: G·K·D·2 values, e.g. G=1, K=1024, D=768: 6.3 MB in fp32), so a receiver
   gathers and sums instead of decoding and projecting every received token. Built at construction
@@ -72,6 +74,7 @@ from .models.base import RankView
 from .patch import astra_state, quantizers
 from .sharding import ShardLayout
 from .state import LayerState
+from .trust import verify_peers
 from .transport import (
     TRAFFIC_KINDS,
     CodeTransport,
@@ -115,6 +118,7 @@ class DistributedRuntime:
         timeout: float = DEFAULT_TIMEOUT_S,
         check_inputs: bool = True,
         projection_table: bool = True,
+        secret: str | bytes | None = None,
     ):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
@@ -136,6 +140,7 @@ class DistributedRuntime:
         device = next(model.parameters()).device
         self.comm_device = device if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
         liveness.start_heartbeat(self.timeout)  # peers waiting on this rank see it alive while it works
+        verify_peers(self.group, secret, self.timeout)  # trust.py: header + optional shared secret, first of all
         self.transport = CodeTransport(self.group, self.config, self.timeout, self.comm_device, device)
         self.layout: ShardLayout | None = None
         self._keep_cache = False
