@@ -71,15 +71,20 @@ def test_generation_stats_are_measured_and_the_same_on_every_rank(results):
             assert stats["decode_tokens_per_s"] is None, key
 
 
+CALL_HEADER_BYTES = 10 * 8
+
+
 def test_only_the_new_tokens_travel_after_the_prefill(results):
-    # The last rank sends a 9 x int64 header and the new ids to the other rank, nothing else in generate.
+    # The last rank sends a 9 x int64 header and the new ids to the other rank, nothing else in generate;
+    # before them, the prefill's call header (handshake.check_same_call): batch size, sequence length, layout
+    # digest, check_inputs and 6 input digests, 10 x int64.
     for rank, per_rank in enumerate(results):
         traffic, got = per_rank[("hidden", "greedy")]["traffic"], per_rank[("hidden", "greedy")]["got"]
         tokens_bytes = 8 * got.shape[0] * (got.shape[1] - PROMPT)
         if rank == 1:
-            assert traffic["sent"]["codes"] == 0 and traffic["sent"]["control"] == 6 * 8 + 9 * 8 + tokens_bytes
+            assert traffic["sent"]["codes"] == 0 and traffic["sent"]["control"] == CALL_HEADER_BYTES + 9 * 8 + tokens_bytes
         else:
-            assert traffic["received"]["control"] == 6 * 8 + 9 * 8 + tokens_bytes
+            assert traffic["received"]["control"] == CALL_HEADER_BYTES + 9 * 8 + tokens_bytes
 
 
 def test_a_streamer_streams_on_the_last_rank_only(results):
