@@ -286,7 +286,7 @@ def generate(runtime: DistributedRuntime, demo: Demo, args: argparse.Namespace, 
     settings = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=demo.model.generation_config.eos_token_id)
     streamer = {}
     if demo.tokenizer is not None and runtime.is_last:  # transformers' streamer: the last rank prints as it decodes
-        streamer["streamer"] = TextStreamer(demo.tokenizer, skip_prompt=True)
+        streamer["streamer"] = TextStreamer(demo.tokenizer, skip_prompt=True, skip_special_tokens=True)
     runtime.generate(prompt, max_new_tokens=1)  # warm-up
     # Time to first token: the parallel prefill plus the first decoded token, until every rank has it.
     _, first_token_s = timed(runtime, lambda: runtime.generate(prompt, max_new_tokens=1), device)
