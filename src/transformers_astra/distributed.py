@@ -143,7 +143,7 @@ class DistributedRuntime:
         verify_peers(self.group, secret, self.timeout)  # trust.py: header + optional shared secret, first of all
         self.transport = CodeTransport(self.group, self.config, self.timeout, self.comm_device, device)
         self.layout: ShardLayout | None = None
-        self._keep_cache = False
+        self._keep_cache = False  # generate's prefill: the last rank keeps its KV cache (all tokens but the last)
         self.generation_stats: generation.GenerationStats | None = None  # of the latest generate call
         check_same_model(self.transport, model, self.config, quantizers(model))
         # Hidden mode: layer index -> precomputed codeword projections, where they fit (see projection_tables).
@@ -314,13 +314,16 @@ class RankExchange:
         return allowed
 
     def _store_last_rank_cache(self, layer: LayerState, key, value, remote_key, remote_value) -> None:
-        """Leave the last rank's view in its KV cache: earlier shards decoded, its own shard exact."""
+        """Leave the last rank's view in its KV cache (for `generation`): earlier shards decoded, its own shard exact.
+
+        Every token but the last: generate's first forward recomputes that one (see `generation`). Left out
+        here rather than cropped afterwards, which a sliding-window layer past its window cannot undo.
+        """
         cache, layer.cache = layer.cache, None
         if not self.runtime._keep_cache or cache is None:
             return
-        replace_cached_keys_values(
-            cache, layer.layer_idx, torch.cat([remote_key, key], dim=2), torch.cat([remote_value, value], dim=2)
-        )
+        keys, values = torch.cat([remote_key, key], dim=2), torch.cat([remote_value, value], dim=2)
+        replace_cached_keys_values(cache, layer.layer_idx, keys[:, :, :-1], values[:, :, :-1])
 
     def shard_starts(self, num_tokens: int) -> list[int]:
         return [0]  # a rank holds one shard

@@ -4,9 +4,10 @@
 
 1. Prefill, every rank: the runtime's forward over the whole prompt, each rank on its own shard, codes on
    the wire (`DistributedRuntime.forward`). The last rank keeps its KV cache as ASTRA leaves it: its own
-   shard exact, the earlier shards decoded from the codes it received.
-2. Decode, last rank only: ``model.generate(input_ids, attention_mask, cache=<that cache cropped by one
-   token>, **generate_kwargs)``. transformers' generate slices the prompt by the cache length, so its
+   shard exact, the earlier shards decoded from the codes it received; every token but the prompt's
+   last (left out as the cache is filled: a crop afterwards cannot undo a sliding-window layer).
+2. Decode, last rank only: ``model.generate(input_ids, attention_mask, cache=<that cache, one token
+   short>, **generate_kwargs)``. transformers' generate slices the prompt by the cache length, so its
    first forward recomputes the prompt's last token alone: one token, attending to the cache and to its
    own exact key. That is the same attention the last token had in the prefill (the last token is
    always in the last shard: own shard exact, earlier shards decoded), so the first new token comes from
@@ -20,10 +21,10 @@
    UTF-8 text when the last rank's generate raised, which every other rank then raises too. No pickled
    objects. Every rank returns the same ids.
 
-Why crop and recompute rather than hand generate the prefill's logits: generate always runs a forward on
+Why leave one token out and recompute it rather than hand generate the prefill's logits: generate always runs a forward on
 at least one uncached token before it samples (there is no public way to give it first-step logits), and
 a logits processor that overwrote the first step's scores would run that forward anyway and bypass the
-model's own output. Cropping one token costs one single-token forward on the last rank, a decode step.
+model's own output. Recomputing one token costs one single-token forward on the last rank, a decode step.
 
 ``generate_kwargs`` are used on the last rank only (other ranks ignore them): a streamer streams there,
 a seed set with ``torch.manual_seed`` before the call draws there. ``runtime.generation_stats`` holds
@@ -193,10 +194,9 @@ def total_length(model: nn.Module, prompt_length: int, generate_kwargs: dict[str
 
 
 def _generate_on_last_rank(runtime, output, input_ids, attention_mask, generate_kwargs):
-    """transformers' generate, continuing from the prefill's cache less its last token (module docstring)."""
+    """transformers' generate, continuing from the prefill's cache, which lacks the prompt's last token (module docstring)."""
     model = runtime.model
     cache = output_cache(output)
-    cache.crop(-1)  # remove the last token: "-1" means the same in every transformers 5.x
     # generate repeats input_ids and the mask for beams / several return sequences, but not a cache it is given.
     expand = max(setting("num_beams", generate_kwargs, model) or 1, setting("num_return_sequences", generate_kwargs, model) or 1)
     if expand > 1:
