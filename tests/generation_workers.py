@@ -130,11 +130,17 @@ def streamer_cases(runtime: DistributedRuntime, model, batch: dict) -> dict:
 
 
 def error_cases(runtime: DistributedRuntime, batch: dict) -> dict:
-    """An argument transformers' generate refuses (on the last rank) and one the runtime refuses (everywhere)."""
+    """An argument transformers' generate refuses (on the last rank), one the runtime refuses (everywhere), and
+    more new tokens than the model has positions for (checked on the last rank before its model.generate)."""
     results = {}
-    for name, kwargs in (("unknown-argument", {"not_a_generate_argument": 1}), ("position-ids", {"position_ids": batch["attention_mask"]})):
+    failing = {
+        "unknown-argument": {"not_a_generate_argument": 1},
+        "position-ids": {"position_ids": batch["attention_mask"]},
+        "too-long": {"max_new_tokens": runtime.model.config.n_positions},  # prompt + n_positions > n_positions
+    }
+    for name, kwargs in failing.items():
         try:
-            runtime.generate(**batch, max_new_tokens=2, **kwargs)
+            runtime.generate(**batch, **{"max_new_tokens": 2, **kwargs})
             results[("error", name)] = "ok"
         except (ValueError, TypeError, RuntimeError) as error:
             results[("error", name)] = f"{type(error).__name__}: {error}"

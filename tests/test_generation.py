@@ -117,7 +117,11 @@ def test_a_failing_generate_fails_on_every_rank_and_the_runtime_recovers(results
         assert message.startswith("ValueError") and "not_a_generate_argument" in message, (rank, message)
         assert results[rank][("error", "position-ids")].startswith("ValueError: DistributedRuntime.generate does not take position_ids")
         assert torch.equal(results[rank][("error", "after")], results[1][("error", "after")])
+        # The prompt (11 tokens) plus 64 new ones exceed the model's 64 positions: named on every rank.
+        too_long = results[rank][("error", "too-long")]
+        assert too_long.startswith("ValueError") and "the sequence needs 75 positions but this gpt2 model has 64" in too_long, (rank, too_long)
     assert "generate failed on the last rank" in results[0][("error", "unknown-argument")]
+    assert "generate failed on the last rank" in results[0][("error", "too-long")]
 
 
 # ------------------------------------------------------------------------------------- one process
