@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test,examples]"
 	touch $@
 
-# Main job: distributed ASTRA inference, 2 CPU processes (gloo), embedded default model, offline.
+# Main job: distributed ASTRA inference, 2 CPU processes (gloo), the trained GPT2 in checkpoints/, offline.
 demo: $(STAMP)
 	$(VENV)/bin/accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
 		--dynamo_backend no examples/distributed_inference.py --task gpt2 --cpu

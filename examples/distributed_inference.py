@@ -4,12 +4,18 @@
     torchrun --nproc_per_node 2 examples/distributed_inference.py --task vit --json result.json
     python examples/distributed_inference.py --task gpt2 --num-processes 3     # starts 3 local processes
 
-With no other argument it runs offline on an embedded default: a tiny random (seeded) GPT2 or ViT,
-patched with ASTRA and calibrated on generated data, and a seeded input. ``--model PATH`` loads a patched
-checkpoint saved with ``astra.save_pretrained``. Rank 0 prints the prediction, the latency with and
-without overlap, the difference to the single-process simulation, and the bytes every rank sent
-against what full-precision sequence parallelism would have sent; ``--json PATH`` writes all of it.
-See docs/distributed.md for several machines and gloo vs NCCL.
+By default it runs the trained ASTRA checkpoint shipped in checkpoints/ (GPT2 on the King James Bible,
+ViT on Fashion-MNIST; see each folder's COMMAND.md): GPT2 generates text from ``--prompt``, ViT classifies
+the Fashion-MNIST test images shipped with its checkpoint. ``--model PATH`` runs another patched
+checkpoint; ``--random`` the tiny random (seeded) model calibrated on generated data that the tests use
+(also the fallback, with a warning, where the shipped checkpoint is missing). Every rank loads the model
+itself: nothing but tensors of known sizes crosses the network (no pickled objects).
+
+Rank 0 prints the prediction, its agreement with the single-process simulation, the latency with and
+without overlap, time to first token (GPT2) or accuracy against the unpatched model (ViT), and the bytes
+every rank sent against what full-precision sequence parallelism would have sent; ``--json PATH`` writes
+all of it. ``--interface`` and ``--secret-file`` (or ``ASTRA_SECRET``) are for shared networks: see
+docs/distributed.md ("Several machines", "Faults and trust").
 """
 
 from __future__ import annotations
@@ -17,9 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
+import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -27,26 +33,59 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTForImageClassification
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    TextStreamer,
+    ViTConfig,
+    ViTForImageClassification,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 import transformers_astra as astra
-from transformers_astra.distributed import DistributedRuntime, expected_code_bytes
+from transformers_astra.distributed import TRAFFIC_KINDS, DistributedRuntime, expected_code_bytes
+from transformers_astra.patch import astra_state
+from transformers_astra import rendezvous
+from transformers_astra.trust import bind_interface
+
+CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
+# The trained checkpoints `make demo` runs (made by the commands in each folder's COMMAND.md).
+SHIPPED = {"gpt2": CHECKPOINTS / "gpt2-kjv-astra-n2", "vit": CHECKPOINTS / "vit-fashion-mnist-astra-n2"}
+# Fashion-MNIST test images shipped next to the ViT checkpoint (uint8 "images" (n, 28, 28), int64 "labels"):
+# the demo runs before `make test` installs the Debian dataset, and needs no root or network.
+DEMO_IMAGES = "demo_images.safetensors"
+CAUSAL_LM_CLASSES = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())  # architectures AutoModelForCausalLM builds
+DEFAULT_PROMPT = ("In the beginning God created the heaven and the earth. And the earth was without form, and void; "
+                  "and darkness was upon the face of the deep. And God said,")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", choices=["gpt2", "vit"], default="gpt2", help="model family of the embedded default")
-    parser.add_argument("--model", type=Path, help="a patched checkpoint (astra.save_pretrained) instead of the embedded default")
-    parser.add_argument("--tokens", type=int, default=128, help="GPT2 prompt length of the default input")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--groups", type=int, default=32, help="G of the embedded default")
-    parser.add_argument("--codebook-size", type=int, default=1024, help="K of the embedded default")
-    parser.add_argument("--quantize", choices=["hidden", "kv"], default="hidden", help="what the embedded default sends")
-    parser.add_argument("--max-new-tokens", type=int, default=8, help="GPT2: tokens to generate on the last rank")
+    parser.add_argument("--task", choices=["gpt2", "vit"], default="gpt2", help="which shipped checkpoint (or random model)")
+    parser.add_argument("--model", type=Path, help="another patched checkpoint instead of the shipped one")
+    parser.add_argument("--random", action="store_true", help="the tiny random (seeded) model instead of a trained one")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="GPT2 checkpoint: the text to continue")
+    parser.add_argument("--images", type=int, default=None, help="ViT checkpoint: classify this many shipped images (default all)")
+    parser.add_argument("--tokens", type=int, default=128, help="--random GPT2: prompt length")
+    parser.add_argument("--batch-size", type=int, default=1, help="--random: rows of the input")
+    parser.add_argument("--groups", type=int, default=32, help="--random: G")
+    parser.add_argument("--codebook-size", type=int, default=1024, help="--random: K")
+    parser.add_argument("--quantize", choices=["hidden", "kv"], default="hidden", help="--random: what is sent")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="GPT2: tokens to generate (default 48, --random 8)")
     parser.add_argument("--repeats", type=int, default=5, help="timed forwards per mode (median reported)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds before a dead or stalled rank is an error")
+    parser.add_argument("--timeout", type=float, default=60.0,
+                        help="seconds of silence from a dead or frozen rank; a busy rank is waited for")
     parser.add_argument("--cpu", action="store_true", help="stay on CPU (gloo) even when CUDA is available")
     parser.add_argument("--num-processes", type=int, help="processes to start when not launched by accelerate/torchrun")
+    parser.add_argument("--interface", help="network interface gloo/NCCL use (e.g. eth1): GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME")
+    parser.add_argument("--secret-file", type=Path, help="file holding the shared secret every rank must prove "
+                        "(default: the ASTRA_SECRET environment variable, if set)")
+    parser.add_argument("--plan", action="store_true", help="rank 0 also prints astra.plan's prediction for this "
+                        "model, N and a 10 Mbit/s link (calibrates the device first: seconds)")
     parser.add_argument("--json", type=Path, help="write the machine-readable result here (rank 0)")
     return parser.parse_args(argv)
 
@@ -71,12 +110,12 @@ def started_by_accelerate_alone() -> bool:
 
 
 def spawn_locally(args: argparse.Namespace, num_processes: int) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(port)
-    mp.start_processes(spawned_rank, args=(num_processes, args), nprocs=num_processes, start_method="spawn")
+    """Start the processes here. The rendezvous is a file (torch's FileStore), not a TCP port, and gloo uses
+    the loopback interface unless --interface names another: nothing listens on the machine's network."""
+    with tempfile.TemporaryDirectory(prefix="astra-rendezvous-") as folder:
+        args.init_method = f"file://{Path(folder) / 'store'}"
+        args.interface = args.interface or "lo"
+        mp.start_processes(spawned_rank, args=(num_processes, args), nprocs=num_processes, start_method="spawn")
 
 
 def spawned_rank(rank: int, world_size: int, args: argparse.Namespace) -> None:
@@ -94,14 +133,55 @@ def init_process_group(args: argparse.Namespace) -> torch.device:
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+    if args.interface:  # before the process group exists: gloo binds its sockets to this interface's address
+        address = bind_interface(args.interface)
+        print(f"rank {os.environ.get('RANK', '?')}: gloo/NCCL use interface {args.interface} ({address})", flush=True)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=args.timeout))
+        backend = "nccl" if use_cuda else "gloo"
+        if getattr(args, "init_method", None):  # spawn_locally's file rendezvous (no TCP store to bound)
+            # --timeout is the runtime's liveness timeout; one collective may take as long as a busy rank needs.
+            operation_timeout = timedelta(seconds=max(rendezvous.DEFAULT_OPERATION_TIMEOUT_S, args.timeout))
+            dist.init_process_group(backend, init_method=args.init_method, rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]), timeout=operation_timeout)
+        else:  # torchrun / accelerate: MASTER_ADDR, MASTER_PORT; start-up waits bounded by --timeout
+            rendezvous.init_process_group(backend, timeout=args.timeout)
     return device
 
 
 # ------------------------------------------------------------------------------ model and input
-def embedded_model(task: str, num_devices: int, args: argparse.Namespace, calibrate: bool):
-    """A tiny random GPT2 or ViT (seeded), patched; calibrated on generated data where ``calibrate``."""
+def load_checkpoint(path: Path, num_devices: int):
+    """A saved ASTRA checkpoint in float32, through transformers' Auto classes (``import transformers_astra``
+    registers the quantizer that patches the model while it loads). For another number of processes than
+    the checkpoint was fine-tuned for, `astra.from_pretrained` overrides ``num_devices`` (with a warning)."""
+    config = AutoConfig.from_pretrained(path)
+    auto_class = AutoModelForCausalLM if set(config.architectures or ()) & CAUSAL_LM_CLASSES else AutoModelForImageClassification
+    saved = config.quantization_config if isinstance(config.quantization_config, dict) else config.quantization_config.to_dict()
+    if saved.get("num_devices") == num_devices:
+        return auto_class.from_pretrained(path, dtype=torch.float32)
+    return astra.from_pretrained(path, model_class=auto_class, num_devices=num_devices, dtype=torch.float32)
+
+
+def model_source(args: argparse.Namespace, rank: int) -> Path | None:
+    """The checkpoint to run, or None for the tiny random model (asked for, or the shipped one is missing)."""
+    if args.random:
+        return None
+    if args.model is not None:
+        if not (args.model / "config.json").is_file():
+            sys.exit(f"--model {args.model}: no config.json there (expected a folder written by save_pretrained)")
+        return args.model
+    shipped = SHIPPED[args.task]
+    if (shipped / "config.json").is_file():
+        return shipped
+    if rank == 0:
+        print(f"WARNING: no trained {args.task} checkpoint in {shipped} (not made yet; {CHECKPOINTS / 'README.md'} says "
+              "how it is made): running the tiny RANDOM model instead (--random), whose predictions mean nothing",
+              file=sys.stderr, flush=True)
+    return None
+
+
+def embedded_model(task: str, num_devices: int, args: argparse.Namespace):
+    """A tiny random GPT2 or ViT, patched and calibrated on generated data, all seeded: every rank builds
+    the same model bit for bit (on one machine; the runtime's handshake checks it on any)."""
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(1)
     if task == "gpt2":
@@ -115,48 +195,80 @@ def embedded_model(task: str, num_devices: int, args: argparse.Namespace, calibr
         model = ViTForImageClassification(config)
         calibration = [{"pixel_values": torch.randn(16, 3, 32, 32, generator=generator)}]
     astra.patch(model.eval(), num_devices=num_devices, groups=args.groups, codebook_size=args.codebook_size, quantize=args.quantize)
-    if calibrate:
-        # A few k-means iterations on max(K, 1024) vectors per layer: enough for a demo, seconds on a CPU.
-        astra.calibrate(model, calibration, max_samples=max(args.codebook_size, 1024), kmeans_iters=4, progress=False)
+    # A few k-means iterations on max(K, 1024) vectors per layer: enough for a demo, seconds on a CPU.
+    astra.calibrate(model, calibration, max_samples=max(args.codebook_size, 1024), kmeans_iters=4, progress=False, seed=0)
     return model
 
 
-def default_inputs(task: str, model, args: argparse.Namespace, device: torch.device) -> dict:
+def random_inputs(task: str, model, args: argparse.Namespace) -> dict:
     generator = torch.Generator().manual_seed(2)
     if task == "gpt2":
-        inputs = {"input_ids": torch.randint(3, model.config.vocab_size, (args.batch_size, args.tokens), generator=generator)}
-    else:
-        size = model.config.image_size
-        inputs = {"pixel_values": torch.randn(args.batch_size, 3, size, size, generator=generator)}
-    return {name: value.to(device) for name, value in inputs.items()}
+        return {"input_ids": torch.randint(3, model.config.vocab_size, (args.batch_size, args.tokens), generator=generator)}
+    size = model.config.image_size
+    return {"pixel_values": torch.randn(args.batch_size, 3, size, size, generator=generator)}
 
 
-def load_model(args: argparse.Namespace, world_size: int, device: torch.device):
-    """``--model`` on every rank, or the embedded default: calibrated on rank 0 and broadcast to the others,
-    so that every rank holds bit-identical weights and codebooks even across machines (the runtime's
-    handshake checks it either way)."""
-    if args.model is not None:
-        model = astra.from_pretrained(args.model, num_devices=world_size)
-        args.task = model.config.model_type
-        return model.eval().to(device)
-    model = embedded_model(args.task, world_size, args, calibrate=dist.get_rank() == 0)
-    state = [model.state_dict() if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(state, src=0, device=device if device.type == "cuda" else None)
-    model.load_state_dict(state[0])
-    return model.eval().to(device)
+def demo_images(checkpoint: Path, model, count: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixel_values, labels) of the test images shipped with a ViT checkpoint, preprocessed as in training."""
+    from safetensors.torch import load_file
+
+    import tasks  # examples/tasks.py: the training's image preprocessing
+
+    if count is not None and count < 1:
+        sys.exit(f"--images must be >= 1, got {count}")
+    path = checkpoint / DEMO_IMAGES
+    if not path.is_file():
+        sys.exit(f"{path} is missing: the ViT demo classifies the test images shipped there; make it with "
+                 f"`python examples/export_demo_images.py --output {path}`")
+    stored = load_file(path)
+    images, labels = stored["images"][:count], stored["labels"][:count]
+    rows = [{"image": image.unsqueeze(0), "label": label} for image, label in zip(images, labels)]
+    return tasks.ImageCollator(model.config)(rows)["pixel_values"], labels
+
+
+class Demo:
+    """What this run shows: the model, the input of the timed forwards, and the task's own data."""
+
+    def __init__(self, args: argparse.Namespace, world_size: int, device: torch.device):
+        source = model_source(args, dist.get_rank())
+        if args.max_new_tokens is None:
+            args.max_new_tokens = 8 if source is None else 48
+        self.checkpoint, self.tokenizer, self.images, self.labels = source, None, None, None
+        if source is None:
+            self.model = embedded_model(args.task, world_size, args)
+            self.inputs = random_inputs(args.task, self.model, args)
+        else:
+            self.model = load_checkpoint(source, world_size)
+            args.task = self.model.config.model_type
+            if args.task == "gpt2":
+                self.tokenizer = AutoTokenizer.from_pretrained(source)
+                self.inputs = {"input_ids": self.tokenizer(args.prompt, return_tensors="pt").input_ids}
+                if self.inputs["input_ids"].shape[1] < world_size:
+                    sys.exit(f"--prompt {args.prompt!r} has {self.inputs['input_ids'].shape[1]} tokens: give at least "
+                             f"one per process ({world_size})")
+            else:
+                self.images, self.labels = demo_images(source, self.model, args.images)
+                self.inputs = {"pixel_values": self.images[: args.batch_size]}
+        self.model = self.model.eval().to(device)
+        self.inputs = {name: value.to(device) for name, value in self.inputs.items()}
+        if source is None:
+            self.description = "tiny random model (seeded; predictions mean nothing)"
+        else:  # relative to the working directory where it is inside it (checkpoints/...)
+            inside = source.resolve().is_relative_to(Path.cwd())
+            self.description = str(source.resolve().relative_to(Path.cwd()) if inside else source.resolve())
 
 
 # ------------------------------------------------------------------------------------- the run
-def timed_forward(runtime: DistributedRuntime, inputs: dict, device: torch.device) -> float:
-    """Seconds until the slowest rank has its output (ranks start together after a barrier)."""
+def timed(runtime: DistributedRuntime, action, device: torch.device):
+    """(result, seconds until the slowest rank has it); ranks start together after a barrier."""
     dist.barrier()
     started = time.perf_counter()
-    runtime(**inputs)
+    result = action()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = torch.tensor([time.perf_counter() - started], dtype=torch.float64, device=runtime.comm_device)
     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-    return elapsed.item()
+    return result, elapsed.item()
 
 
 def shard_difference(runtime: DistributedRuntime, got, simulated) -> float:
@@ -166,12 +278,98 @@ def shard_difference(runtime: DistributedRuntime, got, simulated) -> float:
     return (got.float() - simulated.float()).abs().max().item()
 
 
+def generate(runtime: DistributedRuntime, demo: Demo, args: argparse.Namespace, device: torch.device) -> dict:
+    """Greedy continuation of the prompt on every rank (streamed on the last rank), time to first token, and
+    the simulation's tokens."""
+    prompt = demo.inputs["input_ids"]
+    # The same settings for the distributed run and the simulation's model.generate.
+    settings = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=demo.model.generation_config.eos_token_id)
+    streamer = {}
+    if demo.tokenizer is not None and runtime.is_last:  # transformers' streamer: the last rank prints as it decodes
+        streamer["streamer"] = TextStreamer(demo.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    runtime.generate(prompt, max_new_tokens=1)  # warm-up
+    # Time to first token: the parallel prefill plus the first decoded token, until every rank has it.
+    _, first_token_s = timed(runtime, lambda: runtime.generate(prompt, max_new_tokens=1), device)
+    generated, total_s = timed(runtime, lambda: runtime.generate(prompt, **settings, **streamer), device)
+    stats = runtime.generation_stats  # of the streamed call, measured on the last rank
+    generated = generated[:, prompt.shape[1]:]
+    with torch.no_grad():
+        wanted = demo.model.generate(prompt, attention_mask=torch.ones_like(prompt), **settings)
+    result = {"new_tokens": generated.tolist(), "matches_simulation": torch.equal(generated, wanted[:, prompt.shape[1]:]),
+              "time_to_first_token_s": first_token_s, "generate_s": total_s,
+              "decode_tokens_per_s": (generated.shape[1] - 1) / (total_s - first_token_s) if total_s > first_token_s and generated.shape[1] > 1 else None,
+              "generation_stats": stats.to_dict()}
+    if demo.tokenizer is not None:
+        result["prompt"] = args.prompt
+        result["text"] = demo.tokenizer.decode(generated[0], skip_special_tokens=True)
+    return result
+
+
+@torch.no_grad()
+def classify(runtime: DistributedRuntime, demo: Demo, batch_size: int = 100) -> dict:
+    """Accuracy on the shipped test images: distributed, the single-process simulation, the unpatched model."""
+    # The same weights through plain transformers (a second copy: the runtime holds the first).
+    unpatched = astra.unpatch(load_checkpoint(demo.checkpoint, runtime.world_size)).eval().to(demo.model.device)
+    predictions = {"distributed": [], "simulation": [], "unpatched": []}
+    for chunk in demo.images.split(batch_size):
+        chunk = chunk.to(demo.inputs["pixel_values"].device)
+        predictions["distributed"].append(runtime(pixel_values=chunk).logits.argmax(-1).cpu())
+        predictions["simulation"].append(demo.model(pixel_values=chunk).logits.argmax(-1).cpu())
+        predictions["unpatched"].append(unpatched(pixel_values=chunk).logits.argmax(-1).cpu())
+    predictions = {name: torch.cat(values) for name, values in predictions.items()}
+    result = {"images": len(demo.labels)}
+    for name, predicted in predictions.items():
+        result[f"accuracy_{name}"] = 100.0 * (predicted == demo.labels).float().mean().item()
+    result["same_class_as_simulation"] = 100.0 * (predictions["distributed"] == predictions["simulation"]).float().mean().item()
+    return result
+
+
+# Per rank, one float64 vector of fixed layout (byte counts are integers far below 2**53: exact).
+def rank_numbers(traffic, expected: int, difference: float, num_layers: int) -> torch.Tensor:
+    if len(traffic.code_bytes_per_layer) != num_layers:
+        raise RuntimeError(f"traffic lists {len(traffic.code_bytes_per_layer)} layers, the model has {num_layers}")
+    values = [*(traffic.sent[k] for k in TRAFFIC_KINDS), *(traffic.received[k] for k in TRAFFIC_KINDS),
+              traffic.full_precision_bytes, expected, difference, *traffic.code_bytes_per_layer]
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def from_rank_numbers(values: torch.Tensor) -> dict:
+    kinds = len(TRAFFIC_KINDS)
+    sent = {k: int(v) for k, v in zip(TRAFFIC_KINDS, values[:kinds].tolist())}
+    received = {k: int(v) for k, v in zip(TRAFFIC_KINDS, values[kinds : 2 * kinds].tolist())}
+    full, expected, difference = values[2 * kinds : 2 * kinds + 3].tolist()
+    traffic = {"sent": sent, "received": received, "total_sent": sum(sent.values()), "total_received": sum(received.values()),
+               "code_bytes_per_layer": [int(v) for v in values[2 * kinds + 3 :].tolist()], "full_precision_bytes": int(full)}
+    return {"traffic": traffic, "expected_code_bytes": int(expected), "diff": difference}
+
+
+def gather_rank_numbers(runtime: DistributedRuntime, mine: torch.Tensor) -> list[dict]:
+    """Every rank's numbers on every rank: one all_gather of same-sized float64 tensors (no pickling)."""
+    mine = mine.to(runtime.comm_device)
+    everyone = [torch.zeros_like(mine) for _ in range(runtime.world_size)]
+    dist.all_gather(everyone, mine)
+    return [from_rank_numbers(values.cpu()) for values in everyone]
+
+
+def read_secret(path: Path | None) -> str | None:
+    """The secret in ``path`` (surrounding whitespace dropped); None: the runtime reads ASTRA_SECRET, if set."""
+    if path is None:
+        return None
+    if not path.is_file():
+        sys.exit(f"--secret-file {path}: no such file")
+    secret = path.read_text().strip()
+    if not secret:
+        sys.exit(f"--secret-file {path} is empty")
+    return secret
+
+
 def run(args: argparse.Namespace) -> None:
+    secret = read_secret(args.secret_file)
     device = init_process_group(args)
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    model = load_model(args, world_size, device)
-    inputs = default_inputs(args.task, model, args, device)
-    runtime = DistributedRuntime(model, timeout=args.timeout)
+    demo = Demo(args, world_size, device)  # every rank loads or builds the model itself: nothing exchanged yet
+    runtime = DistributedRuntime(demo.model, timeout=args.timeout, secret=secret)  # first exchange: trust, handshake
+    model, inputs = demo.model, demo.inputs
     with torch.no_grad():
         simulated = model(**inputs).logits  # the single-process simulation of the same patched model
 
@@ -179,31 +377,26 @@ def run(args: argparse.Namespace) -> None:
     for overlap in (False, True):
         runtime.overlap = overlap
         runtime(**inputs)  # warm-up
-        latencies[overlap] = statistics.median(timed_forward(runtime, inputs, device) for _ in range(args.repeats))
+        latencies[overlap] = statistics.median(timed(runtime, lambda: runtime(**inputs), device)[1] for _ in range(args.repeats))
     output = runtime(**inputs)
     traffic, difference = runtime.traffic, shard_difference(runtime, output.logits, simulated)
     layout, batch = runtime.layout, next(iter(inputs.values())).shape[0]
-    expected = expected_code_bytes(model._astra_state.config, layout, rank, batch, runtime.num_layers, runtime.causal)
+    config = astra_state(model).config
+    expected = expected_code_bytes(config, layout, rank, batch, runtime.num_layers, runtime.causal)
+    everyone = gather_rank_numbers(runtime, rank_numbers(traffic, expected, difference, runtime.num_layers))
 
     if args.task == "gpt2":
-        prompt = inputs["input_ids"]
-        generated = runtime.generate(prompt, max_new_tokens=args.max_new_tokens)[:, prompt.shape[1]:]
-        with torch.no_grad():
-            wanted = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.max_new_tokens, do_sample=False)
-        prediction = {"next_tokens": generated.tolist(), "matches_simulation": torch.equal(generated, wanted[:, prompt.shape[1]:])}
+        prediction = generate(runtime, demo, args, device)
     else:
-        prediction = {"classes": output.logits.argmax(-1).tolist(), "matches_simulation": torch.equal(output.logits.argmax(-1), simulated.argmax(-1))}
-
-    mine = {"traffic": traffic.to_dict(), "diff": difference, "expected_code_bytes": expected}
-    everyone = [None] * world_size
-    dist.all_gather_object(everyone, mine)
+        prediction = {"classes": output.logits.argmax(-1).tolist(),
+                      "matches_simulation": torch.equal(output.logits.argmax(-1), simulated.argmax(-1))}
+        if demo.images is not None:
+            prediction["classification"] = classify(runtime, demo)
     if rank == 0:
-        config = model._astra_state.config
         result = {
             "task": args.task, "N": world_size, "G": config.groups, "K": config.codebook_size, "quantize": config.quantize,
             "backend": dist.get_backend(), "device": device.type, "batch_size": batch, "tokens": layout.total,
-            "shard_sizes": list(layout.sizes), "model": str(args.model) if args.model else "embedded default",
-            "prediction": prediction,
+            "shard_sizes": list(layout.sizes), "model": demo.description, "prediction": prediction,
             "max_abs_diff_vs_simulation": max(r["diff"] for r in everyone),
             "bytes_sent_per_rank": [r["traffic"]["total_sent"] for r in everyone],
             "bytes_received_per_rank": [r["traffic"]["total_received"] for r in everyone],
@@ -214,6 +407,9 @@ def run(args: argparse.Namespace) -> None:
             "latency_s": latencies[True], "latency_no_overlap_s": latencies[False], "repeats": args.repeats,
         }
         report(result)
+        if args.plan:  # what the planner predicts for this model and N on a 10 Mbit/s link
+            print(astra.plan(model, num_tokens=layout.total if runtime.causal else None, num_devices=world_size,
+                             bandwidth_mbps=10).summary())
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(result, indent=2))
@@ -226,12 +422,30 @@ def report(result: dict) -> None:
     bits = (result["K"] - 1).bit_length()
     print(f"ASTRA distributed inference: task={result['task']}, N={result['N']} processes ({result['backend']}, "
           f"{result['device']}), G={result['G']}, K={result['K']} ({bits}-bit codes), quantize={result['quantize']}")
-    print(f"input: {result['batch_size']} x {result['tokens']} tokens, shards {result['shard_sizes']}; model: {result['model']}")
+    print(f"model: {result['model']}")
+    print(f"input: {result['batch_size']} x {result['tokens']} tokens, shards {result['shard_sizes']}")
     prediction = result["prediction"]
-    what = "greedy next tokens" if "next_tokens" in prediction else "classes"
-    predicted = prediction.get("next_tokens", prediction.get("classes"))
-    print(f"prediction ({what}): {predicted}; same as the single-process simulation: {prediction['matches_simulation']}")
-    print(f"max |distributed - single-process simulation| = {result['max_abs_diff_vs_simulation']:.2e}")
+    if "text" in prediction:
+        print(f"prompt:    {prediction['prompt']!r}\ngenerated: {prediction['text']!r}")
+    if "new_tokens" in prediction:
+        tokens = f"{len(prediction['new_tokens'][0])} greedy tokens" if "text" in prediction else f"greedy tokens {prediction['new_tokens']}"
+        print(f"{tokens}; the same as the single-process simulation's: {prediction['matches_simulation']}")
+        speed = prediction["decode_tokens_per_s"]
+        print(f"time to first token: {prediction['time_to_first_token_s'] * 1e3:.1f} ms (parallel prefill + first token, "
+              f"on every rank); {len(prediction['new_tokens'][0])} tokens in {prediction['generate_s']:.2f} s"
+              + (f", {speed:.1f} tokens/s decoding" if speed else ""))
+        if (stats := prediction.get("generation_stats")) and stats["time_to_first_token_s"] is not None:
+            rate = f"{stats['decode_tokens_per_s']:.1f}" if stats["decode_tokens_per_s"] is not None else "n/a"
+            print(f"on the last rank (generation_stats): time to first token {stats['time_to_first_token_s'] * 1e3:.1f} ms "
+                  f"(parallel prefill {stats['prefill_s'] * 1e3:.1f} ms), then {rate} tokens/s per sequence")
+    else:
+        print(f"classes: {prediction['classes']}; same as the single-process simulation: {prediction['matches_simulation']}")
+    if "classification" in prediction:
+        c = prediction["classification"]
+        print(f"accuracy on {c['images']} Fashion-MNIST test images: distributed {c['accuracy_distributed']:.1f}%, "
+              f"single-process simulation {c['accuracy_simulation']:.1f}%, unpatched model (same weights, no ASTRA) "
+              f"{c['accuracy_unpatched']:.1f}%; same class as the simulation on {c['same_class_as_simulation']:.1f}%")
+    print(f"max |distributed - single-process simulation| logits = {result['max_abs_diff_vs_simulation']:.2e}")
     print(f"latency per forward: {result['latency_s'] * 1e3:.1f} ms with overlap, "
           f"{result['latency_no_overlap_s'] * 1e3:.1f} ms without (median of {result['repeats']})")
     print("bytes sent per forward:   rank  total     codes     full-precision sequence parallelism")

@@ -11,6 +11,7 @@ from .callback import AstraNAQCallback
 from .calibration import calibrate, collect_activations
 from .config import AstraConfig
 from .distributed import DistributedRuntime, Traffic
+from .generation import GenerationStats
 from .hf_quantizer import AstraHfQuantizer
 from .hf_quantizer import register as _register_quantizer
 from .hub import from_pretrained, push_to_hub, save_pretrained
@@ -33,6 +34,7 @@ __all__ = [
     "AstraQuantizationConfig",
     "DeviceProfile",
     "DistributedRuntime",
+    "GenerationStats",
     "GroupedVQ",
     "LinkModel",
     "Plan",

@@ -11,19 +11,24 @@ full precision and to the other shards' keys/values decoded from the codes it re
     dist.init_process_group("gloo")  # or accelerate / torchrun; NCCL on GPU
     runtime = astra.DistributedRuntime(model)  # model: patched (and calibrated) identically on every rank
     out = runtime(input_ids=ids)  # this rank's logits (B, T_r, V); ids are the WHOLE batch on every rank
-    ids = runtime.generate(input_ids=ids, max_new_tokens=20)  # causal LMs: prefill here, decode on the last rank
+    ids = runtime.generate(ids, max_new_tokens=20, do_sample=True)  # causal LMs: prefill here, HF generate on the last rank
     runtime.traffic  # bytes sent/received by this rank in the latest call, by kind
 
 API
-- ``DistributedRuntime(model, group=None, overlap=True, timeout=60.0, check_inputs=True, projection_table=True)``. ``group``: the
+- ``DistributedRuntime(model, group=None, overlap=True, timeout=60.0, check_inputs=True, projection_table=True, secret=None)``. ``group``: the
   process group whose size must equal ``num_devices`` (default: the default group). ``overlap``: attend
-  to the local keys while the codes are in flight. ``timeout``: seconds any rank waits for any exchange
-  before raising (a dead or stalled rank). ``check_inputs``: compare a hash of every call's inputs
-  across ranks first (one 48-byte all_gather; ValueError naming the input that differs). Construction
+  to the local keys while the codes are in flight. ``timeout``: seconds of silence from a peer before an
+  exchange fails (`liveness.PeerFailureError`): a peer that is alive and busy (its heartbeat advances)
+  is waited for, up to the process group's own operation timeout; a dead or frozen one ends every
+  wait within ``timeout``. Every call starts with one fixed-size all_gather of the batch size, the
+  sequence layout and (``check_inputs``) digests of the inputs: ValueError on every rank naming what
+  differs; every later exchange has sizes derived from that agreed layout. Construction
   runs a checksum handshake (AstraConfig, model config, weights, codebooks) and raises ValueError
   naming what differs. Inference only; ``runtime.layout`` is the `ShardLayout` of the latest call and
   ``runtime.traffic`` its bytes. The runtime's hooks live for one call only (``close()`` has nothing
   left to remove and is kept for compatibility).
+  ``secret`` (else the ``ASTRA_SECRET`` environment variable): every rank must prove it holds the same
+  secret before anything else is exchanged (`trust.verify_peers`; `trust.PeerAuthenticationError`).
   ``projection_table``: hidden mode precomputes every codeword's K/V projection (when the pair of tables
   of a layer fits in 64 MiB: G·K·D·2 values, e.g. G=1, K=1024, D=768: 6.3 MB in fp32), so a receiver
   gathers and sums instead of decoding and projecting every received token. Built at construction
@@ -32,9 +37,10 @@ API
   shard's tokens with global positions; the next-token logits are ``logits[:, -1]`` on the last rank
   (``runtime.is_last``). ViT (distributed class tokens): every rank returns the same pooled CLS, so the
   same classification ``logits``; ``last_hidden_state`` is [pooled CLS, own patches].
-- ``runtime.generate(input_ids, attention_mask=None, max_new_tokens=20)``: greedy decoding. The prompt is
-  prefilled in parallel; the last rank then decodes alone with its mixed KV cache (its shard exact,
-  earlier shards decoded from codes), and broadcasts the new tokens, so every rank returns them.
+- ``runtime.generate(input_ids, attention_mask=None, **generate_kwargs)``: transformers' ``generate``
+  (any ``model.generate`` argument). The prompt is prefilled in parallel; the last rank then runs
+  ``model.generate`` from its mixed KV cache (its shard exact, earlier shards decoded from codes) and
+  broadcasts the new tokens, so every rank returns them (`generation`); ``runtime.generation_stats``.
 - ``runtime.traffic``: `Traffic` of the latest call: ``sent``/``received`` bytes by kind ("codes",
   "padding", "pooling", "control"), ``code_bytes_per_layer`` and ``full_precision_bytes`` (what
   full-precision sequence parallelism would have sent from this rank in the same exchanges).
@@ -50,7 +56,6 @@ single-process simulation shares.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from typing import Any
 
 import torch
@@ -61,12 +66,15 @@ from transformers import DynamicCache
 from .attention import attend, replace_cached_keys_values
 from .config import validate_timeout
 from .exchange import rebuild_keys_values, sent_vectors, split_heads
-from .handshake import CHECKED_INPUTS, check_same_inputs, check_same_model
+from . import generation, liveness
+from .handshake import CHECKED_INPUTS, check_same_call, check_same_model
+from .liveness import PeerFailureError
 from .kernels import PROJECTION_TABLE_MAX_BYTES, merge_partials, partial_attention, projected_from_codes, projection_tables
 from .models.base import RankView
 from .patch import astra_state, quantizers
 from .sharding import ShardLayout
 from .state import LayerState
+from .trust import verify_peers
 from .transport import (
     TRAFFIC_KINDS,
     CodeTransport,
@@ -83,6 +91,7 @@ __all__ = [
     "PROJECTION_TABLE_MAX_BYTES",
     "TRAFFIC_KINDS",
     "DistributedRuntime",
+    "PeerFailureError",
     "RankExchange",
     "Traffic",
     "code_receivers",
@@ -109,6 +118,7 @@ class DistributedRuntime:
         timeout: float = DEFAULT_TIMEOUT_S,
         check_inputs: bool = True,
         projection_table: bool = True,
+        secret: str | bytes | None = None,
     ):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
@@ -129,9 +139,12 @@ class DistributedRuntime:
         self.num_layers = len(self.adapter.attention_modules(model))
         device = next(model.parameters()).device
         self.comm_device = device if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
+        liveness.start_heartbeat(self.timeout)  # peers waiting on this rank see it alive while it works
+        verify_peers(self.group, secret, self.timeout)  # trust.py: header + optional shared secret, first of all
         self.transport = CodeTransport(self.group, self.config, self.timeout, self.comm_device, device)
         self.layout: ShardLayout | None = None
-        self._keep_cache = False
+        self._keep_cache = False  # generate's prefill: the last rank keeps its KV cache (all tokens but the last)
+        self.generation_stats: generation.GenerationStats | None = None  # of the latest generate call
         check_same_model(self.transport, model, self.config, quantizers(model))
         # Hidden mode: layer index -> precomputed codeword projections, where they fit (see projection_tables).
         self._tables = self._projection_tables() if projection_table and self.config.quantize == "hidden" else {}
@@ -159,9 +172,10 @@ class DistributedRuntime:
         if self.state.full_precision:
             raise ValueError("DistributedRuntime always sends codes; leave the astra.full_precision context first")
         self.transport.traffic = Traffic()
-        if self.check_inputs:
-            check_same_inputs(self.transport, inputs)
         layout = self.adapter.rank_layout(self.model, self.state, inputs)
+        # The first exchange, fixed-size, always: every rank agrees on the sizes of all later exchanges.
+        check_same_call(self.transport, inputs, layout, self.check_inputs)
+        self.adapter.check_sequence_length(self.model, layout.total)  # the same error on every rank
         # The whole sequence's padding and positions, computed before any rank hook is in place.
         view = RankView(
             layout, self.rank, self.adapter.key_padding(inputs, layout), self.adapter.position_table(self.model, inputs, layout)
@@ -171,36 +185,16 @@ class DistributedRuntime:
         if self.causal:
             model_inputs["use_cache"] = self._keep_cache
             if self._keep_cache:  # filled with the last rank's view
-                model_inputs[_cache_argument(self.model)] = DynamicCache(config=self.model.config)
+                model_inputs[generation.cache_argument(self.model)] = DynamicCache(config=self.model.config)
         with self._active(RankExchange(self, view), self.adapter.rank_hooks(self.model, view)):
             return self.model(**model_inputs)
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 20) -> torch.Tensor:
-        """Greedy generation (GPT2): parallel prefill, then decoding on the last rank; the same ids on every rank.
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **generate_kwargs: Any):
+        """transformers' ``generate`` (causal LMs) after a parallel prefill: the same ids on every rank (see `generation`).
 
-        Stops early when every sequence has produced ``generation_config.eos_token_id`` (later positions
-        get its ``pad_token_id``), like ``model.generate(do_sample=False)``, which the simulation matches.
+        ``generate_kwargs`` are what ``model.generate`` takes; they are used on the last rank only.
         """
-        if not self.causal:
-            raise ValueError("generate needs a causal language model (GPT2)")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        # Position ids as `model.generate` derives them from the padding mask.
-        position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-        self._keep_cache = self.is_last
-        try:
-            output = self.forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        finally:
-            self._keep_cache = False
-        new_tokens = torch.full((input_ids.shape[0], max_new_tokens), -1, dtype=torch.long, device=input_ids.device)
-        if self.is_last:
-            new_tokens = self._decode_greedy(output, attention_mask, position_ids, max_new_tokens, new_tokens)
-        new_tokens = self._broadcast_from_last(new_tokens)
-        generated = new_tokens[:, (new_tokens >= 0).any(dim=0)]
-        return torch.cat([input_ids, generated], dim=1)
+        return generation.generate(self, input_ids, attention_mask, **generate_kwargs)
 
     def close(self) -> None:
         """Nothing to undo since the runtime's hooks live for one forward only (kept for the API)."""
@@ -237,39 +231,6 @@ class DistributedRuntime:
             layer_idx: projection_tables(module, self.adapter, module.astra_quantizer)
             for layer_idx, module in enumerate(self.adapter.attention_modules(self.model))
         }
-
-    # --------------------------------------------------------------------------------- generation
-    def _decode_greedy(self, output, attention_mask, position_ids, max_new_tokens, new_tokens):
-        generation_config = getattr(self.model, "generation_config", None)
-        eos = getattr(generation_config, "eos_token_id", None)
-        eos = torch.tensor([eos] if isinstance(eos, int) else (eos or []), device=new_tokens.device)
-        pad = getattr(generation_config, "pad_token_id", None)
-        pad = pad if pad is not None else (int(eos[0]) if eos.numel() else 0)
-        cache = _output_cache(output)
-        logits, unfinished = output.logits[:, -1], torch.ones(new_tokens.shape[0], dtype=torch.bool, device=new_tokens.device)
-        for step in range(max_new_tokens):
-            token = torch.where(unfinished, logits.argmax(dim=-1), torch.full_like(unfinished, pad, dtype=torch.long))
-            new_tokens[:, step] = token
-            unfinished &= ~torch.isin(token, eos)
-            if not unfinished.any() or step == max_new_tokens - 1:
-                break
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
-            position_ids = position_ids[:, -1:] + 1
-            out = self.model(
-                input_ids=token[:, None], attention_mask=attention_mask, position_ids=position_ids,
-                use_cache=True, **{_cache_argument(self.model): cache},
-            )
-            logits, cache = out.logits[:, -1], _output_cache(out)
-        return new_tokens
-
-    def _broadcast_from_last(self, tensor: torch.Tensor) -> torch.Tensor:
-        buffer = tensor.to(self.comm_device).contiguous()
-        work = dist.broadcast(buffer, src=dist.get_global_rank(self.group, self.world_size - 1), group=self.group, async_op=True)
-        self.wait(work, "receiving the generated tokens from the last rank")
-        size = buffer.numel() * buffer.element_size()
-        self._count("control", (self.world_size - 1) * size if self.is_last else 0, 0 if self.is_last else size)
-        return buffer.to(tensor.device)
-
 
 
 class RankExchange:
@@ -353,13 +314,16 @@ class RankExchange:
         return allowed
 
     def _store_last_rank_cache(self, layer: LayerState, key, value, remote_key, remote_value) -> None:
-        """Leave the last rank's view in its KV cache: earlier shards decoded, its own shard exact."""
+        """Leave the last rank's view in its KV cache (for `generation`): earlier shards decoded, its own shard exact.
+
+        Every token but the last: generate's first forward recomputes that one (see `generation`). Left out
+        here rather than cropped afterwards, which a sliding-window layer past its window cannot undo.
+        """
         cache, layer.cache = layer.cache, None
         if not self.runtime._keep_cache or cache is None:
             return
-        replace_cached_keys_values(
-            cache, layer.layer_idx, torch.cat([remote_key, key], dim=2), torch.cat([remote_value, value], dim=2)
-        )
+        keys, values = torch.cat([remote_key, key], dim=2), torch.cat([remote_value, value], dim=2)
+        replace_cached_keys_values(cache, layer.layer_idx, keys[:, :, :-1], values[:, :, :-1])
 
     def shard_starts(self, num_tokens: int) -> list[int]:
         return [0]  # a rank holds one shard
@@ -368,13 +332,3 @@ class RankExchange:
         """Mean of every rank's vector (one small all_gather)."""
         gathered = self.runtime.transport.all_gather(copies[:, 0], "pooling the class tokens", "pooling")
         return torch.stack(gathered, dim=1).mean(dim=1, keepdim=True)
-
-
-def _cache_argument(model: nn.Module) -> str:
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _output_cache(output):
-    """The KV cache of a model output: ``cache`` in recent transformers, ``past_key_values`` before."""
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else getattr(output, "past_key_values", None)

@@ -16,6 +16,8 @@ from .transport import CodeTransport
 
 # Inputs whose equality across ranks is checked by name; anything else is checked as one "other inputs".
 CHECKED_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "inputs_embeds")
+# Fields compared as plain values (the error shows every rank's value) rather than digests.
+READABLE_FIELDS = ("batch size", "sequence length", "check_inputs")
 
 
 def check_same_model(transport: CodeTransport, model: nn.Module, config, quantizers) -> None:
@@ -31,11 +33,34 @@ def check_same_model(transport: CodeTransport, model: nn.Module, config, quantiz
     compare_across_ranks(transport, fields, "the start-up handshake")
 
 
-def check_same_inputs(transport: CodeTransport, inputs: dict[str, Any]) -> None:
-    fields = {name: _digest_value(inputs.get(name)) for name in CHECKED_INPUTS}
-    others = {name: value for name, value in inputs.items() if name not in CHECKED_INPUTS}
-    fields["other inputs"] = _digest(repr(sorted(others)).encode()) ^ _digest_value(list(others.values()))
-    compare_across_ranks(transport, fields, "checking that every rank got the same inputs", "inputs ")
+def check_same_call(transport: CodeTransport, inputs: dict[str, Any], layout, check_inputs: bool) -> None:
+    """The first exchange of every call, whether or not ``check_inputs`` is on: one fixed-size all_gather.
+
+    Every rank sends the batch size and the shard layout it derived from its own inputs (and, with
+    ``check_inputs``, digests of the inputs themselves). Every later exchange of the call has sizes
+    derived from this agreed layout, so no rank ever posts a receive of a size its peer does not send.
+    """
+    fields = {
+        "batch size": batch_size(inputs),
+        "sequence length": layout.total,
+        "sequence layout": _digest(repr((layout.total, tuple(layout.sizes))).encode()),
+        "check_inputs": int(bool(check_inputs)),
+    }
+    if check_inputs:
+        fields.update({f"inputs {name!r}": _digest_value(inputs.get(name)) for name in CHECKED_INPUTS})
+        others = {name: value for name, value in inputs.items() if name not in CHECKED_INPUTS}
+        fields["inputs 'other inputs'"] = _digest(repr(sorted(others)).encode()) ^ _digest_value(list(others.values()))
+    else:  # the same number of values either way: a rank with check_inputs off is named, not misread
+        fields.update({f"inputs {name!r}": 0 for name in (*CHECKED_INPUTS, "other inputs")})
+    compare_across_ranks(transport, fields, "checking that every rank got the same inputs")
+
+
+def batch_size(inputs: dict[str, Any]) -> int:
+    """Rows of the first tensor among the token or pixel inputs (ValueError when there is none)."""
+    for name in ("input_ids", "inputs_embeds", "pixel_values"):
+        if torch.is_tensor(inputs.get(name)) and inputs[name].ndim >= 2:
+            return inputs[name].shape[0]
+    raise ValueError("DistributedRuntime needs input_ids, inputs_embeds or pixel_values as a batched tensor")
 
 
 def compare_across_ranks(transport: CodeTransport, fields: dict[str, int], what: str, prefix: str = "") -> None:
@@ -45,7 +70,9 @@ def compare_across_ranks(transport: CodeTransport, fields: dict[str, int], what:
     for column, name in enumerate(fields):
         differing = [rank for rank in range(transport.world_size) if table[rank, column] != table[0, column]]
         if differing:
-            mismatches.append(f"{prefix}{name!r} (ranks {differing} differ from rank 0)")
+            shown = name if name.startswith("inputs ") else repr(name)
+            values = f": {table[:, column].tolist()}" if name in READABLE_FIELDS else ""
+            mismatches.append(f"{prefix}{shown} (ranks {differing} differ from rank 0{values})")
     if mismatches:
         raise ValueError(
             f"ASTRA ranks disagree on {', '.join(mismatches)}, found during {what}; every rank must load "

@@ -10,14 +10,13 @@ a payload sent to k peers counts k times, which is also what a ring all_gather p
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from . import liveness
 from .packing import pack, packed_size, unpack
 from .sharding import ShardLayout
 
@@ -111,20 +110,18 @@ class CodeTransport:
         self.traffic.received[kind] += received
 
     def wait(self, work, what: str) -> None:
-        """Wait for an async collective, turning a timeout or a lost peer into an error that says so."""
-        started = time.monotonic()
-        try:
-            work.wait(timedelta(seconds=self.timeout))
-        except RuntimeError as error:  # DistBackendError is a RuntimeError
-            raise RuntimeError(
-                f"ASTRA rank {self.rank}/{self.world_size}: {what} failed after {time.monotonic() - started:.1f}s "
-                f"(timeout {self.timeout:g}s): a rank died, stalled or gave up. Cause: {error}"
-            ) from error
+        """Wait for an async collective (or a list of works): `liveness.PeerFailureError` naming ``what`` when a peer is lost.
+
+        A busy peer (its heartbeat advances) is waited for; one silent for ``timeout`` seconds is not.
+        """
+        peers = [dist.get_global_rank(self.group, r) for r in range(self.world_size) if r != self.rank]
+        where = f"ASTRA rank {self.rank}/{self.world_size}"
+        liveness.wait(work, what, self.timeout, peers, where, sliced=dist.get_backend(self.group) == "gloo")
 
     def all_gather(self, tensor: torch.Tensor, what: str, kind: str) -> list[torch.Tensor]:
         """Every rank's ``tensor`` (same shape everywhere), on ``tensor``'s device; counted as ``kind``."""
         own = tensor.contiguous().to(self.comm_device)
-        gathered = [torch.empty_like(own) for _ in range(self.world_size)]
+        gathered = [torch.zeros_like(own) for _ in range(self.world_size)]
         self.wait(dist.all_gather(gathered, own, group=self.group, async_op=True), what)
         size = own.numel() * own.element_size()
         self.count(kind, (self.world_size - 1) * size, (self.world_size - 1) * size)
@@ -145,7 +142,7 @@ class _AllGatherTransfer(CodeTransfer):
         largest = max(sizes)
         padded = torch.zeros(largest, dtype=torch.uint8, device=payload.device)
         padded[: payload.numel()] = payload
-        self.buffers = [torch.empty_like(padded) for _ in sizes]
+        self.buffers = [torch.zeros_like(padded) for _ in sizes]
         self.work = dist.all_gather(self.buffers, padded, group=transport.group, async_op=True)
         own, peers = sizes[transport.rank], len(sources)
         transport.count("codes", peers * own, sum(sizes[s] for s in sources))
@@ -162,13 +159,12 @@ class _PointToPointTransfer(CodeTransfer):
     def __init__(self, transport: CodeTransport, payload, sizes, receivers, sources, shapes):
         self.transport, self.sources, self.shapes = transport, sources, shapes
         group, global_rank = transport.group, (lambda r: dist.get_global_rank(transport.group, r))
-        self.buffers = {s: torch.empty(sizes[s], dtype=torch.uint8, device=payload.device) for s in sources}
+        self.buffers = {s: torch.zeros(sizes[s], dtype=torch.uint8, device=payload.device) for s in sources}
         ops = [dist.P2POp(dist.isend, payload, global_rank(r), group) for r in receivers]
         ops += [dist.P2POp(dist.irecv, self.buffers[s], global_rank(s), group) for s in sources]
         self.works = dist.batch_isend_irecv(ops) if ops else []
         transport.count("codes", len(receivers) * sizes[transport.rank], sum(sizes[s] for s in sources))
 
     def wait(self) -> list[torch.Tensor]:
-        for work in self.works:
-            self.transport.wait(work, f"the code exchange with ranks {self.sources}")
+        self.transport.wait(self.works, f"the code exchange with ranks {self.sources}")
         return [self.transport.unpack(self.buffers[s], self.shapes[s]) for s in self.sources]
