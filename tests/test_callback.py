@@ -1,12 +1,12 @@
 """AstraNAQCallback with a real transformers.Trainer: codebook init, loss going down, logs, schedule, 2 ranks."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import make_pair, tiny_gpt2_config
+from test_distributed import free_port
 from transformers import GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
 import transformers_astra as astra
@@ -108,12 +108,6 @@ def test_bad_arguments_are_rejected():
         astra.AstraNAQCallback(noise_warmup_ratio=0.0)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def join_ranks(rank: int, world_size: int, port: int) -> None:
     """The environment a launcher gives rank ``rank`` (the Trainer then starts the gloo group)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
@@ -124,7 +118,7 @@ def join_ranks(rank: int, world_size: int, port: int) -> None:
 def run_two_ranks(worker, tmp_path) -> dict:
     """Runs ``worker(rank, 2, port, output_dir, results)`` in two processes; returns what they put in ``results``."""
     results = mp.Manager().dict()
-    mp.spawn(worker, args=(2, _free_port(), str(tmp_path), results), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, free_port(), str(tmp_path), results), nprocs=2, join=True)
     return dict(results)
 
 
