@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 QUANTIZE_MODES = ("hidden", "kv")
 NOISE_GRANULARITIES = ("dimension", "group")
+# AstraConfig.shard_sizes: sizes from the cost model of `balance` (causal families; even elsewhere).
+BALANCED = "balanced"
 
 # Codes are packed at ceil(log2 K) bits, 1 to 16 (`packing`): K = 2**16 is the largest codebook.
 MAX_CODEBOOK_SIZE = 1 << 16
@@ -41,10 +43,14 @@ class AstraConfig:
         noise_granularity: sigma per "dimension" of the vector or per "group".
         commitment_weight: beta of the commitment loss beta * ||x - sg(x_hat)||^2 (training only), in [0, 100].
         distributed_cls: ViT only; every shard gets its own CLS copy and the copies are mean-pooled.
-        shard_sizes: None splits tokens evenly (the first T mod N shards get one more). A list of N
-            positive finite numbers (each at most 2**31) splits the tokens in proportion to them; a list summing to the sequence
-            length gives exactly those sizes. ViT with distributed_cls: sizes count patches, each shard
-            also holding its CLS copy.
+        shard_sizes: "balanced" (the default): causal families (GPT2, Llama) get the sizes that equalise
+            every rank's per-layer work, computed per call from the sequence length (`balance`: later
+            ranks attend to more keys and rebuild more received K/V, so they get fewer tokens; the last
+            rank, which encodes nothing, may get more); bidirectional families (ViT) split evenly. None
+            splits tokens evenly (the first T mod N shards get one more). A list of N positive finite
+            numbers (each at most 2**31) splits the tokens in proportion to them; a list summing to the
+            sequence length gives exactly those sizes. ViT with distributed_cls: sizes count patches,
+            each shard also holding its CLS copy.
     """
 
     num_devices: int = 2
@@ -55,7 +61,7 @@ class AstraConfig:
     noise_granularity: str = "dimension"
     commitment_weight: float = 1e-4
     distributed_cls: bool = True
-    shard_sizes: list[int] | None = field(default=None)
+    shard_sizes: list[int] | str | None = BALANCED
 
     def __post_init__(self) -> None:
         self._check_int("num_devices", minimum=1)
@@ -67,7 +73,7 @@ class AstraConfig:
         self._check_number("commitment_weight", MAX_COMMITMENT_WEIGHT)
         if not isinstance(self.distributed_cls, bool):
             raise ValueError(f"AstraConfig.distributed_cls must be True or False, got {self.distributed_cls!r}")
-        if self.shard_sizes is not None:
+        if self.shard_sizes is not None and self.shard_sizes != BALANCED:
             self._check_shard_sizes()
 
     def _check_int(self, name: str, minimum: int, maximum: int | None = None) -> None:
@@ -92,8 +98,8 @@ class AstraConfig:
         ok = isinstance(sizes, (list, tuple)) and all(_is_real(s) and 0 < s <= MAX_SHARD_SIZE for s in sizes)
         if not ok or len(sizes) != self.num_devices:
             raise ValueError(
-                f"AstraConfig.shard_sizes must be None or a list of {self.num_devices} positive finite numbers "
-                f"of at most 2**31 (one per device), got {sizes!r}"
+                f"AstraConfig.shard_sizes must be {BALANCED!r}, None or a list of {self.num_devices} positive finite "
+                f"numbers of at most 2**31 (one per device), got {sizes!r}"
             )
         self.shard_sizes = list(sizes)
 

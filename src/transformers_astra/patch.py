@@ -11,7 +11,9 @@ from torch import nn
 from transformers.quantizers import AutoHfQuantizer
 
 from . import attention
+from .balance import ShardCosts
 from .config import AstraConfig
+from .kernels import PROJECTION_TABLE_MAX_BYTES
 from .models import adapter_for
 from .quantization_config import QUANT_METHOD, AstraQuantizationConfig
 from .quantizer import GroupedVQ
@@ -50,6 +52,7 @@ def patch(model: nn.Module, config: AstraConfig | None = None, **overrides: Any)
 
     state = AstraState(config, adapter, original_attn_implementation=model.config._attn_implementation)
     state.exchange = attention.SimulatedExchange(state)
+    state.shard_costs = _shard_costs(model, adapter, config)
     width = adapter.quantized_width(model, config)
     for layer_idx, module in enumerate(adapter.attention_modules(model)):
         # The attention's own device and dtype (a model's first parameter may be kept in fp32 while loading
@@ -90,8 +93,13 @@ def unpatch(model: nn.Module) -> nn.Module:
 def set_config(model: nn.Module, config: AstraConfig) -> None:
     """Replace a patched model's AstraConfig (e.g. NAQ's lambda during fine-tuning); the saved config follows."""
     state = astra_state(model)
-    state.config = config
+    state.config, state.shard_costs = config, _shard_costs(model, state.adapter, config)
     model.config.quantization_config.set_astra_config(config)
+
+
+def _shard_costs(model: nn.Module, adapter, config: AstraConfig) -> ShardCosts:
+    """The model's per-layer work for balanced shards (`balance`), from its widths and the config."""
+    return ShardCosts.for_model(adapter.hidden_size(model), adapter.key_value_width(model), config, PROJECTION_TABLE_MAX_BYTES)
 
 
 def _record_quantization(model: nn.Module, config: AstraConfig) -> None:

@@ -47,7 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import QUANTIZE_MODES, AstraConfig
+from .balance import ShardCosts, balanced_sizes
+from .config import BALANCED, QUANTIZE_MODES, AstraConfig
 from .packing import pack, packed_size, unpack
 from .patch import astra_state, is_patched
 from .quantizer import GroupedVQ
@@ -576,7 +577,8 @@ def predict_astra(profile: DeviceProfile, config: AstraConfig, num_tokens: int, 
     layers, world = profile.num_layers, config.num_devices
     cls_per_shard = 0 if profile.causal or not config.distributed_cls else 1
     content = num_tokens - (1 if cls_per_shard else 0)
-    layout = ShardLayout.for_sequence(content + cls_per_shard * world, world, config.shard_sizes, cls_per_shard=cls_per_shard)
+    layout = ShardLayout.for_sequence(content + cls_per_shard * world, world, runtime_shard_weights(profile, config, content),
+                                      cls_per_shard=cls_per_shard)  # fmt: skip
     parts = [astra_rank_compute(profile, config, layout, r, projection_table) for r in range(world)]
     before, after = [p[0] for p in parts], [p[1] for p in parts]
     fixed = profile.fixed_s
@@ -593,6 +595,18 @@ def predict_astra(profile: DeviceProfile, config: AstraConfig, num_tokens: int, 
         sent = layers * (world - 1) * max(payload)
     return Prediction("astra", latency, config.groups, config.quantize, projection_table if config.quantize == "hidden" else None,
                       compute, sent)  # fmt: skip
+
+
+def runtime_shard_weights(profile: DeviceProfile, config: AstraConfig, content_tokens: int) -> list[float] | None:
+    """``config.shard_sizes`` as the runtime resolves it (`AstraState.shard_weights`): "balanced" -> `balance`."""
+    if config.shard_sizes != BALANCED:
+        return config.shard_sizes
+    if not profile.causal:
+        return None
+    from .distributed import PROJECTION_TABLE_MAX_BYTES
+
+    costs = ShardCosts.for_model(profile.hidden_size, profile.hidden_size, config, PROJECTION_TABLE_MAX_BYTES)
+    return list(balanced_sizes(content_tokens, config.num_devices, costs))
 
 
 def predict_baseline(profile: DeviceProfile, method: str, num_tokens: int, world: int, link: LinkModel) -> Prediction:
@@ -644,7 +658,7 @@ def plan(
     quantize: tuple[str, ...] = QUANTIZE_MODES,
     codebook_size: int | None = None,
     projection_table: bool = True,
-    shard_sizes: list[float] | None = None,
+    shard_sizes: list[float] | str | None = BALANCED,
     accuracy_rows: list[dict] | None = None,
     reference_value: float | None = None,
     max_perplexity_increase_percent: float | None = None,
@@ -658,6 +672,7 @@ def plan(
     ``latency_ms``, ``loss_percent``: each device's link (or pass a whole `LinkModel` as ``link``).
     Accuracy: with ``accuracy_rows`` and one bound, an ASTRA setting is allowed only if a row with the same
     N, G, quantize and K is within the bound of ``reference_value`` (e.g. the control's perplexity).
+    ``shard_sizes``: as `AstraConfig.shard_sizes`; the default "balanced" is what the runtime does by default.
     """
     if num_tokens is None:
         num_tokens = _native_tokens(model) if model is not None else None

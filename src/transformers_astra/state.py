@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from .config import AstraConfig
+from .balance import ShardCosts, balanced_sizes
+from .config import BALANCED, AstraConfig
 from .sharding import ShardLayout
 
 if TYPE_CHECKING:
@@ -33,15 +34,31 @@ class AstraState:
     # How attention and pooling reach the other shards: `attention.SimulatedExchange` (set by `patch`),
     # or a real rank's exchange that `DistributedRuntime` installs for one forward.
     exchange: "Exchange | None" = None
+    # The model's per-layer work for ``shard_sizes="balanced"`` (set by `patch`; `balance.ShardCosts`).
+    shard_costs: ShardCosts | None = None
 
     @property
     def cls_per_shard(self) -> int:
         return self.adapter.cls_per_shard(self.config)
 
+    def shard_weights(self, num_tokens: int) -> list[float] | None:
+        """AstraConfig.shard_sizes for a sequence of ``num_tokens`` shardable tokens (class copies excluded).
+
+        "balanced" resolves to `balance.balanced_sizes` for causal families and to even shards (None) for
+        the others: a function of the length, N and the config only, the same in every process.
+        """
+        sizes = self.config.shard_sizes
+        if sizes != BALANCED:
+            return sizes
+        if not self.adapter.causal:
+            return None
+        if self.shard_costs is None:
+            raise RuntimeError("AstraConfig.shard_sizes='balanced' needs the model's shard costs, which astra.patch sets")
+        return list(balanced_sizes(num_tokens, self.config.num_devices, self.shard_costs))
+
     def layout(self, seq_len: int) -> ShardLayout:
-        return ShardLayout.for_sequence(
-            seq_len, self.config.num_devices, self.config.shard_sizes, cls_per_shard=self.cls_per_shard
-        )
+        weights = self.shard_weights(seq_len - self.cls_per_shard * self.config.num_devices)
+        return ShardLayout.for_sequence(seq_len, self.config.num_devices, weights, cls_per_shard=self.cls_per_shard)
 
 
 @dataclass

@@ -110,7 +110,7 @@ class _PatchRows:
 
 def distributed_cls_layout(state, num_patches: int) -> ShardLayout:
     config = state.config
-    return ShardLayout.for_sequence(num_patches + config.num_devices, config.num_devices, config.shard_sizes, 1)
+    return ShardLayout.for_sequence(num_patches + config.num_devices, config.num_devices, state.shard_weights(num_patches), 1)
 
 
 @functools.lru_cache(maxsize=64)
