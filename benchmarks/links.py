@@ -58,6 +58,12 @@ class _DoneWork:
     def is_completed(self) -> bool:
         return True
 
+    def get_future(self) -> torch.futures.Future:
+        """A completed future, as a finished collective's work has."""
+        future = torch.futures.Future()
+        future.set_result(None)
+        return future
+
 
 class _SleepAfterWork:
     """An async collective's Work that, once complete, also spends the simulated link's transfer time."""

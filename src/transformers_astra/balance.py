@@ -14,10 +14,11 @@ docs/results/astra_profile.json).
 key) pair of masked attention (2 d: scores and values; the own shard's keys are computed in full, under a
 mask). ``encode``: K * (width + 35 * codes) per token: the distance to every codeword plus a per-codeword
 cost that dominates at narrow groups. ``rebuild``: per received token, the gather-sum of the projection
-tables (72 * codes * D_kv, hidden mode where the fp32 table fits the runtime's limit), else decoding (50 *
+tables (12 * codes * D_kv, hidden mode where the fp32 table fits the runtime's limit), else decoding (50 *
 width) plus the K/V projection (2 d D_kv, hidden mode). The constants were fitted to the GPT2 device
 profile of the dev VM (docs/results/device_profiles/, one thread, 2026-11-27: block 154 us/token, masked
-attention 35 ns/pair, encode 17-87 us/token, tables 1.2 us x G, decode + project 23 us) and reproduce
+attention 35 ns/pair, encode 17-87 us/token, decode + project 23 us; the tables' fused gather-sum
+0.14 ns per gathered value, measured 2026-11-27 on the same VM) and reproduce
 the measured per-rank times above within 6 % (docs/benchmarks.md, "Balanced shards").
 
 `balanced_sizes` finds the sizes that minimise the largest rank's cost: a binary search over the bound,
@@ -37,7 +38,7 @@ from .config import AstraConfig
 
 # Fitted constants of the cost model (multiply-accumulate equivalents; see the module docstring).
 ENCODE_PER_CODEWORD = 35
-TABLE_PER_ELEMENT = 72
+TABLE_PER_ELEMENT = 12
 DECODE_PER_ELEMENT = 50
 
 

@@ -69,7 +69,7 @@ from .exchange import rebuild_keys_values, sent_vectors, split_heads
 from . import generation, liveness
 from .handshake import CHECKED_INPUTS, check_same_call, check_same_model
 from .liveness import PeerFailureError
-from .kernels import PROJECTION_TABLE_MAX_BYTES, merge_partials, partial_attention, projected_from_codes, projection_tables
+from .kernels import PROJECTION_TABLE_MAX_BYTES, KeyMask, merge_partials, partial_attention, projected_from_codes, projection_tables
 from .models.base import RankView
 from .patch import astra_state, quantizers
 from .sharding import ShardLayout
@@ -138,6 +138,7 @@ class DistributedRuntime:
         self.causal = self.adapter.causal
         self.num_layers = len(self.adapter.attention_modules(model))
         device = next(model.parameters()).device
+        self.element_size = next(model.parameters()).element_size()  # of the full-precision bytes counted
         self.comm_device = device if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
         liveness.start_heartbeat(self.timeout)  # peers waiting on this rank see it alive while it works
         verify_peers(self.group, secret, self.timeout)  # trust.py: header + optional shared secret, first of all
@@ -242,7 +243,7 @@ class RankExchange:
         self.sources = code_sources(layout.num_devices, rank, runtime.causal)
         remote = [torch.arange(*layout.bounds(peer)) for peer in self.sources]
         self.remote_tokens = torch.cat(remote) if remote else torch.zeros(0, dtype=torch.long)
-        self._masks: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}  # by sliding window
+        self._masks: dict[tuple, tuple[KeyMask, KeyMask]] = {}  # by sliding window and dtype
         self._remote_positions = None
 
     def attention(self, module, layer: LayerState, query, key, value, allowed, scaling, dropout, want_weights):
@@ -252,18 +253,17 @@ class RankExchange:
         runtime, adapter = self.runtime, self.runtime.adapter
         sent = sent_vectors(adapter, layer, key, value, runtime.config.quantize)
         layer.positions = None
-        element_size = next(runtime.model.parameters()).element_size()
-        transfer = runtime.transport.start(module.astra_quantizer, sent, self.view.layout, runtime.causal, element_size)
-        local_allowed, remote_allowed = self.masks(adapter.sliding_window(module), query.device)
+        transfer = runtime.transport.start(module.astra_quantizer, sent, self.view.layout, runtime.causal, runtime.element_size)
+        local_mask, remote_mask = self.masks(adapter.sliding_window(module), query.device, query.dtype)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         if runtime.overlap:  # the exact part runs while the codes travel
-            local = partial_attention(query, key, value, local_allowed, scale)
+            local = partial_attention(query, key, value, local_mask, scale)
             remote_key, remote_value = self.remote_keys_values(module, transfer.wait(), key, value)
-            remote = partial_attention(query, remote_key, remote_value, remote_allowed, scale)
+            remote = partial_attention(query, remote_key, remote_value, remote_mask, scale)
             output = merge_partials(local, remote).transpose(1, 2).contiguous()
         else:
             remote_key, remote_value = self.remote_keys_values(module, transfer.wait(), key, value)
-            allowed = torch.cat([local_allowed, remote_allowed], dim=-1)
+            allowed = torch.cat([local_mask.allowed, remote_mask.allowed], dim=-1)
             keys, values = torch.cat([key, remote_key], dim=2), torch.cat([value, remote_value], dim=2)
             output, _ = attend(query, keys, values, allowed, scaling, 0.0, False)
         self._store_last_rank_cache(layer, key, value, remote_key, remote_value)
@@ -292,15 +292,18 @@ class RankExchange:
             self.remote_tokens = self.remote_tokens.to(device)
         return self.remote_tokens
 
-    def masks(self, window: int | None, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B or 1, 1, T_r, keys) masks for the own shard's keys and for the received keys (sequence order)."""
-        if window not in self._masks:  # the same for every layer with this window
+    def masks(self, window: int | None, device, dtype: torch.dtype = torch.float32) -> tuple[KeyMask, KeyMask]:
+        """(B or 1, 1, T_r, keys) masks for the own shard's keys and for the received keys (sequence order).
+
+        Made once per forward (and window, and dtype): every layer with this window reuses them.
+        """
+        if (window, dtype) not in self._masks:
             queries = torch.arange(*self.view.bounds, device=device)
-            self._masks[window] = (
-                self._mask_for(queries, queries, window),
-                self._mask_for(queries, self.tokens_on(device), window),
+            self._masks[window, dtype] = (
+                KeyMask.of(self._mask_for(queries, queries, window), dtype),
+                KeyMask.of(self._mask_for(queries, self.tokens_on(device), window), dtype),
             )
-        return self._masks[window]
+        return self._masks[window, dtype]
 
     def _mask_for(self, queries: torch.Tensor, keys: torch.Tensor, window: int | None) -> torch.Tensor:
         allowed = torch.ones(1, 1, queries.numel(), keys.numel(), dtype=torch.bool, device=queries.device)

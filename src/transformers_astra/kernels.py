@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import repeat_key_value_heads
 from .exchange import merge_heads
 
-# Largest pair of K/V codeword-projection tables (one layer) the runtime precomputes in hidden mode.
-PROJECTION_TABLE_MAX_BYTES = 64 * 2**20
+# Largest pair of K/V codeword-projection tables (one layer) the runtime precomputes in hidden mode: 256 MiB
+# holds GPT2-small's at G = 32, K = 1024 (2 * 32 * 1024 * 768 fp32 values, 201 MB a layer, 2.4 GB for 12
+# layers); gathering from them is 4-7x faster than decoding and projecting (docs/benchmarks.md).
+PROJECTION_TABLE_MAX_BYTES = 256 * 2**20
 
 
 @torch.no_grad()
@@ -20,30 +25,27 @@ def projection_tables(module: nn.Module, adapter, quantizer) -> tuple[torch.Tens
     equals summing the projections of its G codewords (each placed in its own group's columns) plus the
     bias once: decode + project becomes a gather and a sum over groups. What follows the projection
     (key norm, positions) is applied afterwards, per token, by `exchange.rebuild_keys_values`. Built
-    once per layer, from the current codebook and weights.
+    once per layer, from the current codebook and weights: the projection's matrix is read off the
+    projections of the unit vectors (width x width x D_kv), then each group's codewords are multiplied
+    by their own rows of it (K x width x D_kv in all; projecting every placed codeword would take G times that).
     """
     groups, size, group_width = quantizer.codebook.shape
     width = groups * group_width
-    placed = quantizer.codebook.new_zeros(groups, size, width)
-    for group in range(groups):  # set-up only: each group's codewords in its own columns, zeros elsewhere
-        placed[group, :, group * group_width : (group + 1) * group_width] = quantizer.codebook[group]
-    bias_key, bias_value = (merge_heads(t).reshape(-1) for t in adapter.project_kv(module, placed[:1, :1] * 0))
-    table_key, table_value = (merge_heads(t) for t in adapter.project_kv(module, placed))
-    out_width = bias_key.numel()
-    return (
-        (table_key - bias_key).reshape(groups * size, out_width),
-        (table_value - bias_value).reshape(groups * size, out_width),
-        bias_key,
-        bias_value,
-    )
+    basis = torch.eye(width, dtype=quantizer.codebook.dtype, device=quantizer.codebook.device)[None]
+    bias_key, bias_value = (merge_heads(t).reshape(-1) for t in adapter.project_kv(module, basis[:, :1] * 0))
+    tables = []
+    for projected, bias in zip(adapter.project_kv(module, basis), (bias_key, bias_value)):
+        matrix = (merge_heads(projected)[0] - bias).reshape(groups, group_width, -1)  # (G, width / G, D_kv)
+        tables.append(torch.bmm(quantizer.codebook, matrix).reshape(groups * size, -1))
+    return tables[0], tables[1], bias_key, bias_value
 
 
 def projected_from_codes(tables, codes: torch.Tensor, codebook_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V, (B, n, D_kv) each, of (B, n, G) codes through `projection_tables`."""
+    """K and V, (B, n, D_kv) each, of (B, n, G) codes through `projection_tables` (one fused gather-sum each)."""
     table_key, table_value, bias_key, bias_value = tables
-    index = codes + torch.arange(codes.shape[-1], device=codes.device) * codebook_size
-    key = torch.nn.functional.embedding(index, table_key).sum(dim=-2) + bias_key
-    value = torch.nn.functional.embedding(index, table_value).sum(dim=-2) + bias_value
+    index = (codes + torch.arange(codes.shape[-1], device=codes.device) * codebook_size).reshape(-1, codes.shape[-1])
+    key = F.embedding_bag(index, table_key, mode="sum").reshape(*codes.shape[:-1], -1) + bias_key
+    value = F.embedding_bag(index, table_value, mode="sum").reshape(*codes.shape[:-1], -1) + bias_value
     return key, value
 
 
@@ -51,21 +53,42 @@ def projected_from_codes(tables, codes: torch.Tensor, codebook_size: int) -> tup
 _FUSED_CPU_ATTENTION = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
+@dataclass(frozen=True)
+class KeyMask:
+    """A boolean (B or 1, 1, T_q, T_k) mask and what `partial_attention` derives from it, made once per forward.
+
+    ``no_key``: (B or 1, 1, T_q, 1) queries with no allowed key. ``bias``: the additive mask (0 / -inf) in
+    the queries' dtype that the CPU fused kernel takes (None off CPU).
+    """
+
+    allowed: torch.Tensor
+    no_key: torch.Tensor
+    bias: torch.Tensor | None
+
+    @classmethod
+    def of(cls, allowed: torch.Tensor, dtype: torch.dtype) -> "KeyMask":
+        bias = None
+        if allowed.device.type == "cpu" and _FUSED_CPU_ATTENTION is not None:
+            bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
+        return cls(allowed, ~allowed.any(dim=-1, keepdim=True), bias)
+
+
 def partial_attention(query, key, value, allowed, scale):
     """Attention over a subset of the keys: (output, log-sum-exp), mergeable with `merge_partials`.
 
     A query with no allowed key in this subset gets output 0 and log-sum-exp -inf. On CPU this is one
     fused kernel (SDPA's flash kernel, which returns the log-sum-exp too); elsewhere explicit scores.
-    ``key``/``value`` may have fewer heads than ``query`` (grouped-query attention).
+    ``key``/``value`` may have fewer heads than ``query`` (grouped-query attention). ``allowed``: a
+    boolean mask, or a `KeyMask` made once for many calls (the distributed runtime: one per forward).
     """
-    no_key = ~allowed.any(dim=-1, keepdim=True)
+    mask = allowed if isinstance(allowed, KeyMask) else KeyMask.of(allowed, query.dtype)
+    allowed, no_key = mask.allowed, mask.no_key
     if key.shape[2] == 0:
         lse = torch.full((*query.shape[:-1], 1), float("-inf"), dtype=torch.float32, device=query.device)
         return query.new_zeros(*query.shape[:-1], value.shape[-1]), lse
     key, value = repeat_key_value_heads(key, query.shape[1]), repeat_key_value_heads(value, query.shape[1])
-    if query.device.type == "cpu" and _FUSED_CPU_ATTENTION is not None:
-        bias = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(~allowed, float("-inf"))
-        output, lse = _FUSED_CPU_ATTENTION(query, key, value, 0.0, False, attn_mask=bias, scale=scale)
+    if mask.bias is not None and query.device.type == "cpu" and mask.bias.dtype == query.dtype:
+        output, lse = _FUSED_CPU_ATTENTION(query, key, value, 0.0, False, attn_mask=mask.bias, scale=scale)
         return output, lse.unsqueeze(-1).masked_fill(no_key, float("-inf"))
     scores = torch.matmul(query, key.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~allowed, float("-inf"))

@@ -136,6 +136,13 @@ def wait(works, what: str, timeout: float, peers: list[int], where: str, sliced:
         return
     if not works:
         return
+    if all(_completed(work) for work in works):  # the usual case with overlap: no helper thread, no slices
+        try:
+            for work in works:
+                work.wait()
+        except RuntimeError as error:
+            raise _failure(where, what, started, timeout, f"a rank died or gave up. Cause: {error}") from error
+        return
     done, outcome = _completion(works)
     while not done.wait(max(heartbeat.interval, 0.01)):
         silent = {peer: s for peer, s in heartbeat.silence(peers, started).items() if s > timeout}
@@ -148,6 +155,14 @@ def wait(works, what: str, timeout: float, peers: list[int], where: str, sliced:
     if outcome:
         error = outcome[0]
         raise _failure(where, what, started, timeout, f"a rank died or gave up. Cause: {error}") from error
+
+
+def _completed(work) -> bool:
+    """True when ``work`` has ended (then its ``wait`` returns at once, or raises its error)."""
+    try:
+        return bool(work.is_completed())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _completion(works: list) -> tuple[threading.Event, list[Exception]]:

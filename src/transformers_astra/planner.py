@@ -49,6 +49,7 @@ from torch import nn
 
 from .balance import ShardCosts, balanced_sizes
 from .config import BALANCED, QUANTIZE_MODES, AstraConfig
+from .kernels import projected_from_codes
 from .packing import pack, packed_size, unpack
 from .patch import astra_state, is_patched
 from .quantizer import GroupedVQ
@@ -164,11 +165,10 @@ def _bind_decode(quantizer: GroupedVQ, packed: torch.Tensor, bits: int, shape):
 def _bind_table(key_table, value_table, packed, bits: int, shape, codebook_size: int):
     """Unpack and gather-sum from a pair of codeword-projection tables, as the runtime's receiver does."""
     count = math.prod(shape)
-    offsets = torch.arange(shape[-1], device=packed.device) * codebook_size
+    tables = (key_table, value_table, key_table.new_zeros(key_table.shape[-1]), value_table.new_zeros(value_table.shape[-1]))
 
     def gather():
-        index = unpack(packed, bits, count).reshape(shape) + offsets
-        return F.embedding(index, key_table).sum(-2), F.embedding(index, value_table).sum(-2)
+        return projected_from_codes(tables, unpack(packed, bits, count).reshape(shape), codebook_size)
 
     return gather
 
@@ -529,8 +529,8 @@ def astra_rank_compute(profile: DeviceProfile, config: AstraConfig, layout: Shar
         before += profile.encode_s[key] * n
     start, end = layout.bounds(rank)
     received = start if causal else layout.total - n
-    if config.quantize == "hidden" and projection_table and _table_fits(config, profile.hidden_size):
-        rebuild = profile.table_s[key]
+    if config.quantize == "hidden" and projection_table and _table_fits(config, profile.hidden_size) and key in profile.table_s:
+        rebuild = profile.table_s[key]  # (a profile calibrated under a smaller table limit lacks wider G: projected)
     elif config.quantize == "hidden":
         rebuild = profile.decode_s[key] + profile.project_kv_s
     else:

@@ -80,6 +80,11 @@ class CodeTransport:
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.comm_device, self.code_device = comm_device, code_device
         self.traffic = Traffic()
+        # What every wait needs, looked up once: the peers' global ranks, who waits, whether to slice.
+        self._peers = [dist.get_global_rank(group, r) for r in range(self.world_size) if r != self.rank]
+        self._where = f"ASTRA rank {self.rank}/{self.world_size}"
+        self._sliced = dist.get_backend(group) == "gloo"
+        self._global = [dist.get_global_rank(group, r) for r in range(self.world_size)]
 
     def start(self, quantizer, sent: torch.Tensor, layout: ShardLayout, causal: bool, element_size: int) -> "CodeTransfer":
         """Encode and send this shard's codes (if any rank needs them) and post the receives."""
@@ -114,9 +119,7 @@ class CodeTransport:
 
         A busy peer (its heartbeat advances) is waited for; one silent for ``timeout`` seconds is not.
         """
-        peers = [dist.get_global_rank(self.group, r) for r in range(self.world_size) if r != self.rank]
-        where = f"ASTRA rank {self.rank}/{self.world_size}"
-        liveness.wait(work, what, self.timeout, peers, where, sliced=dist.get_backend(self.group) == "gloo")
+        liveness.wait(work, what, self.timeout, self._peers, self._where, sliced=self._sliced)
 
     def all_gather(self, tensor: torch.Tensor, what: str, kind: str) -> list[torch.Tensor]:
         """Every rank's ``tensor`` (same shape everywhere), on ``tensor``'s device; counted as ``kind``."""
@@ -158,7 +161,7 @@ class _PointToPointTransfer(CodeTransfer):
 
     def __init__(self, transport: CodeTransport, payload, sizes, receivers, sources, shapes):
         self.transport, self.sources, self.shapes = transport, sources, shapes
-        group, global_rank = transport.group, (lambda r: dist.get_global_rank(transport.group, r))
+        group, global_rank = transport.group, transport._global.__getitem__
         self.buffers = {s: torch.zeros(sizes[s], dtype=torch.uint8, device=payload.device) for s in sources}
         ops = [dist.P2POp(dist.isend, payload, global_rank(r), group) for r in receivers]
         ops += [dist.P2POp(dist.irecv, self.buffers[s], global_rank(s), group) for s in sources]
