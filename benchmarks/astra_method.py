@@ -58,8 +58,9 @@ class AstraSettings:
 
     def config(self, world: int) -> astra.AstraConfig:
         extra = {} if self.codebook_size is None else {"codebook_size": self.codebook_size}
-        sizes = None if self.shard_sizes is None else list(self.shard_sizes)
-        return astra.AstraConfig(num_devices=world, groups=self.groups, quantize=self.quantize, shard_sizes=sizes, **extra)
+        if self.shard_sizes is not None:  # else AstraConfig's default ("balanced")
+            extra["shard_sizes"] = list(self.shard_sizes)
+        return astra.AstraConfig(num_devices=world, groups=self.groups, quantize=self.quantize, **extra)
 
     @property
     def deviations(self) -> list[str]:

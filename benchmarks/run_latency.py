@@ -370,7 +370,7 @@ def parse_args(argv):
     parser.add_argument("--codebook-size", type=int, help="ASTRA's K (default: AstraConfig's)")
     parser.add_argument("--overlap", type=on_off, help="on/off: DistributedRuntime(overlap=...) (default: the runtime's)")
     parser.add_argument("--projection-table", type=on_off, help="on/off: DistributedRuntime(projection_table=...) (default: the runtime's)")
-    parser.add_argument("--shard-sizes", type=int, nargs="+", help="AstraConfig.shard_sizes, one per device (default: even)")
+    parser.add_argument("--shard-sizes", type=int, nargs="+", help="AstraConfig.shard_sizes, one per device (default: AstraConfig's, balanced)")
     parser.add_argument("--tokens", type=int, help="prefill length of a causal workload (default 1024)")
     parser.add_argument("--loss", type=float, nargs="+", default=[0.0],
                         help="packet loss on the real links, percent (iptables statistic DROP in every namespace)")  # fmt: skip

@@ -190,7 +190,7 @@ def cmd_balance(args) -> None:
                 if workload == args.workload and (args.machine is None or machine == machine_key(args.machine))]  # fmt: skip
     if not matching:
         raise SystemExit(f"no profile for workload {args.workload!r} (machine {args.machine!r}) in {args.profiles[0]}")
-    config = AstraConfig(num_devices=args.n, groups=args.groups, quantize=args.quantize)
+    config = AstraConfig(num_devices=args.n, groups=args.groups, quantize=args.quantize, shard_sizes=None)  # even
     sizes = balanced_shard_sizes(matching[-1], args.tokens, config)
     print(" ".join(map(str, sizes)))
     if args.predict:  # the slowest rank's predicted compute (no network), even against balanced shards
