@@ -7,6 +7,8 @@ Each rank r of N is emulated in one process (`links` compute mode: collectives r
   (the floor: what the rank's own tokens cost without ASTRA); the difference over 12 layers is the
   per-layer overhead (encoding, the exchange's bookkeeping, gathering the received K/V, the masks).
 - GPT2, 1024 tokens, N=4, G=32 hidden: ranks 1 and 3 (256-token shards).
+- ``gpt2-balance``: GPT2 as above, all four ranks, even shards against the default balanced ones
+  (alternating forward by forward in one process); the slowest rank sets the latency.
 
 ``--before SRC``: also time another source tree (e.g. ``git archive <commit> src | tar -x -C /tmp/before``),
 alternating the two trees run by run (each run is a fresh process timing ``--repeats`` forwards), and write
@@ -26,7 +28,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = {"vit": ("vit", 8, [0, 1, 2, 3]), "gpt2": ("gpt2", 32, [1, 3])}
+CASES = {"vit": ("vit", 8, [0, 1, 2, 3]), "gpt2": ("gpt2", 32, [1, 3]), "gpt2-balance": ("gpt2", 32, [0, 1, 2, 3])}
 
 
 def worker(case: str, repeats: int) -> dict:
@@ -61,12 +63,19 @@ def worker(case: str, repeats: int) -> dict:
 
         with torch.inference_mode():
             out["plain layers, 50 tokens"] = _times(plain, repeats)
-    astra.patch(workload.model, astra.AstraConfig(num_devices=4, groups=groups, shard_sizes=None))
     extra = {"logits_to_keep": 1} if workload.causal else {}
-    for rank in ranks:
-        with as_rank(rank, 4), torch.inference_mode():
-            runtime = DistributedRuntime(workload.model, check_inputs=False)
-            out[f"rank {rank}"] = _times(lambda: runtime(**workload.inputs, **extra), repeats)
+    layouts = {"even": None, "balanced": "balanced"} if case == "gpt2-balance" else {"": None}
+    for _ in range(repeats):  # the layouts alternate forward by forward
+        for layout, sizes in layouts.items():
+            astra.patch(workload.model, astra.AstraConfig(num_devices=4, groups=groups, shard_sizes=sizes))
+            for rank in ranks:
+                with as_rank(rank, 4), torch.inference_mode():
+                    runtime = DistributedRuntime(workload.model, check_inputs=False)
+                    label = " ".join(filter(None, [layout, f"rank {rank}"]))
+                    out.setdefault(label, []).extend(_times(lambda: runtime(**workload.inputs, **extra), 1))
+                    if layout:
+                        out[f"{layout} sizes"] = list(runtime.layout.sizes)
+            astra.unpatch(workload.model)
     dist.destroy_process_group()
     return out
 
@@ -110,11 +119,16 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.runs):
             for tree, src in trees.items():  # alternate the trees run by run
                 for label, times in run_tree(src, case, args.repeats).items():
-                    samples[tree].setdefault(label, []).extend(times)
+                    if "sizes" in label:
+                        samples[tree][label] = times
+                    else:
+                        samples[tree].setdefault(label, []).extend(times)
         row = {
-            "case": case, "N": 4, "G": CASES[case][1], "quantize": "hidden", "threads": 1, "shard_sizes": "even",
-            "median_s": {tree: {k: statistics.median(v) for k, v in s.items()} for tree, s in samples.items()},
-            "samples": {tree: {k: len(v) for k, v in s.items()} for tree, s in samples.items()},
+            "case": case, "N": 4, "G": CASES[case][1], "quantize": "hidden", "threads": 1,
+            "shard_sizes": "even and balanced" if case == "gpt2-balance" else "even",
+            "median_s": {tree: {k: statistics.median(v) for k, v in s.items() if "sizes" not in k} for tree, s in samples.items()},
+            "sizes": {tree: {k: v for k, v in s.items() if "sizes" in k} for tree, s in samples.items()},
+            "samples": {tree: {k: len(v) for k, v in s.items() if "sizes" not in k} for tree, s in samples.items()},
             "machine": args.machine, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "load_average_1m": os.getloadavg()[0],
             "command": "python -m benchmarks.per_layer_costs " + " ".join(argv if argv is not None else sys.argv[1:]),

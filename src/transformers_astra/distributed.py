@@ -30,7 +30,8 @@ API
   ``secret`` (else the ``ASTRA_SECRET`` environment variable): every rank must prove it holds the same
   secret before anything else is exchanged (`trust.verify_peers`; `trust.PeerAuthenticationError`).
   ``projection_table``: hidden mode precomputes every codeword's K/V projection (when the pair of tables
-  of a layer fits in 64 MiB: G·K·D·2 values, e.g. G=1, K=1024, D=768: 6.3 MB in fp32), so a receiver
+  of a layer fits in 256 MiB: G·K·D·2 values, e.g. G=1, K=1024, D=768: 6.3 MB in fp32; G=32: 201 MB, 2.4 GB
+  for GPT2-small's 12 layers; pass False to save that memory), so a receiver
   gathers and sums instead of decoding and projecting every received token. Built at construction
   from the current codebooks and weights: build a new runtime after changing either.
 - ``runtime(**inputs)``: the model's output for this rank's shard. Causal LMs (GPT2, Llama family): ``logits`` (B, T_r, V) of the
