@@ -4,7 +4,9 @@
 # The host has no ip/tc/iptables and no package registry: carry wheels/bench/ (ignored by git), made on the
 # development machine by   bash benchmarks/get_net_tools.sh wheels/bench   (.debs in wheels/bench/net)
 # Usage, from the repository root, as root:   bash benchmarks/gpu_host.sh OUT_DIR [--smoke]
-# Steps run in order of importance under one wall-clock budget (BUDGET_S, default 500 s): a step that would
+# Steps run in order of importance under one wall-clock budget (BUDGET_S, default 500 s; estimated from the
+# 2026-11-27 run, ~35 s a GPT2 row: ~480 s on the GPU host
+# reaches gpt2-n8-kv with the Llama rows, ~650 s every GPT2/ViT step): a step that would
 # start after it is skipped and says so. Rows go to OUT_DIR/latency-gpu-host.jsonl as they are measured,
 # device profiles (planner calibration) to OUT_DIR/device_profiles/, logs to OUT_DIR/logs/.
 # --smoke: a tiny version (short prefill, 1 run per row, few variants) to check the script end to end.
@@ -76,13 +78,14 @@ step vit-n4 40 bench --workload vit --n 4 --methods astra --groups "${vit_groups
 # Goal 3: GPT2, N=8 (16 cores), 10 Mbps: G=1 hidden (fastest), G=8 kv and G=32 kv (the accurate ones).
 step gpt2-n8-g1 30 bench --workload gpt2 "${tokens[@]}" --n 8 --methods astra --groups 1 --quantize hidden --links real --bandwidths 10
 step gpt2-n8-kv 50 bench --workload gpt2 "${tokens[@]}" --n 8 --methods astra --groups 8 32 --quantize kv --links real --bandwidths 10
-# The rest of goal 1's settings, and the balance's gain: G=32 hidden with even shards in the same run.
-step gpt2-n4-more 60 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 16 --quantize hidden kv --links real --bandwidths 10
-step gpt2-n4-g1 30 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 1 --quantize hidden --links real --bandwidths 10
+# The balance's gain: G=32 hidden with even shards, beside gpt2-n4-accurate's default (balanced) row.
 ntok=${tokens[1]:-1024}  # ${tokens[@]} is empty or (--tokens N)
 even=$(python3 -c "print(*[$ntok // 4 + (i < $ntok % 4) for i in range(4)])")
 step gpt2-n4-even 30 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 32 --quantize hidden --shard-sizes $even \
     --links real --bandwidths 10
+# The rest of goal 1's settings.
+step gpt2-n4-more 60 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 16 --quantize hidden kv --links real --bandwidths 10
+step gpt2-n4-g1 30 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 1 --quantize hidden --links real --bandwidths 10
 # The planner's device profiles (one benchmark rank's 2 cores), if time is left.
 step calibrate-gpt2 40 calibrate --workload gpt2 "${tokens[@]}"
 step calibrate-vit 20 calibrate --workload vit

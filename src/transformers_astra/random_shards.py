@@ -23,9 +23,12 @@ from transformers import TrainerCallback
 from .patch import astra_state, set_config
 
 
-def set_shards(model: nn.Module, num_devices: int, shard_sizes: Sequence[float] | None = None) -> None:
-    """Change the number of devices and the shard sizes of a patched model (the config is replaced, validated)."""
-    sizes = None if shard_sizes is None else list(shard_sizes)
+def set_shards(model: nn.Module, num_devices: int, shard_sizes: Sequence[float] | str | None = None) -> None:
+    """Change the number of devices and the shard sizes of a patched model (the config is replaced, validated).
+
+    ``shard_sizes``: as `AstraConfig.shard_sizes` (None: even, "balanced", or one size per device).
+    """
+    sizes = shard_sizes if shard_sizes is None or isinstance(shard_sizes, str) else list(shard_sizes)
     set_config(model, astra_state(model).config.replace(num_devices=int(num_devices), shard_sizes=sizes))
 
 
