@@ -119,6 +119,24 @@ def test_uneven_shards_were_exercised(equivalence_results):
     assert any(len(set(layout)) > 1 for layout in layouts)
 
 
+def test_causal_cases_ran_with_the_default_balanced_shards(equivalence_results):
+    # AstraConfig's default shard_sizes="balanced": the runtime's layout is the simulation's (the outputs
+    # match it above), and it is `balance.balanced_sizes` of the 11-token batch, not an even split.
+    from transformers_astra.patch import astra_state
+
+    balanced = {}
+    for _, num_devices, name, _, result in all_runs(equivalence_results):
+        family, settings = next((family, settings) for case, family, settings in workers.CASES if case == name)
+        if settings.get("uneven") or not workers.is_causal(family):
+            continue
+        if (num_devices, name) not in balanced:
+            state = astra_state(workers.build_model(family, num_devices, **settings))
+            assert state.config.shard_sizes == "balanced"
+            balanced[num_devices, name] = state.layout(11).sizes
+        assert tuple(result["layout"]) == balanced[num_devices, name]
+    assert len(balanced) == 3 * 3 and any(max(sizes) - min(sizes) > 1 for sizes in balanced.values())
+
+
 def test_greedy_generation_matches_the_simulation_on_every_rank(equivalence_results):
     generated = [result for *_, result in all_runs(equivalence_results) if "generated" in result]
     causal_cases = [name for name, family, _ in workers.CASES if workers.is_causal(family)]
