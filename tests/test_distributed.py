@@ -123,6 +123,7 @@ def test_causal_cases_ran_with_the_default_balanced_shards(equivalence_results):
     # AstraConfig's default shard_sizes="balanced": the runtime's layout is the simulation's (the outputs
     # match it above), and it is `balance.balanced_sizes` of the 11-token batch, not an even split.
     from transformers_astra.patch import astra_state
+    from transformers_astra.sharding import split_sizes
 
     balanced = {}
     for _, num_devices, name, _, result in all_runs(equivalence_results):
@@ -134,7 +135,8 @@ def test_causal_cases_ran_with_the_default_balanced_shards(equivalence_results):
             assert state.config.shard_sizes == "balanced"
             balanced[num_devices, name] = state.layout(11).sizes
         assert tuple(result["layout"]) == balanced[num_devices, name]
-    assert len(balanced) == 3 * 3 and any(max(sizes) - min(sizes) > 1 for sizes in balanced.values())
+    assert len(balanced) == 3 * 3
+    assert all(list(sizes) != split_sizes(11, num_devices) for (num_devices, _), sizes in balanced.items())
 
 
 def test_greedy_generation_matches_the_simulation_on_every_rank(equivalence_results):

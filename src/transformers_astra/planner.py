@@ -755,7 +755,8 @@ def plan(
 
 def balanced_shard_sizes(profile: DeviceProfile, num_tokens: int, config: AstraConfig, projection_table: bool = True) -> list[int]:
     """Shard sizes that equalise the predicted per-rank compute (causal models: later ranks get fewer tokens,
-    since they attend to more keys and rebuild more received tokens' K/V). Pass as AstraConfig.shard_sizes."""
+    since they attend to more keys and rebuild more received tokens' K/V), from a measured device profile.
+    Pass as AstraConfig.shard_sizes; the config's default "balanced" uses `balance` instead (no profile needed)."""
     _check_int("num_tokens", num_tokens, config.num_devices)
     world = config.num_devices
     sizes = [num_tokens / world] * world
