@@ -205,8 +205,8 @@ def call3() -> list[Job]:
       a. the main rows: ViT G = 32 kv seeds 1-2, G = 8 kv and hidden, G = 1 kv (3 seeds each);
       c. the ablations at ViT's main setting (G = 1 hidden): NAQ lambda = 0, DCT off, beta = 0.25, then the rest
          of GPT2's call 2 ablations (lambda = 0.3, beta = 0), 3 seeds each;
-      then, while time lasts: the ViT G = 1 hidden recipes (3 epochs), N-agnostic G = 1 and the per-N
-      references (call 2's ViT rows).
+      then, while time lasts (call 2's ViT rows): N-agnostic G = 1, the per-N references, the G = 1 hidden
+      recipes (3 epochs: these fit only when the rest ran faster than estimated).
     (b, the GPT2 codebook sizes, and GPT2 G = 8 hidden seeds 1-2 are call 4; d, Llama seeds 1-2, would need its
     base retrained: left.)"""
     g1 = ["--groups", "1", "--quantize", "hidden"]
@@ -216,12 +216,12 @@ def call3() -> list[Job]:
     for suffix in ("naq0", "nodct", "beta0.25", "naq0.3", "beta0"):
         jobs += estimated([finetune_job("vit", f"vit-g1-hidden-{suffix}", seed, [*g1, *ABLATIONS[suffix]])
                            for seed in SEEDS], 115)
-    jobs += estimated([finetune_job("vit", "vit-g1-hidden-ep3", seed, [*g1, *VIT_RECIPES["ep3"]])
-                       for seed in SEEDS], 280)
     jobs += estimated([finetune_job("vit", "vit-g1-hidden-nagnostic", seed,
                                     [*g1, *RANDOM_SHARDS, *EVAL_LAYOUTS]) for seed in SEEDS], 160)
     jobs += estimated([finetune_job("vit", f"vit-g1-hidden-n{n}", 0, g1, num_devices=n) for n in ("8", "2", "3", "6")],
                       110)
+    jobs += estimated([finetune_job("vit", "vit-g1-hidden-ep3", seed, [*g1, *VIT_RECIPES["ep3"]])
+                       for seed in SEEDS], 280)
     jobs += estimated([finetune_job("vit", "vit-g1-hidden-ep3-naq0.3", seed, [*g1, *VIT_RECIPES["ep3-naq0.3"]])
                        for seed in SEEDS], 280)
     return jobs
@@ -240,7 +240,8 @@ def call4() -> list[Job]:
       a. GPT2 G = 8 hidden seeds 1-2;
       b. codebook size for the speed issue: GPT2 G = 32 hidden and kv with K = 256 and 512, 3 seeds each
          (also at the other layouts: cheap for GPT2);
-      then, while time lasts: GPT2 G = 32 N-agnostic (killed in call 2), the English G = 32 variants (one seed).
+      then, while time lasts: the English G = 32 variants (one seed; skipped unless their base and corpus are
+      carried), GPT2 G = 32 N-agnostic (killed in call 2).
     About 3 300 run-seconds: one wave of 16 plus a short second one, ~330 s."""
     jobs = estimated(main_runs("gpt2", "8", "hidden", (1, 2)), 116)
     for size in K_SIZES:
@@ -248,13 +249,13 @@ def call4() -> list[Job]:
             jobs += estimated([finetune_job("gpt2", f"gpt2-g32-{mode}-k{size}", seed,
                                             ["--groups", "32", "--quantize", mode, "--codebook-size", size,
                                              *EVAL_LAYOUTS]) for seed in SEEDS], seconds)
-    jobs += estimated([finetune_job("gpt2", "gpt2-g32-hidden-nagnostic", seed,
-                                    ["--groups", "32", "--quantize", "hidden", *RANDOM_SHARDS, *EVAL_LAYOUTS])
-                       for seed in SEEDS], 180)
-    for suffix, flags in ENGLISH_VARIANTS.items():
+    for suffix, flags in ENGLISH_VARIANTS.items():  # long: early, or they would not fit
         jobs.append(finetune_job("english", f"english-g32-hidden-{suffix}", 0, ["--groups", "32", "--quantize",
                                                                                "hidden", *flags]))
         jobs[-1].estimate = 300
+    jobs += estimated([finetune_job("gpt2", "gpt2-g32-hidden-nagnostic", seed,
+                                    ["--groups", "32", "--quantize", "hidden", *RANDOM_SHARDS, *EVAL_LAYOUTS])
+                       for seed in SEEDS], 180)
     return jobs
 
 
