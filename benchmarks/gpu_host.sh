@@ -64,17 +64,16 @@ step shaping 20 python3 -m benchmarks.netns measure --seconds 1 --mbps 10 100 --
 step gpt2-n4 120 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups "${gpt2_groups[@]}" --quantize hidden kv \
     --links real --bandwidths 10
 # ----------------------------------------------------------------------------------------- Llama block (issue 10)
-# The llama workload (245 M parameters, GQA, 1024-token prefill), N=4, real links at 10 and 100 Mbps, every row with
-# its interleaved one device: ASTRA G=32/8/1 hidden and kv, sp-fp16, tp. Its own share of the budget,
-# LLAMA_BUDGET_S (default 200 s; what it leaves unused goes to the later steps). One step per method variant, most
-# important first; each step measures both bandwidths with one start of the ranks (starting the 4 ranks and the
-# one-device worker costs ~40 s, about 3 rows' worth), 100 Mbps first: that row predicts the 10 Mbps one, which
-# then skips its warm-up when slow. Expected cost per step (runs=3; estimated from the GPT2/ViT steps' ~35 s per
-# start in the 2026-11-27 run, ~1 s per Llama run and 2 s per one-device run in its G=32 rows, and the bytes
-# each baseline moves): astra ~65 s, sp-fp16 ~80 s (~25 MB per rank per run: ~20 s at 10 Mbps), tp ~230 s
-# (~190 MB per rank per run: ~155 s at 10 Mbps; a step is stopped at the budget's end, keeping the rows it has).
-# The whole block alone (the other steps skipped by STEPS):
-#   STEPS=llama LLAMA_BUDGET_S=540 BUDGET_S=550 bash benchmarks/gpu_host.sh OUT
+# The llama workload (245 M parameters, GQA, 1024-token prefill), N=4, real links at 10 and 100 Mbps, every row
+# with its interleaved one device: ASTRA G=32/8/1 hidden and kv, sp-fp16, tp. Its own share of the budget,
+# LLAMA_BUDGET_S (default 200 s; what it leaves unused goes to the later steps). One step per method, most
+# important first; a step measures both bandwidths with one start of its ranks (a start of the 4 ranks and the
+# one-device worker costs about three Llama rows), 100 Mbps first: that row predicts the 10 Mbps one, which then
+# skips its warm-up when slow. Expected per step (runs=3; estimated, not measured): astra ~65 s, sp-fp16 ~80 s
+# (~25 MB per rank per run), tp ~240 s (~200 MB per rank per run: ~160 s at 10 Mbps). A step is stopped at the
+# budget's end, keeping the rows it has. The default covers the G=32 steps and G=8 hidden; all but tp in one call:
+#   STEPS=llama LLAMA_BUDGET_S=540 BUDGET_S=550 bash benchmarks/gpu_host.sh OUT      (~470 s + setup and report)
+# and tp in another:   STEPS=llama-n4-tp LLAMA_BUDGET_S=540 BUDGET_S=550 bash benchmarks/gpu_host.sh OUT2
 llama_budget_s=${LLAMA_BUDGET_S:-200}
 saved_budget=$budget
 budget=$(( $(date +%s) - start + llama_budget_s )); (( budget > saved_budget )) && budget=$saved_budget
@@ -84,7 +83,7 @@ if python3 -c "from benchmarks.workloads import workload_available as a; raise S
     llama=(--workload llama "${tokens[@]}" --n 4 --links real --bandwidths "${bandwidths[@]}" --runs "$llama_runs")
     for g in "${llama_groups[@]}"; do
         for q in "${llama_quantize[@]}"; do
-            step "llama-n4-g$g-$q" 60 bench "${llama[@]}" --methods astra --groups "$g" --quantize "$q"
+            step "llama-n4-g$g-$q" 70 bench "${llama[@]}" --methods astra --groups "$g" --quantize "$q"
         done
     done
     step llama-n4-sp16 80 bench "${llama[@]}" --methods sp-fp16
