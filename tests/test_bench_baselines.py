@@ -84,8 +84,10 @@ def test_fp16_exchange_is_not_exact(predictions, workload):
     assert not torch.equal(predictions[(workload, "sp-fp16", 2)], single_device_prediction(workload))
 
 
-@pytest.mark.parametrize(("field", "overrides"), [("num_key_value_heads", {"num_key_value_heads": 3}),
-                                                  ("num_attention_heads", {"num_attention_heads": 3, "num_key_value_heads": 3})])  # fmt: skip
+@pytest.mark.parametrize(
+    ("field", "overrides"),
+    [("num_key_value_heads", {"num_key_value_heads": 3}), ("num_attention_heads", {"num_attention_heads": 3, "num_key_value_heads": 3})],
+)
 def test_tensor_parallel_refuses_heads_that_do_not_split(field, overrides):
     """GQA: every rank needs whole K/V heads; 3 K/V heads (or 3 query heads) cannot split over 2 ranks."""
     model = tiny_llama("llama", **overrides)[0]

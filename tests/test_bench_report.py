@@ -112,10 +112,12 @@ def test_llama_rows_of_every_method_and_bandwidth_reach_the_tables_and_latency_j
                  bytes_sent_per_rank=1e6, wire_bytes_per_rank=1.1e6, loss_percent=0.0, single_median_s=2.0, single_p10_s=1.9,
                  single_p90_s=2.1)  # fmt: skip
     rows = []
-    for label, method, G, quantize in (("astra G=32 kv", "astra", 32, "kv"), ("sp-fp16", "sp-fp16", None, None), ("tp", "tp", None, None)):
+    methods = (("astra G=32 kv", "astra", 32, "kv"), ("sp-fp16", "sp-fp16", None, None), ("tp", "tp", None, None))
+    for label, method, G, quantize in methods:
         for mbps, median in ((10.0, 4.0), (100.0, 1.0)):
-            rows.append(base_row(**extra, label=label, method=method, G=G, quantize=quantize, bandwidth_mbps=mbps, median_s=median,
-                                 command=f"python -m benchmarks.run_latency --workload llama --n 4 --methods {method} --bandwidths {mbps:g}"))  # fmt: skip
+            command = f"python -m benchmarks.run_latency --workload llama --n 4 --methods {method} --bandwidths {mbps:g}"
+            rows.append(base_row(**extra, label=label, method=method, G=G, quantize=quantize, bandwidth_mbps=mbps,
+                                 median_s=median, command=command))  # fmt: skip
     write_rows(raw / "latency-gpu-host-llama.jsonl", rows)
     main(["--raw", str(raw), "--docs", str(docs)])
     page = (docs / "benchmarks.md").read_text()
