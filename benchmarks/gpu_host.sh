@@ -32,8 +32,10 @@ echo "$machine"
 
 left() { echo $(( budget - ($(date +%s) - start) )); }
 # step NAME MIN_SECONDS CMD...: runs CMD if at least MIN_SECONDS of the budget are left, bounded by what is left.
+# STEPS (a bash regex, optional): only the steps whose names match run, e.g. STEPS=llama for the Llama block alone.
 step() {
     local name=$1 need=$2; shift 2
+    [[ -z ${STEPS:-} || $name =~ $STEPS ]] || return 0
     local remaining; remaining=$(left)
     if (( remaining < need )); then echo "SKIPPED $name: $remaining s of the budget left, needs ~$need s" | tee -a "$out/skipped.txt"; return; fi
     echo "=== $name ($remaining s left)"
@@ -61,12 +63,36 @@ step shaping 20 python3 -m benchmarks.netns measure --seconds 1 --mbps 10 100 --
 # Goal 1: GPT2 1024-token prefill, N=4, every G, hidden and kv, at 10 and 100 Mbps.
 step gpt2-n4 120 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups "${gpt2_groups[@]}" --quantize hidden kv \
     --links real --bandwidths 10
-# The Llama workload, once astra.patch accepts LlamaForCausalLM (skipped cleanly before).
+# ----------------------------------------------------------------------------------------- Llama block (issue 10)
+# The llama workload (245 M parameters, GQA, 1024-token prefill), N=4, real links at 10 and 100 Mbps, every row
+# with its interleaved one device: ASTRA G=32/8/1 hidden and kv, sp-fp16, tp. Its own share of the budget,
+# LLAMA_BUDGET_S (default 200 s; what it leaves unused goes to the later steps). One step per method, most
+# important first; a step measures both bandwidths with one start of its ranks (a start of the 4 ranks and the
+# one-device worker costs about three Llama rows), 100 Mbps first: that row predicts the 10 Mbps one, which then
+# skips its warm-up when slow. Expected per step (runs=3; estimated, not measured): astra ~65 s, sp-fp16 ~80 s
+# (~25 MB per rank per run), tp ~240 s (~200 MB per rank per run: ~160 s at 10 Mbps). A step is stopped at the
+# budget's end, keeping the rows it has. The default covers the G=32 steps and G=8 hidden; all but tp in one call:
+#   STEPS=llama LLAMA_BUDGET_S=540 BUDGET_S=550 bash benchmarks/gpu_host.sh OUT      (~470 s + setup and report)
+# and tp in another:   STEPS=llama-n4-tp LLAMA_BUDGET_S=540 BUDGET_S=550 bash benchmarks/gpu_host.sh OUT2
+llama_budget_s=${LLAMA_BUDGET_S:-200}
+saved_budget=$budget
+budget=$(( $(date +%s) - start + llama_budget_s )); (( budget > saved_budget )) && budget=$saved_budget
 if python3 -c "from benchmarks.workloads import workload_available as a; raise SystemExit(0 if a('llama') else 1)"; then
-    step llama-n4 90 bench --workload llama "${tokens[@]}" --n 4 --methods astra --groups 32 --quantize hidden kv --links real --bandwidths "${bandwidths[@]}"
+    llama_runs=3; llama_groups=(32 8 1); llama_quantize=(hidden kv)
+    if [ "$smoke" = "--smoke" ]; then llama_runs=1; llama_groups=(32); llama_quantize=(hidden); fi
+    llama=(--workload llama "${tokens[@]}" --n 4 --links real --bandwidths "${bandwidths[@]}" --runs "$llama_runs")
+    for g in "${llama_groups[@]}"; do
+        for q in "${llama_quantize[@]}"; do
+            step "llama-n4-g$g-$q" 70 bench "${llama[@]}" --methods astra --groups "$g" --quantize "$q"
+        done
+    done
+    step llama-n4-sp16 80 bench "${llama[@]}" --methods sp-fp16
+    step llama-n4-tp 90 bench "${llama[@]}" --methods tp
 else
     echo "SKIPPED llama: astra.patch does not accept LlamaForCausalLM in this checkout" | tee -a "$out/skipped.txt"
 fi
+budget=$saved_budget
+# ------------------------------------------------------------------------------------- end of the Llama block
 
 # Goal 2: ViT-B/16, N=4, G=8 and 32.
 step vit-n4 40 bench --workload vit --n 4 --methods astra --groups "${vit_groups[@]}" --quantize hidden kv \
