@@ -4,10 +4,11 @@
 # The host has no ip/tc/iptables and no package registry: carry wheels/bench/ (ignored by git), made on the
 # development machine by   bash benchmarks/get_net_tools.sh wheels/bench   (.debs in wheels/bench/net)
 # Usage, from the repository root, as root:   bash benchmarks/gpu_host.sh OUT_DIR [--smoke]
-# Steps run in order of importance under one wall-clock budget (BUDGET_S, default 500 s; estimated from the
-# 2026-11-27 run, ~35 s a GPT2 row: ~480 s on the GPU host
-# reaches gpt2-n8-kv with the Llama rows, ~650 s every GPT2/ViT step): a step that would
-# start after it is skipped and says so. Rows go to OUT_DIR/latency-gpu-host.jsonl as they are measured,
+# Steps run in order of importance under one wall-clock budget (BUDGET_S, default 500 s): a step that would
+# start after it is skipped and says so. The GPT2/ViT steps (estimated from the 2026-11-27 run's ~35 s per GPT2
+# row, not measured): gpt2-n4-accurate to gpt2-n8-kv ~300 s, all of them to gpt2-n4-g1 ~420 s; e.g.
+#   BUDGET_S=480 LLAMA_BUDGET_S=180 bash benchmarks/gpu_host.sh OUT     (Llama's share included)
+# or without the Llama block:   STEPS='shaping|gpt2|vit' BUDGET_S=330 bash benchmarks/gpu_host.sh OUT Rows go to OUT_DIR/latency-gpu-host.jsonl as they are measured,
 # device profiles (planner calibration) to OUT_DIR/device_profiles/, logs to OUT_DIR/logs/.
 # --smoke: a tiny version (short prefill, 1 run per row, few variants) to check the script end to end.
 set -uo pipefail
@@ -34,8 +35,10 @@ echo "$machine"
 
 left() { echo $(( budget - ($(date +%s) - start) )); }
 # step NAME MIN_SECONDS CMD...: runs CMD if at least MIN_SECONDS of the budget are left, bounded by what is left.
+# STEPS (a bash regex, optional): only the steps whose names match run, e.g. STEPS=llama for the Llama block alone.
 step() {
     local name=$1 need=$2; shift 2
+    [[ -z ${STEPS:-} || $name =~ $STEPS ]] || return 0
     local remaining; remaining=$(left)
     if (( remaining < need )); then echo "SKIPPED $name: $remaining s of the budget left, needs ~$need s" | tee -a "$out/skipped.txt"; return; fi
     echo "=== $name ($remaining s left)"
@@ -65,12 +68,36 @@ step shaping 20 python3 -m benchmarks.netns measure --seconds 1 --mbps 10 100 --
 step gpt2-n4-accurate 90 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 32 --quantize hidden kv \
     --links real --bandwidths 10
 step gpt2-n4-g8kv 30 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 8 --quantize kv --links real --bandwidths 10
-# The Llama workload, once astra.patch accepts LlamaForCausalLM (skipped cleanly before).
+# ----------------------------------------------------------------------------------------- Llama block (issue 10)
+# The llama workload (245 M parameters, GQA, 1024-token prefill), N=4, real links at 10 and 100 Mbps, every row
+# with its interleaved one device: ASTRA G=32/8/1 hidden and kv, sp-fp16, tp. Its own share of the budget,
+# LLAMA_BUDGET_S (default 200 s; what it leaves unused goes to the later steps). One step per method, most
+# important first; a step measures both bandwidths with one start of its ranks (a start of the 4 ranks and the
+# one-device worker costs about three Llama rows), 100 Mbps first: that row predicts the 10 Mbps one, which then
+# skips its warm-up when slow. Expected per step (runs=3; estimated, not measured): astra ~65 s, sp-fp16 ~80 s
+# (~25 MB per rank per run), tp ~240 s (~200 MB per rank per run: ~160 s at 10 Mbps). A step is stopped at the
+# budget's end, keeping the rows it has. The default covers the G=32 steps and G=8 hidden; all but tp in one call:
+#   STEPS=llama LLAMA_BUDGET_S=540 BUDGET_S=550 bash benchmarks/gpu_host.sh OUT      (~470 s + setup and report)
+# and tp in another:   STEPS=llama-n4-tp LLAMA_BUDGET_S=540 BUDGET_S=550 bash benchmarks/gpu_host.sh OUT2
+llama_budget_s=${LLAMA_BUDGET_S:-200}
+saved_budget=$budget
+budget=$(( $(date +%s) - start + llama_budget_s )); (( budget > saved_budget )) && budget=$saved_budget
 if python3 -c "from benchmarks.workloads import workload_available as a; raise SystemExit(0 if a('llama') else 1)"; then
-    step llama-n4 90 bench --workload llama "${tokens[@]}" --n 4 --methods astra --groups 32 --quantize hidden kv --links real --bandwidths "${bandwidths[@]}"
+    llama_runs=3; llama_groups=(32 8 1); llama_quantize=(hidden kv)
+    if [ "$smoke" = "--smoke" ]; then llama_runs=1; llama_groups=(32); llama_quantize=(hidden); fi
+    llama=(--workload llama "${tokens[@]}" --n 4 --links real --bandwidths "${bandwidths[@]}" --runs "$llama_runs")
+    for g in "${llama_groups[@]}"; do
+        for q in "${llama_quantize[@]}"; do
+            step "llama-n4-g$g-$q" 70 bench "${llama[@]}" --methods astra --groups "$g" --quantize "$q"
+        done
+    done
+    step llama-n4-sp16 80 bench "${llama[@]}" --methods sp-fp16
+    step llama-n4-tp 90 bench "${llama[@]}" --methods tp
 else
     echo "SKIPPED llama: astra.patch does not accept LlamaForCausalLM in this checkout" | tee -a "$out/skipped.txt"
 fi
+budget=$saved_budget
+# ------------------------------------------------------------------------------------- end of the Llama block
 
 # Goal 2: ViT-B/16, N=4, G=8 and 32 hidden: compute only and 10 Mbps.
 step vit-n4 40 bench --workload vit --n 4 --methods astra --groups "${vit_groups[@]}" --quantize hidden \

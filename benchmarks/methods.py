@@ -41,7 +41,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _loopback_rank(rank: int, world: int, port: int, cases: list[tuple[str, str]], results) -> None:
+def _loopback_rank(rank: int, world: int, port: int, cases: list[tuple[str, str]], results, builder) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     links.install()  # as in the benchmark: the collectives go through the byte-counting wrappers
     torch.set_num_threads(1)
@@ -49,15 +49,20 @@ def _loopback_rank(rank: int, world: int, port: int, cases: list[tuple[str, str]
     try:
         for workload, method in cases:
             runner = make_method(method)
-            runner.setup(build(workload, small=True), rank, world)
+            runner.setup(builder(workload, small=True), rank, world)
             output = runner.forward()
             results[(workload, method, rank)] = None if output is None else output.clone()
     finally:
         dist.destroy_process_group()
 
 
-def loopback_outputs(cases: list[tuple[str, str]], world: int) -> dict[tuple[str, str], list[torch.Tensor | None]]:
+def loopback_outputs(
+    cases: list[tuple[str, str]], world: int, builder=build
+) -> dict[tuple[str, str], list[torch.Tensor | None]]:
     """Run each (workload, method) on the small workload over ``world`` processes on 127.0.0.1.
+
+    ``builder(name, small=True)`` makes the workload (default `workloads.build`; a module-level function,
+    so that the spawned processes can import it).
 
     Returns every case's per-rank predictions (None on ranks that make none). One process group serves
     all cases, so the processes start once.
@@ -65,6 +70,6 @@ def loopback_outputs(cases: list[tuple[str, str]], world: int) -> dict[tuple[str
     with mp.Manager() as manager:
         results = manager.dict()
         mp.start_processes(
-            _loopback_rank, args=(world, free_port(), cases, results), nprocs=world, start_method="spawn"
+            _loopback_rank, args=(world, free_port(), cases, results, builder), nprocs=world, start_method="spawn"
         )
         return {case: [results.get((*case, rank)) for rank in range(world)] for case in cases}

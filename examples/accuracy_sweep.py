@@ -10,7 +10,7 @@ A call's plan is a list of jobs (base trainings and finetune_astra.py runs, each
 ``run`` starts them as concurrent processes as soon as the base they start from exists (several small
 trainings share one GPU), in plan order (most important first), skips those that already have a result
 (here under --out, or committed under docs/results/runs/), and kills what still runs at the deadline.
-``scripts/gpu/accuracy_call1.sh`` and ``accuracy_call2.sh`` run a whole call on a GPU host.
+``scripts/gpu/accuracy_call.sh N`` runs call N on a GPU host.
 
 The report groups the per-run results (docs/results/runs/*.json, one per run and seed) by run name without
 the seed: ``value`` is the mean over seeds, ``std`` their sample standard deviation; every row records its
@@ -80,6 +80,8 @@ class Job:
     script: str  # train_base.py / finetune_astra.py
     args: list[str]  # paths relative to --out; ``{out}`` is replaced
     needs: list[str] = field(default_factory=list)
+    estimate: float = 0.0  # expected wall seconds with ~16 runs sharing one GPU (0: unknown); see call3
+
 
 
 def finetune_job(family: str, name: str, seed: int, flags: list[str], num_devices: str = "4") -> Job:
@@ -181,7 +183,83 @@ def llama_jobs() -> list[Job]:
     return jobs + controls("llama", (0,))
 
 
-CALLS = {"1": call1, "2": call2}
+def estimated(jobs: list[Job], seconds: float) -> list[Job]:
+    for job in jobs:
+        job.estimate = seconds
+    return jobs
+
+
+def call3() -> list[Job]:
+    """ViT only (what call 2 could not carry besides the GPT2 and Llama inputs), most important first.
+
+    Carry: wheels, gpu_data/fashion-mnist, outputs/vit-base (the working tree itself is about 26 MB, 22 MB of it
+    the demo checkpoints; Fashion-MNIST is 26.5 MB, vit-base 5.4 MB: about 58 MiB in all). The GPT2 base
+    (14.7 MB) and the KJV text do not fit beside them, so the GPT2 runs are call 4.
+    Wall seconds of each run with ~16 sharing one H200 and 16 cores, from accuracy-call1-2026-11-27.log
+    (the main rows evaluate at 6 layouts, about 40 s of a ViT run): vit-g32-kv 251, vit-g32-hidden 185-212,
+    vit-g1-hidden 132-161, vit-control 42-49; estimated for runs never timed: vit-g8-kv 215, vit-g8-hidden 175
+    (GPT2's G = 8 runs took ~40 s less than its G = 32 ones), vit-g1-kv 155 (GPT2's G = 1 kv ~ G = 1 hidden),
+    ViT ablations without the extra layouts 115, 3-epoch recipes 280, per-N references 110. About 6 500
+    run-seconds over 16 slots: ~400 s of the ~450 s a call of ASTRA_CALL_SECONDS=500 leaves to runs; a run
+    whose estimate no longer fits before the deadline is not started (so it cannot slow the others).
+      a. the main rows: ViT G = 32 kv seeds 1-2, G = 8 kv and hidden, G = 1 kv (3 seeds each);
+      c. the ablations at ViT's main setting (G = 1 hidden): NAQ lambda = 0, DCT off, beta = 0.25, then the rest
+         of GPT2's call 2 ablations (lambda = 0.3, beta = 0), 3 seeds each;
+      then, while time lasts (call 2's ViT rows): N-agnostic G = 1, the per-N references, the G = 1 hidden
+      recipes (3 epochs: these fit only when the rest ran faster than estimated).
+    (b, the GPT2 codebook sizes, and GPT2 G = 8 hidden seeds 1-2 are call 4; d, Llama seeds 1-2, would need its
+    base retrained: left.)"""
+    g1 = ["--groups", "1", "--quantize", "hidden"]
+    jobs = estimated(main_runs("vit", "32", "kv", (1, 2)), 251)
+    jobs += estimated(main_runs("vit", "8", "kv"), 215) + estimated(main_runs("vit", "8", "hidden"), 175)
+    jobs += estimated(main_runs("vit", "1", "kv"), 155)
+    for suffix in ("naq0", "nodct", "beta0.25", "naq0.3", "beta0"):
+        jobs += estimated([finetune_job("vit", f"vit-g1-hidden-{suffix}", seed, [*g1, *ABLATIONS[suffix]])
+                           for seed in SEEDS], 115)
+    jobs += estimated([finetune_job("vit", "vit-g1-hidden-nagnostic", seed,
+                                    [*g1, *RANDOM_SHARDS, *EVAL_LAYOUTS]) for seed in SEEDS], 160)
+    jobs += estimated([finetune_job("vit", f"vit-g1-hidden-n{n}", 0, g1, num_devices=n) for n in ("8", "2", "3", "6")],
+                      110)
+    jobs += estimated([finetune_job("vit", "vit-g1-hidden-ep3", seed, [*g1, *VIT_RECIPES["ep3"]])
+                       for seed in SEEDS], 280)
+    jobs += estimated([finetune_job("vit", "vit-g1-hidden-ep3-naq0.3", seed, [*g1, *VIT_RECIPES["ep3-naq0.3"]])
+                       for seed in SEEDS], 280)
+    return jobs
+
+
+K_SIZES = ("256", "512")
+
+
+def call4() -> list[Job]:
+    """GPT2 (KJV) and broad English: what call 3 cannot carry beside Fashion-MNIST, most important first.
+
+    Carry: wheels, gpu_data/kjv.txt.gz, outputs/gpt2-base (about 45 MB with the tree); with
+    gpu_data/english.jsonl.gz and outputs/gpt2-english-base too, about 65 MB (under 64 MiB = 67.1 MB).
+    Wall seconds with ~16 sharing one H200 (accuracy-call1/2 logs): gpt2-g8-hidden 116, gpt2-g32-hidden 156-163,
+    gpt2-g32-kv 171-176 (6 layouts included; they cost GPT2 ~10 s), english-g32-hidden ~300.
+      a. GPT2 G = 8 hidden seeds 1-2;
+      b. codebook size for the speed issue: GPT2 G = 32 hidden and kv with K = 256 and 512, 3 seeds each
+         (also at the other layouts: cheap for GPT2);
+      then, while time lasts: the English G = 32 variants (one seed; skipped unless their base and corpus are
+      carried), GPT2 G = 32 N-agnostic (killed in call 2).
+    About 3 300 run-seconds: one wave of 16 plus a short second one, ~330 s."""
+    jobs = estimated(main_runs("gpt2", "8", "hidden", (1, 2)), 116)
+    for size in K_SIZES:
+        for mode, seconds in (("hidden", 160), ("kv", 175)):
+            jobs += estimated([finetune_job("gpt2", f"gpt2-g32-{mode}-k{size}", seed,
+                                            ["--groups", "32", "--quantize", mode, "--codebook-size", size,
+                                             *EVAL_LAYOUTS]) for seed in SEEDS], seconds)
+    for suffix, flags in ENGLISH_VARIANTS.items():  # long: early, or they would not fit
+        jobs.append(finetune_job("english", f"english-g32-hidden-{suffix}", 0, ["--groups", "32", "--quantize",
+                                                                               "hidden", *flags]))
+        jobs[-1].estimate = 300
+    jobs += estimated([finetune_job("gpt2", "gpt2-g32-hidden-nagnostic", seed,
+                                    ["--groups", "32", "--quantize", "hidden", *RANDOM_SHARDS, *EVAL_LAYOUTS])
+                       for seed in SEEDS], 180)
+    return jobs
+
+
+CALLS = {"1": call1, "2": call2, "3": call3, "4": call4}
 
 
 def smoke(jobs: list[Job]) -> list[Job]:
@@ -282,6 +360,10 @@ def run_jobs(jobs: list[Job], out: Path, jobs_at_once: int, workers: int, deadli
             if len(running) >= jobs_at_once:
                 break
             state = ready(job)
+            if state and job.estimate and time.time() + job.estimate > deadline_at:
+                status[job.name] = f"not started (estimated {job.estimate:.0f} s, past the deadline)"
+                pending.remove(job)
+                continue
             if state is None:
                 status[job.name] = "skipped: its base failed or is missing"
                 pending.remove(job)
@@ -312,7 +394,11 @@ def run_jobs(jobs: list[Job], out: Path, jobs_at_once: int, workers: int, deadli
 
 def plan_jobs(call: str, smoke_test: bool) -> list[Job]:
     if smoke_test:  # call 2's leftovers are call 1's kinds, smoke-tested there
-        return smoke(call2(leftovers=False) if call == "2" else CALLS[call]())
+        jobs = call2(leftovers=False) if call == "2" else CALLS[call]()
+        planned = {job.name for job in jobs}
+        # Calls 3 and 4 start from carried bases: the smoke test trains tiny ones first.
+        bases = dict.fromkeys(need for job in jobs for need in job.needs if need not in planned)
+        return smoke([Job(name, "train_base.py", list(BASES[name])) for name in bases] + jobs)
     return CALLS[call]()
 
 
@@ -506,6 +592,7 @@ def aggregate(results: list[dict]) -> list[dict]:
         rows.append({
             "run": run, "campaign": campaign, "model": first["model"], "task": first["task"],
             "dataset": first["dataset"], "N": first["N"], "G": first["G"], "K": first["K"],
+            "codebook_size": None if first["quantize"].startswith("none") else first["K"],
             "quantize": first["quantize"], "noise_scale": first["noise_scale"],
             "noise_schedule": first.get("noise_schedule", "constant"), "random_shards": first.get("random_shards"),
             "distributed_cls": first["distributed_cls"], "commitment_weight": first["commitment_weight"],
@@ -544,7 +631,7 @@ def change(value: float, reference: float | None, metric: str) -> str:
     return f"{100 * (value / reference - 1):+.1f}%"
 
 
-HEADER = ("| run | dataset | eval data | N (FT) | N (eval) | G | quantize | λ | DCT | β | metric | base | before FT "
+HEADER = ("| run | dataset | eval data | N (FT) | N (eval) | G | K | quantize | λ | DCT | β | metric | base | before FT "
           "| after FT: mean ± std (seeds) | vs base | control | vs control | bits/token | FT seconds |")
 
 
@@ -555,7 +642,8 @@ def table_row(row: dict) -> str:
         n_eval += " (" + ":".join(f"{s:g}" for s in sizes) + ")"
     n_ft = "random 2-8" if row["random_shards"] else str(row["N"])
     cells = [
-        row["run"], row["dataset"], row["eval_dataset"], n_ft, n_eval, str(row["G"]), row["quantize"],
+        row["run"], row["dataset"], row["eval_dataset"], n_ft, n_eval, str(row["G"]),
+        "n/a" if row.get("codebook_size") is None else str(row["codebook_size"]), row["quantize"],
         f"{row['noise_scale']:g}" + (" (warm-up)" if row["noise_schedule"] == "warmup" else ""),
         "on" if row["distributed_cls"] else "off" if row["task"] == "vit" else "n/a", f"{row['commitment_weight']:g}",
         row["metric"], fmt(row["base_value"]), fmt(row["value_before_finetune"]), value_cell(row),
@@ -567,7 +655,7 @@ def table_row(row: dict) -> str:
 
 
 def table(rows: list[dict]) -> list[str]:
-    return [HEADER, "|---" * 19 + "|", *map(table_row, rows)] if rows else ["(no rows yet)"]
+    return [HEADER, "|---" * 20 + "|", *map(table_row, rows)] if rows else ["(no rows yet)"]
 
 
 def welch(a: dict, b: dict) -> tuple[float, float | None, bool | None]:
@@ -615,6 +703,35 @@ def effect_lines(rows: list[dict]) -> list[str]:
                     f"{reference['value']:.2f} ({len(reference['seeds'])}): {difference:+.2f} {unit}; pooled std "
                     f"{fmt(pooled)}; Welch t = {fmt(t)}: {verdict} at the 5 % level")
     return lines or ["- no ablation rows yet"]
+
+
+K_RUN = re.compile(r"(gpt2|vit)-g\d+-(hidden|kv)-k\d+")
+K_GOAL = 0.01  # issue 12: a smaller codebook is usable when perplexity stays within +1 % of the control's
+
+
+def codebook_lines(rows: list[dict]) -> list[str]:
+    """Each smaller-K row at its training layout against the control (goal: perplexity within +1 %) and against
+    the same run with K = 1024."""
+    at_layout = {r["run"]: r for r in rows if r["eval_num_devices"] == r["N"] and not r["eval_shard_sizes"]
+                 and r["eval_dataset"].startswith(r["dataset"] + ":")}
+    lines = []
+    for run, row in sorted(at_layout.items(), key=lambda item: (re.sub(r"-k\d+$", "", item[0]),
+                                                                item[1]["codebook_size"] or 0)):
+        if not K_RUN.fullmatch(run):
+            continue
+        reference = at_layout.get(re.sub(r"-k\d+$", "", run))
+        line = (f"- {run} (K = {row['codebook_size']}, {len(row['seeds'])} seeds): {row['value']:.2f} ± {fmt(row['std'])}"
+                f"; control {fmt(row['control_value'])}: {change(row['value'], row['control_value'], row['metric'])}")
+        if row["control_value"] is not None and row["metric"] != "accuracy":
+            met = row["value"] <= row["control_value"] * (1 + K_GOAL)
+            line += f" (goal within +{100 * K_GOAL:.0f} %: **{'met' if met else 'missed'}**)"
+        if reference is not None:
+            difference, t, established = welch(row, reference)
+            line += (f"; against K = {reference['codebook_size']} ({reference['value']:.2f}, "
+                     f"{len(reference['seeds'])} seeds): {difference:+.2f}, Welch t = {fmt(t)}"
+                     + ("" if established is None else ", established" if established else ", not established"))
+        lines.append(line)
+    return lines or ["- no smaller-codebook rows yet"]
 
 
 TARGETS = [  # (run, goal, allowed drop: accuracy points, or perplexity increase as a fraction)
@@ -715,7 +832,7 @@ PREAMBLE = """# Accuracy of ASTRA after NAQ fine-tuning
 Written by `examples/accuracy_sweep.py report` from the per-run JSON files of `examples/finetune_astra.py`
 (docs/results/runs/, one per run and seed; the aggregated rows are in `docs/results/accuracy.json`, one per
 run, evaluation dataset and evaluation layout, with `seeds`, `value` = their mean, `std`, `eval_num_devices`,
-`eval_dataset` and `control_value`).
+`eval_dataset`, `control_value` and `codebook_size` = K, null for controls).
 
 Setup (no pretrained weights can be downloaded here, so the base models were trained here first):
 - ViT: 6 layers, width 192, 3 heads, 4x4 patches on 28x28 Fashion-MNIST (49 patches + CLS), trained from scratch
@@ -729,7 +846,7 @@ Setup (no pretrained weights can be downloaded here, so the base models were tra
   the fortune files (BSD); test = the held-out entries of each. Out-of-domain evaluation (`english-ood`): The
   Devil's Dictionary (Bierce, 1911, public domain) and Debian's constitution, social contract, manifesto and
   bug-tracker guides (`doc-debian`): sources no model sees in training.
-- ASTRA: K = 1024 codewords unless stated, codebooks by k-means on 8 training batches, learned by gradient,
+- ASTRA: K = 1024 codewords unless stated (column K; "-k256"/"-k512" runs), codebooks by k-means on 8 training batches, learned by gradient,
   dead-code reset each logging window (`AstraNAQCallback`), β = 1e-4, DCT on (ViT), AdamW 2e-4 cosine, no weight
   decay. Budget: ViT 1 epoch (235 steps of 256 images), GPT2-KJV 3 epochs (324 steps of 32 x 256 tokens),
   GPT2-English 1 epoch. All fine-tunings of one GPU call ran concurrently on one GPU, so "FT seconds" is wall
@@ -746,7 +863,8 @@ Setup (no pretrained weights can be downloaded here, so the base models were tra
 - Reproduce: `bash scripts/gpu/prepare.sh` here; on a one-GPU host `bash scripts/gpu/accuracy_call.sh 1` (bases,
   demo checkpoints, main rows, broad English), here `python examples/accuracy_sweep.py collect --from <what came
   back>`, then `bash scripts/gpu/accuracy_call.sh 2` there (ablations, N-agnostic, recipes, what call 1 left),
-  `collect` again, and `python examples/accuracy_sweep.py report`. Each call stops its runs at a deadline
+  `collect` again, then calls 3 (ViT: what call 2 could not carry) and 4 (GPT2: smaller codebooks, the rest),
+  each followed by `collect`, and `python examples/accuracy_sweep.py report`. Each call stops its runs at a deadline
   (under 9 minutes); runs that did not finish are listed in its `callN-summary.json` and simply have no row.
 """
 
@@ -837,6 +955,10 @@ def cmd_report(args) -> None:
                                         if re.fullmatch(r"(gpt2|vit)-(g\d+-(hidden|kv)|control)", r["run"])],
         "Broad English (GPT2 trained on the English mix)": [r for r in current if r["run"].startswith("english-")],
         "Llama-shaped model on the KJV text (issue 10)": [r for r in current if r["run"].startswith("llama-")],
+        "Codebook size (G = 32, K < 1024; issue 12's encode cost grows with K)": [
+            r for r in current if K_RUN.fullmatch(r["run"])
+            or (re.fullmatch(r"(gpt2|vit)-g32-(hidden|kv)", r["run"]) and r in at_training_layout
+                and any(K_RUN.fullmatch(o["run"]) and o["task"] == r["task"] for o in current))],
         "Ablations (G = 1, hidden; one change each)": [
             r for r in at_training_layout if re.fullmatch(r"(gpt2|vit)-g1-hidden(-(naq|beta|nodct).*)?", r["run"])],
         "ViT G = 1 hidden: recipes for the target": [r for r in at_training_layout
@@ -866,6 +988,7 @@ def cmd_report(args) -> None:
               "Each variant against the G = 1 hidden row it varies; established when Welch's t exceeds the two-sided "
               "5 % critical value for its degrees of freedom (computed from the seeds' values).\n",
               *effect_lines(at_training_layout),
+              "", "## Smaller codebooks: perplexity against the control\n", *codebook_lines(current),
               "", "## One checkpoint for any number of devices\n",
               "Goal: one checkpoint within 0.3 points (accuracy) or 1 % (perplexity) of the checkpoint fine-tuned at "
               "each N.\n", *n_agnostic_lines(current),

@@ -129,3 +129,65 @@ def test_legacy_rows_are_migrated_with_the_new_keys(sweep, tmp_path):
     assert row["run"] == "vit-g1-hidden" and row["seeds"] == [0] and row["std"] is None
     assert row["eval_num_devices"] == 4 and row["eval_dataset"] == "fashion-mnist:test"
     assert row["campaign"].startswith("2026-11-26") and row["value"] == 83.51
+
+
+def test_call3_is_vit_only_and_call4_has_the_smaller_codebooks(sweep):
+    three = sweep.call3()
+    names = [job.name for job in three]
+    assert len(names) == len(set(names)) and all(job.needs == ["vit-base"] for job in three)
+    assert all(job.estimate > 0 for job in three)
+    main = {f"vit-g{g}-{m}-s{s}" for g, m in (("8", "hidden"), ("8", "kv"), ("1", "kv")) for s in (0, 1, 2)}
+    main |= {"vit-g32-kv-s1", "vit-g32-kv-s2"}
+    ablations = {f"vit-g1-hidden-{a}-s{s}" for a in ("naq0", "nodct", "beta0.25") for s in (0, 1, 2)}
+    assert set(names[:len(main)]) == main and set(names[len(main):len(main) + len(ablations)]) == ablations
+    four = {job.name: job for job in sweep.call4()}
+    assert list(four)[:2] == ["gpt2-g8-hidden-s1", "gpt2-g8-hidden-s2"]
+    for k in ("256", "512"):
+        for mode in ("hidden", "kv"):
+            for seed in (0, 1, 2):
+                args = four[f"gpt2-g32-{mode}-k{k}-s{seed}"].args
+                assert args[args.index("--codebook-size") + 1] == k and args[args.index("--quantize") + 1] == mode
+    smoke = sweep.plan_jobs("3", smoke_test=True)
+    assert smoke[0].name == "vit-base" and smoke[0].script == "train_base.py" and len(smoke) < 10
+
+
+def test_a_run_that_cannot_finish_before_the_deadline_is_not_started(sweep, tmp_path):
+    job = sweep.Job("vit-g8-kv-s0", "finetune_astra.py", ["--task", "vit"], [], estimate=300)
+    status = sweep.run_jobs([job], tmp_path, 4, 1, sweep.time.time() + 100, 1.0)
+    assert status == {"vit-g8-kv-s0": "not started (estimated 300 s, past the deadline)"}
+    assert not (tmp_path / "logs" / "vit-g8-kv-s0.log").exists()
+
+
+def gpt2_result(run, seed, value, K=1024, control=False):
+    return {**result(run, seed, value, metric="perplexity", task="gpt2", control=control, base=37.85),
+            "model": "outputs/gpt2-base", "dataset": "kjv", "eval_dataset": "kjv:test", "G": 32, "K": K,
+            "distributed_cls": False}
+
+
+def test_report_has_codebook_rows_with_the_issue_keys(sweep, tmp_path):
+    runs = tmp_path / "docs" / "results" / "runs"
+    runs.mkdir(parents=True)
+    results = [gpt2_result("gpt2-control", s, v, control=True) for s, v in ((0, 36.3), (1, 36.4), (2, 36.5))]
+    results += [gpt2_result("gpt2-g32-hidden", s, v) for s, v in ((0, 36.6), (1, 36.7), (2, 36.65))]
+    results += [gpt2_result("gpt2-g32-hidden-k256", s, v, K=256) for s, v in ((0, 37.0), (1, 37.2), (2, 37.1))]
+    results += [gpt2_result("gpt2-g32-hidden-k512", s, v, K=512) for s, v in ((0, 36.6), (1, 36.7), (2, 36.8))]
+    for row in results:
+        (runs / f"{row['run']}.json").write_text(json.dumps(row))
+    sweep.cmd_report(type("Args", (), {"out": None}))
+    rows = {(r["run"], r["eval_num_devices"]): r for r in
+            json.loads((tmp_path / "docs" / "results" / "accuracy.json").read_text())}
+    k256 = rows[("gpt2-g32-hidden-k256", 4)]
+    assert {"seeds", "std", "eval_num_devices", "eval_dataset", "control_value", "codebook_size"} <= set(k256)
+    assert k256["codebook_size"] == 256 and k256["seeds"] == [0, 1, 2] and k256["value"] == pytest.approx(37.1)
+    assert k256["std"] == pytest.approx(0.1) and k256["control_value"] == pytest.approx(36.4)
+    assert k256["eval_dataset"] == "kjv:test" and rows[("gpt2-control", None)]["codebook_size"] is None
+    report = (tmp_path / "docs" / "results.md").read_text()
+    section = report.split("## Codebook size")[1].split("\n## ")[0]
+    assert "| gpt2-g32-hidden-k256 | kjv | kjv:test | 4 | 4 | 32 | 256 | hidden |" in section
+    assert "| gpt2-g32-hidden | kjv | kjv:test | 4 | 4 | 32 | 1024 | hidden |" in section
+    assert "gpt2-control" not in section
+    lines = report.split("## Smaller codebooks")[1].split("\n## ")[0]
+    assert "gpt2-g32-hidden-k256 (K = 256, 3 seeds): 37.10 ± 0.10; control 36.40: +1.9% (goal within +1 %: " \
+           "**missed**)" in lines
+    assert "gpt2-g32-hidden-k512 (K = 512, 3 seeds): 36.70 ± 0.10; control 36.40: +0.8% (goal within +1 %: " \
+           "**met**); against K = 1024 (36.65, 3 seeds): +0.05" in lines

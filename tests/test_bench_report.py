@@ -99,3 +99,34 @@ def test_llama_workload_errors_clearly_until_the_adapter_lands():
             build("llama", small=True)
     with pytest.raises(ValueError, match="tokens"):
         build("vit", tokens=10)
+
+
+def test_llama_rows_of_every_method_and_bandwidth_reach_the_tables_and_latency_json(tmp_path):
+    """The gpu_host.sh Llama block's rows: ASTRA, sp-fp16 and tp at 10 and 100 Mbps, each with its command."""
+    from benchmarks.report import main
+
+    raw, docs = tmp_path / "raw", tmp_path / "docs"
+    raw.mkdir()
+    docs.mkdir()
+    extra = dict(model="llama", threads_per_rank=2, date="2026-11-27 16:00 UTC", load_average_1m=1.0, per_rank_median_s=[1.0] * 4,
+                 bytes_sent_per_rank=1e6, wire_bytes_per_rank=1.1e6, loss_percent=0.0, single_median_s=2.0, single_p10_s=1.9,
+                 single_p90_s=2.1)  # fmt: skip
+    rows = []
+    methods = (("astra G=32 kv", "astra", 32, "kv"), ("sp-fp16", "sp-fp16", None, None), ("tp", "tp", None, None))
+    for label, method, G, quantize in methods:
+        for mbps, median in ((10.0, 4.0), (100.0, 1.0)):
+            command = f"python -m benchmarks.run_latency --workload llama --n 4 --methods {method} --bandwidths {mbps:g}"
+            rows.append(base_row(**extra, label=label, method=method, G=G, quantize=quantize, bandwidth_mbps=mbps,
+                                 median_s=median, command=command))  # fmt: skip
+    write_rows(raw / "latency-gpu-host-llama.jsonl", rows)
+    main(["--raw", str(raw), "--docs", str(docs)])
+    page = (docs / "benchmarks.md").read_text()
+    assert "### llama, 1024 tokens, N=4" in page
+    for label in ("astra G=32 kv", "sp-fp16", "tp"):
+        assert f"| {label} | real |  | 4 (0.4–0.6) [5] | 1 (0.4–0.6) [5] |" in page
+    for method in ("astra", "sp-fp16", "tp"):
+        assert f"--methods {method} --bandwidths 10 100" in page  # one reproduce command per method, both bandwidths
+    recorded = json.loads((docs / "results/latency.json").read_text())
+    assert sorted((r["method"], r["bandwidth_mbps"], r["command"].split()[-1]) for r in recorded) == sorted(
+        (r["method"], r["bandwidth_mbps"], f"{r['bandwidth_mbps']:g}") for r in rows
+    )

@@ -5,13 +5,17 @@
 #   bash scripts/gpu/accuracy_call.sh 1            # on the GPU host; carry wheels, gpu_data
 #   bash scripts/gpu/accuracy_call.sh 2            # carry wheels, gpu_data/fashion-mnist, gpu_data/kjv.txt.gz,
 #                                                  #   outputs/gpt2-base, outputs/vit-base (call 1's, collected)
+#   bash scripts/gpu/accuracy_call.sh 3            # ViT: carry wheels, gpu_data/fashion-mnist, outputs/vit-base
+#   bash scripts/gpu/accuracy_call.sh 4            # GPT2: carry wheels, gpu_data/kjv.txt.gz, outputs/gpt2-base
+#                                                  #   (+ gpu_data/english.jsonl.gz, outputs/gpt2-english-base)
 #   bash scripts/gpu/accuracy_call.sh 1 --smoke    # here, on the CPU: tiny models, a few steps, same code paths
+#   (the 64 MiB a call carries, working tree included, hold Fashion-MNIST + vit-base or the GPT2 inputs, not both)
 # Environment: OUT (default /tmp/astra-call-out), ASTRA_CALL_SECONDS (whole call, default 520),
 #   ASTRA_JOBS (concurrent trainings, default 16; 3 with --smoke), ASTRA_WORK (default outputs),
 #   ASTRA_ONLY (regular expressions on job names, e.g. '(gpt2|llama|english)-.*' when the 64 MiB a call may
 #   carry leave out a task's base and data).
 set -uo pipefail
-call=${1:?usage: accuracy_call.sh 1|2 [--smoke]}
+call=${1:?usage: accuracy_call.sh 1|2|3|4 [--smoke]}
 smoke=${2:-}
 start=$(date +%s)
 budget=${ASTRA_CALL_SECONDS:-520}

@@ -10,7 +10,9 @@ what the generic code needs and the generic code reads it:
 - ``causal`` says whether codes flow to later shards only;
 - ``rank_layout``/``rank_inputs``/``key_padding``/``position_table``/``rank_hooks`` say how the inputs,
   the padding mask and the positions of one rank's shard are taken from the whole inputs;
-- ``install`` adds the family's own hooks (ViT: distributed class tokens, pooled through the exchange).
+- ``install`` adds the family's own hooks (ViT: distributed class tokens, pooled through the exchange);
+- ``tensor_parallel_plan`` says which linear layers of a block split how, for the benchmark's
+  Megatron-style tensor-parallel baseline (``benchmarks/baselines/tensor_parallel.py``).
 
 Adding a family means one file in ``models/`` with a subclass of `ModelAdapter` (see
 docs/developing.md, with the Llama adapter as the example) and its tests.
@@ -19,7 +21,7 @@ docs/developing.md, with the Llama adapter as the example) and its tests.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -50,6 +52,28 @@ class RankView:
     @property
     def bounds(self) -> tuple[int, int]:
         return self.layout.bounds(self.rank)
+
+
+@dataclass(frozen=True)
+class TensorParallelPlan:
+    """What Megatron-style tensor parallelism needs of one family (in the style of gpt-fast's ``tp.py``).
+
+    Module and attribute paths are relative to one transformer block (``blocks``). Column-parallel layers
+    keep the output features (and bias) of this rank's heads / MLP units; row-parallel layers keep the
+    matching input features and their partial outputs are summed by an all-reduce.
+    """
+
+    blocks: list[nn.Module]
+    column: tuple[str, ...]
+    row: tuple[str, ...]
+    # Config fields that must divide by the number of ranks, with their values (heads, K/V heads, MLP width).
+    divisible: Mapping[str, int]
+    # Column-parallel layers whose output is several equal parts side by side, each split (GPT2's c_attn: Q|K|V).
+    fused_parts: Mapping[str, int] = field(default_factory=dict)
+    # Integer attributes holding whole-layer widths or head counts that the forward uses; divided by N.
+    per_rank_counts: tuple[str, ...] = ()
+    # Weights stored (in, out) (GPT2's Conv1D) rather than nn.Linear's (out, in).
+    weights_in_out: bool = False
 
 
 class ModelAdapter:
@@ -133,6 +157,11 @@ class ModelAdapter:
     def sliding_window(self, module: nn.Module) -> int | None:
         """Keys a query may look back to in this layer (transformers' convention: key > query - window)."""
         return None
+
+    # ------------------------------------------------------------- the tensor-parallel benchmark baseline
+    def tensor_parallel_plan(self, model: nn.Module) -> TensorParallelPlan:
+        """How tensor parallelism splits this family's blocks (`TensorParallelPlan`)."""
+        raise ValueError(f"the {self.model_type or type(self).__name__} adapter declares no tensor-parallel plan")
 
     # ------------------------------------------------------------------ the runtime: one rank's inputs
     def cls_per_shard(self, config: AstraConfig) -> int:

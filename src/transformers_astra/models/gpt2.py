@@ -7,7 +7,7 @@ from torch import nn
 
 from ..config import AstraConfig
 from ..exchange import split_heads
-from .base import ModelAdapter
+from .base import ModelAdapter, TensorParallelPlan
 
 
 class GPT2Adapter(ModelAdapter):
@@ -36,3 +36,16 @@ class GPT2Adapter(ModelAdapter):
         value = torch.addmm(bias[2 * width :], hidden.reshape(-1, width), weight[:, 2 * width :])
         shape = (*hidden.shape[:-1], width)
         return split_heads(key.reshape(shape), module.num_heads), split_heads(value.reshape(shape), module.num_heads)
+
+    def tensor_parallel_plan(self, model: nn.Module) -> TensorParallelPlan:
+        config = model.config
+        return TensorParallelPlan(
+            blocks=list(model.base_model.h),
+            column=("attn.c_attn", "mlp.c_fc"),
+            row=("attn.c_proj", "mlp.c_proj"),
+            divisible={"n_head": config.n_head, "n_inner": config.n_inner or 4 * config.n_embd},
+            fused_parts={"attn.c_attn": 3},  # [Q | K | V]
+            # Conv1D's output width (nf) and the attention's split of c_attn's output into Q, K, V.
+            per_rank_counts=("attn.c_attn.nf", "mlp.c_fc.nf", "attn.split_size", "attn.num_heads"),
+            weights_in_out=True,  # Conv1D: x @ W + b
+        )

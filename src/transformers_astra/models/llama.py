@@ -36,7 +36,7 @@ from transformers.models.qwen3 import modeling_qwen3
 from ..config import AstraConfig
 from ..exchange import split_heads
 from ..sharding import ShardLayout
-from .base import ModelAdapter, RankView
+from .base import ModelAdapter, RankView, TensorParallelPlan
 
 
 class LlamaAdapter(ModelAdapter):
@@ -94,6 +94,20 @@ class LlamaAdapter(ModelAdapter):
         cos, sin = positions
         _, rotated = self.modeling.apply_rotary_pos_emb(key, key, cos, sin)
         return rotated
+
+    def tensor_parallel_plan(self, model: nn.Module) -> TensorParallelPlan:
+        """Heads and K/V heads split alike (query head h keeps its K/V head h // groups on the same rank)."""
+        config = model.config
+        return TensorParallelPlan(
+            blocks=list(model.base_model.layers),
+            column=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"),
+            row=("self_attn.o_proj", "mlp.down_proj"),
+            divisible={
+                "num_attention_heads": config.num_attention_heads,
+                "num_key_value_heads": config.num_key_value_heads,
+                "intermediate_size": config.intermediate_size,
+            },
+        )
 
     # ------------------------------------------------------------------ the runtime: one rank's inputs
     def position_table(self, model: nn.Module, inputs: Mapping[str, Any], layout: ShardLayout) -> Any:

@@ -16,7 +16,7 @@ from torch import nn
 from ..config import AstraConfig
 from ..exchange import split_heads
 from ..sharding import ShardLayout
-from .base import ModelAdapter, RankView
+from .base import ModelAdapter, RankView, TensorParallelPlan
 
 
 class ViTAdapter(ModelAdapter):
@@ -32,6 +32,16 @@ class ViTAdapter(ModelAdapter):
     def project_kv(self, module: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         heads = module.num_attention_heads
         return split_heads(module.k_proj(hidden), heads), split_heads(module.v_proj(hidden), heads)
+
+    def tensor_parallel_plan(self, model: nn.Module) -> TensorParallelPlan:
+        config = model.config
+        return TensorParallelPlan(
+            blocks=list(model.base_model.layers),
+            column=("attention.q_proj", "attention.k_proj", "attention.v_proj", "mlp.fc1"),
+            row=("attention.o_proj", "mlp.fc2"),
+            divisible={"num_attention_heads": config.num_attention_heads, "intermediate_size": config.intermediate_size},
+            per_rank_counts=("attention.num_attention_heads",),
+        )
 
     def cls_per_shard(self, config: AstraConfig) -> int:
         return 1 if config.distributed_cls else 0
