@@ -1,7 +1,8 @@
 """Grouped vector quantization: one codebook per group, integer codes on the wire.
 
-The inference path (``encode``/``decode``) is a chunked matmul + argmin and an embedding gather, so it
-stays at matmul speed on CPU and GPU. Training (``forward``) adds straight-through gradients, the
+The inference path (``encode``/``decode``) is a chunked matmul + block-wise argmin and an embedding
+gather, so it stays at matmul speed on CPU and GPU; `encode` gives exactly the nearest codeword of
+`reference_nearest_codewords` (float64 distances, lowest index on ties), batch-invariant. Training (``forward``) adds straight-through gradients, the
 commitment term and NAQ noise. `kmeans` (Lloyd's algorithm, batched over groups) fits the codebooks to
 real activations (`astra.calibrate`).
 
@@ -24,8 +25,8 @@ from torch import nn
 # same codes (`python -m benchmarks.profile_astra`, docs/benchmarks.md).
 _ENCODE_CHUNK_ELEMENTS = 1 << 24
 _ENCODE_CHUNK_ELEMENTS_CPU = 1 << 20
-# Argmin over the codewords in two steps, blocks of this many consecutive codewords first: CPU argmin
-# is a scalar loop, amin is vectorised (`nearest_codewords`; benchmarks/encoder_speed.py).
+# The smallest score is found block by block (blocks of this many consecutive codewords): CPU argmin is
+# a scalar loop, amin is vectorised (`nearest_codewords`; benchmarks/encoder_speed.py).
 _ARGMIN_BLOCK = 32
 
 
@@ -197,8 +198,9 @@ def nearest_codewords(
 
     Scores ``|c|^2 - 2 x.c`` come from one ``baddbmm`` per chunk of points (float32 for float32 and
     half-precision inputs, float64 for float64), chunked so that the (G, m, K) score block holds at most
-    about ``max_elements`` entries (on CPU ~4 MiB: it is reread from cache). The first smallest score
-    (argmin's rule) comes in two steps where K is a multiple of `_ARGMIN_BLOCK`. Each score is within ``E = (d + 2) u (|x| + max|c|)^2`` of its exact value (``u``:
+    about ``max_elements`` entries (on CPU ~4 MiB: it is reread from cache). Where K is a multiple of
+    `_ARGMIN_BLOCK`, no argmin runs over the scores: the block minima (``amin``, vectorised), the
+    smallest, and the blocks and scores within the limit below, counted and located by small matmuls. Each score is within ``E = (d + 2) u (|x| + max|c|)^2`` of its exact value (``u``:
     the unit roundoff of the matmul, TF32 or bf16 included when ``torch.get_float32_matmul_precision()``
     allows them). A point whose best score has no rival within ``4 E`` has exactly the reference's
     nearest codeword (any other is farther by more than ``2 E``, far beyond the float64 reference's own
@@ -216,39 +218,43 @@ def nearest_codewords(
     if n == 0:
         return torch.empty(groups, 0, dtype=torch.long, device=points.device)
     blocked = size % _ARGMIN_BLOCK == 0 and size > _ARGMIN_BLOCK
+    if blocked:  # [count, sum of positions] of the entries within the limit, by one small matmul
+        count_and_block = torch.stack([torch.ones(size // _ARGMIN_BLOCK), torch.arange(size // _ARGMIN_BLOCK)], 1)
+        count_and_offset = torch.stack([torch.ones(_ARGMIN_BLOCK), torch.arange(_ARGMIN_BLOCK)], 1)
+        count_and_block, count_and_offset = (t.to(points.device, score_dtype) for t in (count_and_block, count_and_offset))
     parts = []
     chunk = max(1, max_elements // (groups * size))
     for start in range(0, n, chunk):
         scores = torch.baddbmm(squared_norms, points[:, start : start + chunk].to(score_dtype), centres_t, alpha=-2.0)
-        if blocked:  # per point: each block's minimum, the first smallest block, and that block's scores
-            blocks = scores.unflatten(-1, (-1, _ARGMIN_BLOCK))
-            block_minima = blocks.amin(-1)
-            best = block_minima.argmin(-1, keepdim=True)
-            within = blocks.gather(2, best[..., None].expand(-1, -1, 1, _ARGMIN_BLOCK)).squeeze(2)
-            parts.append((best.squeeze(-1), block_minima, within))
-        else:  # per point: the first smallest score and how many lie within the tolerance of it
+        limit = tolerance[:, start : start + chunk]
+        if blocked:
+            # Vectorised: each block's minimum, the smallest, the blocks within the limit of it; where
+            # exactly one block and one score in it are within, that score is the unique minimum.
+            block_minima = scores.unflatten(-1, (-1, _ARGMIN_BLOCK)).amin(-1)  # (G, m, K / block)
+            limit = block_minima.amin(-1) + limit
+            blocks_in, block = (block_minima <= limit[..., None]).to(score_dtype).matmul(count_and_block).unbind(-1)
+            block = block.long().clamp_(max=block_minima.shape[-1] - 1)  # where blocks_in > 1: any block, rechecked
+            rows = torch.arange(block.numel(), device=block.device).view_as(block) * block_minima.shape[-1] + block
+            within = scores.reshape(-1, _ARGMIN_BLOCK).index_select(0, rows.flatten()).view(*block.shape, -1)
+            scores_in, offset = (within <= limit[..., None]).to(score_dtype).matmul(count_and_offset).unbind(-1)
+            parts.append((block * _ARGMIN_BLOCK + offset.long(), limit, (blocks_in != 1) | (scores_in != 1)))
+        else:
             smallest, index = scores.min(-1)
-            limit = smallest + tolerance[:, start : start + chunk]
-            parts.append((index, smallest, (scores <= limit[..., None]).sum(-1)))
-    first, second, third = (torch.cat(part, dim=1) for part in zip(*parts))
-    if blocked:
-        # The first block holding the row's minimum holds its first occurrence (argmin's rule); a
-        # rival within the limit is either in another block (its block minimum is within) or in that one.
-        nearest = first * _ARGMIN_BLOCK + third.argmin(-1)
-        limit = second.amin(-1) + tolerance
-        close = (second <= limit[..., None]).sum(-1) + (third <= limit[..., None]).sum(-1) - 1
-    else:
-        nearest, limit, close = first, second + tolerance, third
-    recheck = (close > 1) | ~torch.isfinite(limit)
+            limit = smallest + limit
+            parts.append((index, limit, (scores <= limit[..., None]).sum(-1) != 1))
+    nearest, limit, unsure = (torch.cat(part, dim=1) for part in zip(*parts))
+    recheck = unsure | ~torch.isfinite(limit)
     if recheck.any():
-        _recheck(points, centres, centres_t, squared_norms, tolerance, recheck, nearest, max_elements)
+        kept = scores if chunk >= n else None  # one chunk: its scores are still here
+        _recheck(points, centres, centres_t, squared_norms, tolerance, recheck, nearest, max_elements, kept)
     return nearest
 
 
-def _recheck(points, centres, centres_t, squared_norms, tolerance, recheck, nearest, max_elements) -> None:
+def _recheck(points, centres, centres_t, squared_norms, tolerance, recheck, nearest, max_elements, all_scores=None) -> None:
     """Write the reference codes of the points marked in ``recheck`` (G, n) into ``nearest``.
 
-    Per group: fresh scores of those points, their candidates (score within ``tolerance`` of the
+    Per group: the scores of those points (``all_scores`` (G, n, K) where given, else computed again),
+    their candidates (score within ``tolerance`` of the
     smallest; every codeword for non-finite points), the exact float64 distances to the candidates
     (`_exact_distances`, as the reference), argmin over those (lowest index on equal distances).
     """
@@ -259,7 +265,10 @@ def _recheck(points, centres, centres_t, squared_norms, tolerance, recheck, near
         tokens = recheck[group].nonzero().flatten()
         for first in range(0, tokens.numel(), rows_per_step):
             rows = tokens[first : first + rows_per_step]
-            scores = torch.addmm(squared_norms[group, 0], points[group, rows].to(centres_t.dtype), centres_t[group], alpha=-2.0)
+            if all_scores is not None:
+                scores = all_scores[group, rows]
+            else:
+                scores = torch.addmm(squared_norms[group, 0], points[group, rows].to(centres_t.dtype), centres_t[group], alpha=-2.0)
             limit = scores.amin(-1, keepdim=True) + tolerance[group, rows, None]
             row, code = ((scores <= limit) | ~torch.isfinite(limit)).nonzero(as_tuple=True)
             distances = torch.full(scores.shape, float("inf"), dtype=torch.float64, device=scores.device)
