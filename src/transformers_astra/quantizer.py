@@ -14,6 +14,7 @@ mean of the inputs a codeword wins, which ignores the task.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -219,9 +220,8 @@ def nearest_codewords(
         return torch.empty(groups, 0, dtype=torch.long, device=points.device)
     blocked = size % _ARGMIN_BLOCK == 0 and size > _ARGMIN_BLOCK
     if blocked:  # [count, sum of positions] of the entries within the limit, by one small matmul
-        count_and_block = torch.stack([torch.ones(size // _ARGMIN_BLOCK), torch.arange(size // _ARGMIN_BLOCK)], 1)
-        count_and_offset = torch.stack([torch.ones(_ARGMIN_BLOCK), torch.arange(_ARGMIN_BLOCK)], 1)
-        count_and_block, count_and_offset = (t.to(points.device, score_dtype) for t in (count_and_block, count_and_offset))
+        count_and_block = _count_and_position(size // _ARGMIN_BLOCK, points.device, score_dtype)
+        count_and_offset = _count_and_position(_ARGMIN_BLOCK, points.device, score_dtype)
     parts = []
     chunk = max(1, max_elements // (groups * size))
     for start in range(0, n, chunk):
@@ -242,7 +242,7 @@ def nearest_codewords(
             smallest, index = scores.min(-1)
             limit = smallest + limit
             parts.append((index, limit, (scores <= limit[..., None]).sum(-1) != 1))
-    nearest, limit, unsure = (torch.cat(part, dim=1) for part in zip(*parts))
+    nearest, limit, unsure = parts[0] if len(parts) == 1 else (torch.cat(part, dim=1) for part in zip(*parts))
     recheck = unsure | ~torch.isfinite(limit)
     if recheck.any():
         kept = scores if chunk >= n else None  # one chunk: its scores are still here
@@ -276,6 +276,13 @@ def _recheck(points, centres, centres_t, squared_norms, tolerance, recheck, near
                 r, c = row[pair : pair + pairs_per_step], code[pair : pair + pairs_per_step]
                 distances[r, c] = _exact_distances(points[group, rows[r]], centres[group, c])
             nearest[group, rows] = distances.argmin(-1)
+
+
+@functools.lru_cache(maxsize=32)
+def _count_and_position(length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(length, 2): a column of ones and one of positions; mask @ it = [count, sum of positions]."""
+    with torch.inference_mode(False):  # a normal tensor even when first asked for under inference_mode
+        return torch.stack([torch.ones(length), torch.arange(length)], 1).to(device, dtype)
 
 
 def _score_dtype(dtype: torch.dtype) -> torch.dtype:
