@@ -18,7 +18,9 @@ table stored in bfloat16; with the tables' size against `kernels.PROJECTION_TABL
 
 Encoder rows stop after ``--budget-s`` (35 s; the rest are listed as skipped), the receiver rows take
 about 15 s more; ``--smoke`` runs a few rows in seconds. ``--machine`` names the machine
-(default: ``lscpu``'s model name).
+(default: ``lscpu``'s model name). To put several machines' results in the docs:
+
+    python -m benchmarks.encoder_speed --render docs/results/encoder_speed.json docs/results/encoder_speed-gpu-host.json --markdown docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -192,12 +194,16 @@ def ms(part: dict) -> str:
     return f"{part['median_ms']:.2f} ({part['p10_ms']:.2f}-{part['p90_ms']:.2f})"
 
 
-def markdown(rows: list[dict]) -> str:
-    if not rows:
-        return ""
+def markdown(runs: list[list[dict]]) -> str:
+    """The generated section: one part per run (JSON file), between the markers."""
+    return "\n".join([MARKDOWN_START, *(run_markdown(rows) for rows in runs if rows), MARKDOWN_END]) + "\n"
+
+
+def run_markdown(rows: list[dict]) -> str:
     first = rows[0]
     lines = [
-        MARKDOWN_START,
+        f"**{first['machine']}**",
+        "",
         f"Machine: {first['machine']}, {first['cpus']} CPUs; {first['date']}; torch {first['torch']}; "
         f"`{first['command']}` (results: docs/results/encoder_speed.json, with each row's load average). "
         "Times per layer, ms: median (p10-p90) of the reps, the two encoders interleaved in one loop.",
@@ -216,7 +222,7 @@ def markdown(rows: list[dict]) -> str:
             )
     for row in rows:
         if row["kind"] == "skipped":
-            lines += ["", f"Not measured (over the {row['budget_s']:g} s budget): " + "; ".join(row["rows"]) + "."]
+            lines += ["", f"{len(row['rows'])} rows not measured (over the {row['budget_s']:g} s budget; listed in the JSON)."]
     receiver = [row for row in rows if row["kind"] == "receiver"]
     if receiver:
         row = receiver[0]
@@ -235,7 +241,6 @@ def markdown(rows: list[dict]) -> str:
             f"| {r['threads']} | {ms(r['decode_project'])} | {ms(r['table_fp32'])} | {ms(r['table_bf16'])} | {r['load_average_1m']:.1f} |"
             for r in receiver
         ]
-    lines.append(MARKDOWN_END)
     return "\n".join(lines) + "\n"
 
 
@@ -253,7 +258,8 @@ def write_markdown(path: str, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="JSON file for the rows")
+    parser.add_argument("--out", help="JSON file for the rows (required unless --render)")
+    parser.add_argument("--render", nargs="+", metavar="JSON", help="measure nothing: write --markdown from these result files")
     parser.add_argument("--markdown", help="Markdown file whose encoder-speed section is rewritten")
     parser.add_argument("--reps", type=int, default=20, help="timed calls of each method per row (>= 20 for the docs)")
     parser.add_argument("--machine", default=None, help="machine description (default: lscpu's model name)")
@@ -262,6 +268,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget-s", type=float, default=35.0,
                         help="encoder rows that would start later than this are skipped and listed (threads=1 rows come first)")
     args = parser.parse_args(argv)
+    if args.render:
+        if not args.markdown:
+            raise ValueError("--render needs --markdown (the file whose encoder-speed section is rewritten)")
+        runs = []
+        for path in args.render:
+            with open(path) as handle:
+                runs.append(json.load(handle))
+        write_markdown(args.markdown, markdown(runs))
+        return
+    if not args.out:
+        raise ValueError("--out is required (the JSON file for the rows)")
     if args.reps < 2:
         raise ValueError(f"--reps must be at least 2 for percentiles, got {args.reps}")
     argv = sys.argv[1:] if argv is None else argv
@@ -284,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     with open(args.out, "w") as handle:
         json.dump(rows, handle, indent=1)
     if args.markdown:
-        write_markdown(args.markdown, markdown(rows))
+        write_markdown(args.markdown, markdown([rows]))
     print(f"{len(rows)} rows in {time.perf_counter() - started:.0f} s -> {args.out}")
 
 
