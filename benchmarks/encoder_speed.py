@@ -244,12 +244,21 @@ def run_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(path: str, text: str) -> None:
-    """Replace the generated part between the markers in ``path`` (which must hold them)."""
-    with open(path) as handle:
-        document = handle.read()
+def markdown_document(path: str) -> str:
+    """The text of ``path``, which must hold the generated section's markers (checked before measuring)."""
+    try:
+        with open(path) as handle:
+            document = handle.read()
+    except OSError as error:
+        raise ValueError(f"--markdown {path}: {error}") from error
     if MARKDOWN_START not in document or MARKDOWN_END not in document:
-        raise ValueError(f"{path} has no {MARKDOWN_START} ... {MARKDOWN_END} section to fill")
+        raise ValueError(f"--markdown {path} has no {MARKDOWN_START} ... {MARKDOWN_END} section to fill")
+    return document
+
+
+def write_markdown(path: str, text: str) -> None:
+    """Replace the generated part between the markers in ``path``."""
+    document = markdown_document(path)
     head, rest = document.split(MARKDOWN_START, 1)
     tail = rest.split(MARKDOWN_END, 1)[1].lstrip("\n")
     with open(path, "w") as handle:
@@ -279,6 +288,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.out:
         raise ValueError("--out is required (the JSON file for the rows)")
+    if args.markdown:
+        markdown_document(args.markdown)  # fail before measuring, not after
     if args.reps < 2:
         raise ValueError(f"--reps must be at least 2 for percentiles, got {args.reps}")
     argv = sys.argv[1:] if argv is None else argv
