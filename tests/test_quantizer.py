@@ -194,6 +194,11 @@ def test_encode_follows_every_codebook_update():
     vq.to(torch.float32)
     vq.codebook.data = torch.randn(8, 128, 8, generator=generator)  # a new tensor
     check()
+    vq.codebook = torch.nn.Parameter(vq.codebook.data)  # a new parameter over the same storage, a fresh version counter
+    with torch.no_grad():
+        for _ in range(vq.codebook._version + 3):  # ... which may reach the cached version number
+            vq.codebook.add_(1.0)
+            check()
     vq.train()
     vq.codebook.data.mul_(-1)  # no version bump: made in training mode, where nothing is cached
     vq.eval()
@@ -206,3 +211,24 @@ def test_encode_rejects_the_wrong_width():
     vq = GroupedVQ(width=16, groups=2, codebook_size=8)
     with pytest.raises(ValueError, match="width 16"):
         vq.encode(torch.randn(3, 12))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["highest", "high"])  # "high": TF32 matmuls, a wider rounding bound
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_encode_gives_the_reference_codes(dtype, precision):
+    generator = torch.Generator().manual_seed(5)
+    vq = GroupedVQ(width=768, groups=32, codebook_size=1024).eval()
+    with torch.no_grad():
+        vq.codebook.copy_(_tie_heavy_codebook(32, 1024, 24, generator))
+    vq.to(dtype)
+    points = torch.cat([torch.randn(300, 768, generator=generator), _adversarial_points(vq.codebook.detach().float(), 300, generator)]).to(dtype)
+    expected = _reference_codes(vq, points)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        codes = vq.cuda().encode(points.cuda())
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert torch.equal(codes.cpu(), expected)

@@ -46,7 +46,7 @@ class GroupedVQ(nn.Module):
         self.group_width = width // groups
         self.codebook = nn.Parameter(torch.randn(groups, codebook_size, self.group_width))
         self.register_buffer("initialized", torch.tensor(False))
-        self._summary_cache: tuple | None = None  # eval only: (codebook it came from, its _version, summary)
+        self._summary_cache: tuple | None = None  # eval only: (codebook tensor, its _version, summary, parameter)
 
     def extra_repr(self) -> str:
         return f"width={self.width}, groups={self.groups}, codebook_size={self.codebook_size}"
@@ -70,9 +70,9 @@ class GroupedVQ(nn.Module):
     def _codebook_summary(self, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`codebook_summary` of the codebook; in eval mode cached until the codebook changes.
 
-        The cache keeps the codebook tensor it was built from and its version counter, so any in-place
-        update (``copy_``, optimizer steps, ``load_state_dict``), a new tensor (``.to``, ``.data = ...``)
-        or `train` rebuilds it. Writes through ``codebook.data`` bypass version counters: make them in
+        The cache keeps the parameter and the codebook tensor it was built from and its version
+        counter, so any in-place update (``copy_``, optimizer steps, ``load_state_dict``), a new tensor
+        (``.to``, ``.data = ...``), a new parameter or `train` rebuilds it. Writes through ``codebook.data`` bypass version counters: make them in
         training mode (as the dead-code broadcast of `AstraCallback` does) or on the parameter itself
         under ``torch.no_grad()``.
         """
@@ -82,13 +82,14 @@ class GroupedVQ(nn.Module):
         cached = getattr(self, "_summary_cache", None)  # None too for modules pickled before the cache
         if (
             cached is None
+            or cached[3] is not self.codebook
             or cached[0].data_ptr() != codebook.data_ptr()
             or cached[0].dtype != codebook.dtype
             or cached[0].device != codebook.device
             or cached[0].shape != codebook.shape
             or cached[1] != codebook._version
         ):
-            cached = self._summary_cache = (codebook, codebook._version, codebook_summary(codebook))
+            cached = self._summary_cache = (codebook, codebook._version, codebook_summary(codebook), self.codebook)
         return cached[2]
 
     def train(self, mode: bool = True):
