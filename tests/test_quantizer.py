@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -232,3 +236,31 @@ def test_cuda_encode_gives_the_reference_codes(dtype, precision):
     finally:
         torch.set_float32_matmul_precision(previous)
     assert torch.equal(codes.cpu(), expected)
+
+
+def test_reduced_precision_matmul_settings_keep_the_codes_exact():
+    """TF32/bf16 matmul settings (legacy and per-backend, even mixed) widen the bound; codes stay exact.
+
+    In a subprocess: the per-backend settings cannot be fully restored afterwards."""
+    script = """
+import torch
+from transformers_astra import GroupedVQ
+from transformers_astra.quantizer import _matmul_unit_roundoff, reference_nearest_codewords
+generator = torch.Generator().manual_seed(6)
+vq = GroupedVQ(width=256, groups=8, codebook_size=256).eval()
+x = torch.randn(200, 256, generator=generator)
+expected = reference_nearest_codewords(x.reshape(-1, 8, 32).transpose(0, 1), vq.codebook.detach()).T
+cpu = torch.device("cpu")
+assert _matmul_unit_roundoff(torch.float32, cpu) == 2.0**-24
+torch.set_float32_matmul_precision("medium")
+assert _matmul_unit_roundoff(torch.float32, cpu) == 2.0**-8 and torch.equal(vq.encode(x), expected)
+torch.set_float32_matmul_precision("highest")
+matmul = getattr(torch.backends.mkldnn, "matmul", None)
+if hasattr(matmul, "fp32_precision"):
+    matmul.fp32_precision = "bf16"  # new per-backend setting, now mixed with the legacy one
+    assert _matmul_unit_roundoff(torch.float32, cpu) == 2.0**-8 and torch.equal(vq.encode(x), expected)
+print("ok")
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

@@ -202,11 +202,12 @@ def nearest_codewords(
     half-precision inputs, float64 for float64), chunked so that the (G, m, K) score block holds at most
     about ``max_elements`` entries (on CPU ~4 MiB: it is reread from cache). Where K is a multiple of
     `_ARGMIN_BLOCK`, no argmin runs over the scores: the block minima (``amin``, vectorised), the
-    smallest, and the blocks and scores within the limit below, counted and located by small matmuls. Each score is within ``E = (d + 2) u (|x| + max|c|)^2`` of its exact value (``u``:
-    the unit roundoff of the matmul, TF32 or bf16 included when ``torch.get_float32_matmul_precision()``
-    allows them). A point whose best score has no rival within ``4 E`` has exactly the reference's
-    nearest codeword (any other is farther by more than ``2 E``, far beyond the float64 reference's own
-    error). The others (a few in a thousand on real activations, and those at duplicate codewords) and
+    smallest, and the blocks and scores within the limit below, counted and located by small matmuls.
+    Each score is within ``E = (d + 2) u (C^2 + 2 |x| C)`` of its exact value (``u``: the unit roundoff
+    of the matmul, TF32 or bf16 included when ``torch.get_float32_matmul_precision()`` allows them;
+    ``C``: the largest codeword norm). A point whose best score has no rival within ``2 E`` plus twice
+    the float64 reference's own error bound has exactly the reference's nearest codeword (any other
+    is farther than the reference can err). The others (a few in a thousand on real activations, and those at duplicate codewords) and
     non-finite points go to `_recheck`: the reference's float64 distances to their candidates. So the
     codes depend neither on the chunking nor on the other points. ``summary``: `codebook_summary(centres)`.
     """
@@ -215,8 +216,14 @@ def nearest_codewords(
     squared_norms, radius = summary if summary is not None else codebook_summary(centres)
     score_dtype = squared_norms.dtype
     centres_t = centres.to(score_dtype).transpose(1, 2)  # (G, d, K); a view for float32 codebooks
-    slack = 4.0 * (dim + 2) * _matmul_unit_roundoff(score_dtype)
-    tolerance = slack * (torch.linalg.vector_norm(points.to(score_dtype), dim=-1) + radius).square()  # (G, n)
+    # Within `tolerance` of the smallest score lie the scores of every codeword that could be the
+    # reference's nearest: 2 E for the scores' rounding, E = (d + 2) u (C^2 + 2 |x| C) (norms, dot
+    # products and their sum; u: the matmul's unit roundoff, C: the largest codeword norm), plus twice
+    # the float64 reference's own error bound, (d + 2) 2^-53 (|x| + C)^2; 1 % more for the rounding
+    # of |x| and C themselves.
+    norm = torch.linalg.vector_norm(points.to(score_dtype), dim=-1)  # (G, n)
+    unit = _matmul_unit_roundoff(score_dtype, points.device)
+    tolerance = 2.02 * (dim + 2) * (unit * radius * (radius + 2 * norm) + 2.0**-53 * (norm + radius).square())
     if n == 0:
         return torch.empty(groups, 0, dtype=torch.long, device=points.device)
     blocked = size % _ARGMIN_BLOCK == 0 and size > _ARGMIN_BLOCK
@@ -290,10 +297,27 @@ def _score_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _matmul_unit_roundoff(dtype: torch.dtype) -> float:
+# Unit roundoff of a float32 matmul under each precision setting torch knows (legacy and per-backend names).
+_MATMUL_ROUNDOFF = {"none": 2.0**-24, "highest": 2.0**-24, "ieee": 2.0**-24, "high": 2.0**-11, "tf32": 2.0**-11, "medium": 2.0**-8, "bf16": 2.0**-8}
+
+
+def _matmul_unit_roundoff(dtype: torch.dtype, device: torch.device) -> float:
+    """The largest unit roundoff any current setting may give a ``dtype`` matmul on ``device``.
+
+    float32 matmuls may run in TF32 or bf16 (``torch.set_float32_matmul_precision``, or the
+    per-backend ``torch.backends.{cuda,mkldnn}.matmul.fp32_precision``): take the least precise of
+    the settings that apply; a mix of the legacy and new settings, which torch refuses to read back,
+    counts as bf16.
+    """
     if dtype == torch.float64:
-        return 2.0**-50  # float64 scores: 8x the float64 roundoff, so the float64 reference's own error fits the margin
-    return {"highest": 2.0**-24, "high": 2.0**-11}.get(torch.get_float32_matmul_precision(), 2.0**-8)
+        return 2.0**-53
+    backend = {"cuda": torch.backends.cuda, "cpu": torch.backends.mkldnn}.get(device.type)
+    settings = [getattr(getattr(backend, "matmul", None), "fp32_precision", "none"), getattr(torch.backends, "fp32_precision", "none")]
+    try:
+        settings.append(torch.get_float32_matmul_precision())
+    except RuntimeError:
+        settings.append("medium")
+    return max(_MATMUL_ROUNDOFF.get(str(setting), 2.0**-8) for setting in settings)  # unknown names: bf16
 
 
 @torch.no_grad()
