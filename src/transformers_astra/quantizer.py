@@ -204,12 +204,13 @@ def nearest_codewords(
     `_ARGMIN_BLOCK`, no argmin runs over the scores: the block minima (``amin``, vectorised), the
     smallest, and the blocks and scores within the limit below, counted and located by small matmuls.
     Each score is within ``E = (d + 2) u (C^2 + 2 |x| C)`` of its exact value (``u``: the unit roundoff
-    of the matmul, TF32 or bf16 included when ``torch.get_float32_matmul_precision()`` allows them;
+    of the matmul, TF32 or bf16 included where a precision setting allows them, `_matmul_unit_roundoff`;
     ``C``: the largest codeword norm). A point whose best score has no rival within ``2 E`` plus twice
     the float64 reference's own error bound has exactly the reference's nearest codeword (any other
-    is farther than the reference can err). The others (a few in a thousand on real activations, and those at duplicate codewords) and
-    non-finite points go to `_recheck`: the reference's float64 distances to their candidates. So the
-    codes depend neither on the chunking nor on the other points. ``summary``: `codebook_summary(centres)`.
+    is farther than the reference can err). The others (a few in a thousand on real activations, a
+    few in a hundred at d = 768, all those at duplicate codewords) and non-finite points go to
+    `_recheck`: the reference's float64 distances to their candidates. So the codes depend neither on
+    the chunking nor on the other points. ``summary``: `codebook_summary(centres)`, if kept.
     """
     groups, n, dim = points.shape
     size = centres.shape[1]
@@ -262,9 +263,9 @@ def _recheck(points, centres, centres_t, squared_norms, tolerance, recheck, near
     """Write the reference codes of the points marked in ``recheck`` (G, n) into ``nearest``.
 
     Per group: the scores of those points (``all_scores`` (G, n, K) where given, else computed again),
-    their candidates (score within ``tolerance`` of the
-    smallest; every codeword for non-finite points), the exact float64 distances to the candidates
-    (`_exact_distances`, as the reference), argmin over those (lowest index on equal distances).
+    their candidates (score within ``tolerance`` of the smallest; every codeword where that limit is
+    not finite), the exact float64 distances to the candidates (`_exact_distances`, as the
+    reference), argmin over those (lowest index on equal distances, NaN first, as the reference).
     """
     size, dim = centres.shape[1], centres.shape[2]
     rows_per_step = max(1, max_elements // size)
