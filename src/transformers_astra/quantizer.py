@@ -1,7 +1,8 @@
 """Grouped vector quantization: one codebook per group, integer codes on the wire.
 
-The inference path (``encode``/``decode``) is a chunked matmul + argmin and an embedding gather, so it
-stays at matmul speed on CPU and GPU. Training (``forward``) adds straight-through gradients, the
+The inference path (``encode``/``decode``) is a chunked matmul + block-wise argmin and an embedding
+gather, so it stays at matmul speed on CPU and GPU; `encode` gives exactly the nearest codeword of
+`reference_nearest_codewords` (float64 distances, lowest index on ties), batch-invariant. Training (``forward``) adds straight-through gradients, the
 commitment term and NAQ noise. `kmeans` (Lloyd's algorithm, batched over groups) fits the codebooks to
 real activations (`astra.calibrate`).
 
@@ -13,6 +14,7 @@ mean of the inputs a codeword wins, which ignores the task.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -24,6 +26,9 @@ from torch import nn
 # same codes (`python -m benchmarks.profile_astra`, docs/benchmarks.md).
 _ENCODE_CHUNK_ELEMENTS = 1 << 24
 _ENCODE_CHUNK_ELEMENTS_CPU = 1 << 20
+# The smallest score is found block by block (blocks of this many consecutive codewords): CPU argmin is
+# a scalar loop, amin is vectorised (`nearest_codewords`; benchmarks/encoder_speed.py).
+_ARGMIN_BLOCK = 32
 
 
 class GroupedVQ(nn.Module):
@@ -41,18 +46,55 @@ class GroupedVQ(nn.Module):
         self.group_width = width // groups
         self.codebook = nn.Parameter(torch.randn(groups, codebook_size, self.group_width))
         self.register_buffer("initialized", torch.tensor(False))
+        self._summary_cache: tuple | None = None  # eval only: (codebook tensor, its _version, summary, parameter)
 
     def extra_repr(self) -> str:
         return f"width={self.width}, groups={self.groups}, codebook_size={self.codebook_size}"
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Nearest codeword per group: (..., width) -> int64 codes of shape (..., groups)."""
+        """Nearest codeword per group: (..., width) -> int64 codes of shape (..., groups).
+
+        ``x`` is first cast to the codebook's dtype. The codes are exactly those of
+        `reference_nearest_codewords` (the nearest codeword by exact distance, lowest index on ties),
+        whatever the number of tokens, the chunking or the device (see `nearest_codewords`).
+        """
+        if x.shape[-1] != self.width:
+            raise ValueError(f"encode expects vectors of width {self.width}, got x of shape {tuple(x.shape)}")
         codebook = self.codebook.detach()
         flat = x.detach().reshape(-1, self.groups, self.group_width).to(codebook.dtype)
         budget = _ENCODE_CHUNK_ELEMENTS_CPU if x.device.type == "cpu" else _ENCODE_CHUNK_ELEMENTS
-        codes = nearest_codewords(flat.transpose(0, 1), codebook, budget).T
+        codes = nearest_codewords(flat.transpose(0, 1), codebook, budget, self._codebook_summary(codebook)).T
         return codes.reshape(*x.shape[:-1], self.groups)
+
+    def _codebook_summary(self, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`codebook_summary` of the codebook; in eval mode cached until the codebook changes.
+
+        The cache keeps the parameter and the codebook tensor it was built from and its version
+        counter, so any in-place update (``copy_``, optimizer steps, ``load_state_dict``), a new tensor
+        (``.to``, ``.data = ...``), a new parameter or `train` rebuilds it. Writes through ``codebook.data`` bypass version counters: make them in
+        training mode (as the dead-code broadcast of `AstraCallback` does) or on the parameter itself
+        under ``torch.no_grad()``.
+        """
+        if self.training or codebook.is_inference():
+            self._summary_cache = None
+            return codebook_summary(codebook)
+        cached = getattr(self, "_summary_cache", None)  # None too for modules pickled before the cache
+        if (
+            cached is None
+            or cached[3] is not self.codebook
+            or cached[0].data_ptr() != codebook.data_ptr()
+            or cached[0].dtype != codebook.dtype
+            or cached[0].device != codebook.device
+            or cached[0].shape != codebook.shape
+            or cached[1] != codebook._version
+        ):
+            cached = self._summary_cache = (codebook, codebook._version, codebook_summary(codebook), self.codebook)
+        return cached[2]
+
+    def train(self, mode: bool = True):
+        self._summary_cache = None  # training may write the codebook through .data (no version bump)
+        return super().train(mode)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codewords of (..., groups) codes, concatenated back to (..., width). Differentiable in the codebook."""
@@ -115,22 +157,168 @@ class GroupedVQ(nn.Module):
         self.load_codebook(self.fit_codebook(samples, num_iters=num_iters, generator=generator))
 
 
-def nearest_codewords(points: torch.Tensor, centres: torch.Tensor, max_elements: int) -> torch.Tensor:
-    """Index of the nearest centre (squared Euclidean distance, first one on ties) of every point.
+def codebook_summary(centres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `nearest_codewords` needs of (G, K, d) codewords besides themselves, in their score dtype:
+    squared norms (G, 1, K) and the largest codeword norm per group (G, 1)."""
+    squared_norms = centres.to(_score_dtype(centres.dtype)).pow(2).sum(-1)
+    return squared_norms.unsqueeze(1), squared_norms.amax(-1, keepdim=True).sqrt()
 
-    ``points`` (G, n, d), ``centres`` (G, K, d) -> int64 (G, n). The (G, m, K) score tensor of one step
-    holds at most about ``max_elements`` entries.
+
+def reference_nearest_codewords(points: torch.Tensor, centres: torch.Tensor, max_elements: int = 1 << 22) -> torch.Tensor:
+    """The definition of the codes, computed the obvious way: every distance, then argmin.
+
+    ``points`` (G, n, d), ``centres`` (G, K, d) -> int64 (G, n): the index of the centre at the smallest
+    squared Euclidean distance ``sum((x - c)^2)``, computed in float64 from the values as given; on equal
+    distances (duplicate codewords) the lowest index (``argmin``'s rule); a NaN distance counts as the
+    smallest. Chunked over the points only to bound memory (``max_elements`` float64 differences).
     """
-    # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; ||x||^2 is the same for every c, so argmin skips it.
-    squared_norms = centres.pow(2).sum(-1).unsqueeze(1)  # (G, 1, K)
-    centres_t = centres.transpose(1, 2)  # (G, d, K)
-    groups, n, _ = points.shape
+    groups, n, dim = points.shape
+    size = centres.shape[1]
     nearest = torch.empty(groups, n, dtype=torch.long, device=points.device)
-    chunk = max(1, max_elements // (groups * centres.shape[1]))
+    chunk = max(1, max_elements // (groups * size * max(dim, 1)))
     for start in range(0, n, chunk):
-        scores = torch.baddbmm(squared_norms, points[:, start : start + chunk], centres_t, alpha=-2.0)
-        nearest[:, start : start + chunk] = scores.argmin(-1)
+        part = points[:, start : start + chunk, None, :]  # (G, m, 1, d)
+        pairs = torch.broadcast_shapes(part.shape, centres[:, None].shape)
+        distances = _exact_distances(part.expand(pairs).reshape(-1, dim), centres[:, None].expand(pairs).reshape(-1, dim))
+        nearest[:, start : start + chunk] = distances.view(groups, -1, size).argmin(-1)
     return nearest
+
+
+def _exact_distances(points: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Float64 squared distances of (p, d) points to (p, d) centres, pair by pair: (p,). Each pair's
+    arithmetic is the same whatever else is in the batch (the reference and `nearest_codewords` share it)."""
+    return (points.double() - centres.double()).pow(2).sum(-1)
+
+
+def nearest_codewords(
+    points: torch.Tensor,
+    centres: torch.Tensor,
+    max_elements: int,
+    summary: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """`reference_nearest_codewords`, bit for bit, at matmul speed. (G, n, d), (G, K, d) -> int64 (G, n).
+
+    Scores ``|c|^2 - 2 x.c`` come from one ``baddbmm`` per chunk of points (float32 for float32 and
+    half-precision inputs, float64 for float64), chunked so that the (G, m, K) score block holds at most
+    about ``max_elements`` entries (on CPU ~4 MiB: it is reread from cache). Where K is a multiple of
+    `_ARGMIN_BLOCK`, no argmin runs over the scores: the block minima (``amin``, vectorised), the
+    smallest, and the blocks and scores within the limit below, counted and located by small matmuls.
+    Each score is within ``E = (d + 2) u (C^2 + 2 |x| C)`` of its exact value (``u``: the unit roundoff
+    of the matmul, TF32 or bf16 included where a precision setting allows them, `_matmul_unit_roundoff`;
+    ``C``: the largest codeword norm). A point whose best score has no rival within ``2 E`` plus twice
+    the float64 reference's own error bound has exactly the reference's nearest codeword (any other
+    is farther than the reference can err). The others (a few in a thousand on real activations, a
+    few in a hundred at d = 768, all those at duplicate codewords) and non-finite points go to
+    `_recheck`: the reference's float64 distances to their candidates. So the codes depend neither on
+    the chunking nor on the other points. ``summary``: `codebook_summary(centres)`, if kept.
+    """
+    groups, n, dim = points.shape
+    size = centres.shape[1]
+    squared_norms, radius = summary if summary is not None else codebook_summary(centres)
+    score_dtype = squared_norms.dtype
+    centres_t = centres.to(score_dtype).transpose(1, 2)  # (G, d, K); a view for float32 codebooks
+    # Within `tolerance` of the smallest score lie the scores of every codeword that could be the
+    # reference's nearest: 2 E for the scores' rounding, E = (d + 2) u (C^2 + 2 |x| C) (norms, dot
+    # products and their sum; u: the matmul's unit roundoff, C: the largest codeword norm), plus twice
+    # the float64 reference's own error bound, (d + 2) 2^-53 (|x| + C)^2; 1 % more for the rounding
+    # of |x| and C themselves.
+    norm = torch.linalg.vector_norm(points.to(score_dtype), dim=-1)  # (G, n)
+    unit = _matmul_unit_roundoff(score_dtype, points.device)
+    tolerance = 2.02 * (dim + 2) * (unit * radius * (radius + 2 * norm) + 2.0**-53 * (norm + radius).square())
+    if n == 0:
+        return torch.empty(groups, 0, dtype=torch.long, device=points.device)
+    blocked = size % _ARGMIN_BLOCK == 0 and size > _ARGMIN_BLOCK
+    if blocked:  # [count, sum of positions] of the entries within the limit, by one small matmul
+        count_and_block = _count_and_position(size // _ARGMIN_BLOCK, points.device, score_dtype)
+        count_and_offset = _count_and_position(_ARGMIN_BLOCK, points.device, score_dtype)
+    parts = []
+    chunk = max(1, max_elements // (groups * size))
+    for start in range(0, n, chunk):
+        scores = torch.baddbmm(squared_norms, points[:, start : start + chunk].to(score_dtype), centres_t, alpha=-2.0)
+        limit = tolerance[:, start : start + chunk]
+        if blocked:
+            # Vectorised: each block's minimum, the smallest, the blocks within the limit of it; where
+            # exactly one block and one score in it are within, that score is the unique minimum.
+            block_minima = scores.unflatten(-1, (-1, _ARGMIN_BLOCK)).amin(-1)  # (G, m, K / block)
+            limit = block_minima.amin(-1) + limit
+            blocks_in, block = (block_minima <= limit[..., None]).to(score_dtype).matmul(count_and_block).unbind(-1)
+            block = block.long().clamp_(max=block_minima.shape[-1] - 1)  # where blocks_in > 1: any block, rechecked
+            rows = torch.arange(block.numel(), device=block.device).view_as(block) * block_minima.shape[-1] + block
+            within = scores.reshape(-1, _ARGMIN_BLOCK).index_select(0, rows.flatten()).view(*block.shape, -1)
+            scores_in, offset = (within <= limit[..., None]).to(score_dtype).matmul(count_and_offset).unbind(-1)
+            parts.append((block * _ARGMIN_BLOCK + offset.long(), limit, (blocks_in != 1) | (scores_in != 1)))
+        else:
+            smallest, index = scores.min(-1)
+            limit = smallest + limit
+            parts.append((index, limit, (scores <= limit[..., None]).sum(-1) != 1))
+    nearest, limit, unsure = parts[0] if len(parts) == 1 else (torch.cat(part, dim=1) for part in zip(*parts))
+    recheck = unsure | ~torch.isfinite(limit)
+    if recheck.any():
+        kept = scores if chunk >= n else None  # one chunk: its scores are still here
+        _recheck(points, centres, centres_t, squared_norms, tolerance, recheck, nearest, max_elements, kept)
+    return nearest
+
+
+def _recheck(points, centres, centres_t, squared_norms, tolerance, recheck, nearest, max_elements, all_scores=None) -> None:
+    """Write the reference codes of the points marked in ``recheck`` (G, n) into ``nearest``.
+
+    Per group: the scores of those points (``all_scores`` (G, n, K) where given, else computed again),
+    their candidates (score within ``tolerance`` of the smallest; every codeword where that limit is
+    not finite), the exact float64 distances to the candidates (`_exact_distances`, as the
+    reference), argmin over those (lowest index on equal distances, NaN first, as the reference).
+    """
+    size, dim = centres.shape[1], centres.shape[2]
+    rows_per_step = max(1, max_elements // size)
+    pairs_per_step = max(1, max_elements // max(dim, 1))  # bounded memory even where every codeword ties
+    for group in recheck.any(-1).nonzero().flatten().tolist():
+        tokens = recheck[group].nonzero().flatten()
+        for first in range(0, tokens.numel(), rows_per_step):
+            rows = tokens[first : first + rows_per_step]
+            if all_scores is not None:
+                scores = all_scores[group, rows]
+            else:
+                scores = torch.addmm(squared_norms[group, 0], points[group, rows].to(centres_t.dtype), centres_t[group], alpha=-2.0)
+            limit = scores.amin(-1, keepdim=True) + tolerance[group, rows, None]
+            row, code = ((scores <= limit) | ~torch.isfinite(limit)).nonzero(as_tuple=True)
+            distances = torch.full(scores.shape, float("inf"), dtype=torch.float64, device=scores.device)
+            for pair in range(0, row.numel(), pairs_per_step):
+                r, c = row[pair : pair + pairs_per_step], code[pair : pair + pairs_per_step]
+                distances[r, c] = _exact_distances(points[group, rows[r]], centres[group, c])
+            nearest[group, rows] = distances.argmin(-1)
+
+
+@functools.lru_cache(maxsize=32)
+def _count_and_position(length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(length, 2): a column of ones and one of positions; mask @ it = [count, sum of positions]."""
+    with torch.inference_mode(False):  # a normal tensor even when first asked for under inference_mode
+        return torch.stack([torch.ones(length), torch.arange(length)], 1).to(device, dtype)
+
+
+def _score_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# Unit roundoff of a float32 matmul under each precision setting torch knows (legacy and per-backend names).
+_MATMUL_ROUNDOFF = {"none": 2.0**-24, "highest": 2.0**-24, "ieee": 2.0**-24, "high": 2.0**-11, "tf32": 2.0**-11, "medium": 2.0**-8, "bf16": 2.0**-8}
+
+
+def _matmul_unit_roundoff(dtype: torch.dtype, device: torch.device) -> float:
+    """The largest unit roundoff any current setting may give a ``dtype`` matmul on ``device``.
+
+    float32 matmuls may run in TF32 or bf16 (``torch.set_float32_matmul_precision``, or the
+    per-backend ``torch.backends.{cuda,mkldnn}.matmul.fp32_precision``): take the least precise of
+    the settings that apply; a mix of the legacy and new settings, which torch refuses to read back,
+    counts as bf16.
+    """
+    if dtype == torch.float64:
+        return 2.0**-53
+    backend = {"cuda": torch.backends.cuda, "cpu": torch.backends.mkldnn}.get(device.type)
+    settings = [getattr(getattr(backend, "matmul", None), "fp32_precision", "none"), getattr(torch.backends, "fp32_precision", "none")]
+    try:
+        settings.append(torch.get_float32_matmul_precision())
+    except RuntimeError:
+        settings.append("medium")
+    return max(_MATMUL_ROUNDOFF.get(str(setting), 2.0**-8) for setting in settings)  # unknown names: bf16
 
 
 @torch.no_grad()
