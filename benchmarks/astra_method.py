@@ -37,7 +37,7 @@ class AstraSettings:
     quantize: str = "hidden"
     codebook_size: int | None = None
     overlap: bool | None = None
-    projection_table: bool | None = None
+    projection_table: bool | int | None = None  # an int: bytes per layer
     shard_sizes: tuple[int, ...] | None = None
 
     def to_json(self) -> str:
@@ -69,7 +69,8 @@ class AstraSettings:
         for name in ("overlap", "projection_table"):
             value = getattr(self, name)
             if value is not None and value != runtime_default(name):
-                out.append(f"{name}={value}")
+                shown = f"{value // 2**20}MiB" if isinstance(value, int) and not isinstance(value, bool) else value
+                out.append(f"{name}={shown}")
         if self.codebook_size is not None and self.codebook_size != astra.AstraConfig().codebook_size:
             out.append(f"K={self.codebook_size}")
         if self.shard_sizes is not None:

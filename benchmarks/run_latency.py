@@ -249,9 +249,10 @@ def row_command(args, variant: Variant, world: int, link: str, mbps, loss: float
         parts += [f"--groups {settings.groups}", f"--quantize {settings.quantize}"]
         if settings.codebook_size is not None:
             parts.append(f"--codebook-size {settings.codebook_size}")
-        for name in ("overlap", "projection_table"):
-            if getattr(settings, name) is not None:
-                parts.append(f"--{name.replace('_', '-')} {'on' if getattr(settings, name) else 'off'}")
+        if settings.overlap is not None:
+            parts.append(f"--overlap {'on' if settings.overlap else 'off'}")
+        if settings.projection_table is not None:
+            parts.append(f"--projection-table {table_text(settings.projection_table)}")
         if settings.shard_sizes is not None:
             parts.append("--shard-sizes " + " ".join(map(str, settings.shard_sizes)))
     if mbps is not None:
@@ -357,6 +358,19 @@ def on_off(text: str) -> bool:
     return text == "on"
 
 
+def table_setting(text: str) -> bool | int:
+    """on / off / a limit in MiB per layer (DistributedRuntime's projection_table takes bytes)."""
+    if text in ("on", "off"):
+        return text == "on"
+    if text.isdigit():
+        return int(text) * 2**20
+    raise argparse.ArgumentTypeError(f"expected on, off or a number of MiB per layer, got {text!r}")
+
+
+def table_text(value: bool | int) -> str:
+    return ("on" if value else "off") if isinstance(value, bool) else str(value // 2**20)
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workload", choices=WORKLOADS, required=True)
@@ -369,7 +383,8 @@ def parse_args(argv):
     parser.add_argument("--simulated-bandwidths", type=float, nargs="+", help="Mbps of the simulated link (default: --bandwidths)")
     parser.add_argument("--codebook-size", type=int, help="ASTRA's K (default: AstraConfig's)")
     parser.add_argument("--overlap", type=on_off, help="on/off: DistributedRuntime(overlap=...) (default: the runtime's)")
-    parser.add_argument("--projection-table", type=on_off, help="on/off: DistributedRuntime(projection_table=...) (default: the runtime's)")
+    parser.add_argument("--projection-table", type=table_setting,
+                        help="on/off or a limit in MiB per layer: DistributedRuntime(projection_table=...) (default: the runtime's)")
     parser.add_argument("--shard-sizes", type=int, nargs="+", help="AstraConfig.shard_sizes, one per device (default: AstraConfig's, balanced)")
     parser.add_argument("--tokens", type=int, help="prefill length of a causal workload (default 1024)")
     parser.add_argument("--loss", type=float, nargs="+", default=[0.0],

@@ -70,6 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--noise-warmup-ratio", type=float, default=0.1, help="with --noise-schedule warmup")
     parser.add_argument("--eval-num-devices", type=int, nargs="*", default=[],
                         help="also evaluate the fine-tuned model at these N (even shards)")
+    parser.add_argument("--shard-sizes", choices=["even", "balanced"], default="even",
+                        help="shards during fine-tuning and the main evaluation: even (every recorded row of docs/results.md; "
+                             "the default here, so their commands reproduce) or balanced (AstraConfig's default for causal "
+                             "models since 2026-11-27; the same as even for ViT)")
     parser.add_argument("--eval-shard-sizes", nargs="*", default=[], type=shard_sizes_arg,
                         help="also evaluate with these uneven shards: comma-separated relative sizes, one per device")
     parser.add_argument("--extra-eval", nargs="*", default=[],
@@ -108,6 +112,7 @@ def astra_config(args) -> astra.AstraConfig:
         num_devices=args.num_devices, codebook_size=args.codebook_size, groups=args.groups, quantize=args.quantize,
         noise_scale=args.noise_scale, commitment_weight=args.commitment_weight,
         distributed_cls=args.task == "vit" and not args.no_distributed_cls,
+        shard_sizes=None if args.shard_sizes == "even" else "balanced",
     )
 
 

@@ -299,3 +299,13 @@ def test_projection_tables_equal_decode_then_project(family, groups):
     assert torch.allclose(split_heads(key, heads), want_key, atol=1e-5)
     assert torch.allclose(split_heads(value, heads), want_value, atol=1e-5)
 
+
+
+def test_projection_table_limit_is_bytes_per_layer_or_a_switch():
+    from transformers_astra.kernels import PROJECTION_TABLE_MAX_BYTES, table_limit
+
+    assert PROJECTION_TABLE_MAX_BYTES == 64 * 2**20  # edge devices: G=32, K=1024 tables (201 MB a layer for D=768) only on request
+    assert table_limit(True) == PROJECTION_TABLE_MAX_BYTES and table_limit(False) == 0 and table_limit(300 * 2**20) == 300 * 2**20
+    for bad in (-1, 1.5, "on", None):
+        with pytest.raises(ValueError, match="projection_table"):
+            table_limit(bad)

@@ -30,8 +30,9 @@ API
   ``secret`` (else the ``ASTRA_SECRET`` environment variable): every rank must prove it holds the same
   secret before anything else is exchanged (`trust.verify_peers`; `trust.PeerAuthenticationError`).
   ``projection_table``: hidden mode precomputes every codeword's K/V projection (when the pair of tables
-  of a layer fits in 256 MiB: G·K·D·2 values, e.g. G=1, K=1024, D=768: 6.3 MB in fp32; G=32: 201 MB, 2.4 GB
-  for GPT2-small's 12 layers; pass False to save that memory), so a receiver
+  of a layer fits in 64 MiB: G·K·D·2 values, e.g. G=1, K=1024, D=768: 6.3 MB in fp32; G=32, K=256: 50 MB;
+  G=32, K=1024: 201 MB, i.e. 2.4 GB for GPT2-small's 12 layers, left out unless ``projection_table`` is
+  a larger number of bytes per layer; False: never), so a receiver
   gathers and sums instead of decoding and projecting every received token. Built at construction
   from the current codebooks and weights: build a new runtime after changing either.
 - ``runtime(**inputs)``: the model's output for this rank's shard. Causal LMs (GPT2, Llama family): ``logits`` (B, T_r, V) of the
@@ -70,7 +71,7 @@ from .exchange import rebuild_keys_values, sent_vectors, split_heads
 from . import generation, liveness
 from .handshake import CHECKED_INPUTS, check_same_call, check_same_model
 from .liveness import PeerFailureError
-from .kernels import PROJECTION_TABLE_MAX_BYTES, KeyMask, merge_partials, partial_attention, projected_from_codes, projection_tables
+from .kernels import PROJECTION_TABLE_MAX_BYTES, KeyMask, table_limit, merge_partials, partial_attention, projected_from_codes, projection_tables
 from .models.base import RankView
 from .patch import astra_state, quantizers
 from .sharding import ShardLayout
@@ -118,7 +119,7 @@ class DistributedRuntime:
         overlap: bool = True,
         timeout: float = DEFAULT_TIMEOUT_S,
         check_inputs: bool = True,
-        projection_table: bool = True,
+        projection_table: bool | int = True,
         secret: str | bytes | None = None,
     ):
         if not dist.is_available() or not dist.is_initialized():
@@ -136,6 +137,7 @@ class DistributedRuntime:
                 f"{self.config.num_devices}; launch exactly num_devices processes (--num_processes / --nproc_per_node)"
             )
         self.overlap, self.timeout, self.check_inputs = overlap, validate_timeout(timeout), check_inputs
+        self.table_limit = table_limit(projection_table)  # bytes per layer; ValueError on a bad value
         self.causal = self.adapter.causal
         self.num_layers = len(self.adapter.attention_modules(model))
         device = next(model.parameters()).device
@@ -149,7 +151,8 @@ class DistributedRuntime:
         self.generation_stats: generation.GenerationStats | None = None  # of the latest generate call
         check_same_model(self.transport, model, self.config, quantizers(model))
         # Hidden mode: layer index -> precomputed codeword projections, where they fit (see projection_tables).
-        self._tables = self._projection_tables() if projection_table and self.config.quantize == "hidden" else {}
+        limit = self.table_limit
+        self._tables = self._projection_tables(limit) if limit and self.config.quantize == "hidden" else {}
 
     # ----------------------------------------------------------------------------------------- API
     @property
@@ -224,10 +227,10 @@ class DistributedRuntime:
             for module in self.adapter.attention_modules(self.model):
                 module._astra_layer.forget()
 
-    def _projection_tables(self) -> dict[int, tuple[torch.Tensor, ...]]:
+    def _projection_tables(self, limit: int) -> dict[int, tuple[torch.Tensor, ...]]:
         table_bytes = 2 * self.config.codes_per_token * self.config.codebook_size * self.adapter.key_value_width(self.model)
         table_bytes *= next(self.model.parameters()).element_size()
-        if table_bytes > PROJECTION_TABLE_MAX_BYTES:
+        if table_bytes > limit:
             return {}
         return {
             layer_idx: projection_tables(module, self.adapter, module.astra_quantizer)

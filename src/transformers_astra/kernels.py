@@ -11,10 +11,23 @@ from torch import nn
 from .attention import repeat_key_value_heads
 from .exchange import merge_heads
 
-# Largest pair of K/V codeword-projection tables (one layer) the runtime precomputes in hidden mode: 256 MiB
-# holds GPT2-small's at G = 32, K = 1024 (2 * 32 * 1024 * 768 fp32 values, 201 MB a layer, 2.4 GB for 12
-# layers); gathering from them is 4-7x faster than decoding and projecting (docs/benchmarks.md).
-PROJECTION_TABLE_MAX_BYTES = 256 * 2**20
+# Largest pair of K/V codeword-projection tables (one layer) the runtime precomputes in hidden mode by
+# default: 64 MiB holds G <= 8 at K = 1024 and G = 32 at K = 256 for GPT2-small's width (2 * G * K * 768 fp32
+# values; 12 layers: at most 768 MiB). G = 32 at K = 1024 needs 201 MB a layer (2.4 GB for 12 layers), more
+# than an edge device should spend on a lookup table by default: `DistributedRuntime(projection_table=BYTES)`
+# raises the limit (gathering from the tables is faster than decoding and projecting: docs/benchmarks.md).
+PROJECTION_TABLE_MAX_BYTES = 64 * 2**20
+
+
+def table_limit(projection_table: bool | int) -> int:
+    """Bytes a layer's pair of projection tables may take: True the default limit, False none, an int that many."""
+    if isinstance(projection_table, bool):
+        return PROJECTION_TABLE_MAX_BYTES if projection_table else 0
+    if not isinstance(projection_table, int) or projection_table < 0:
+        raise ValueError(
+            f"projection_table must be True, False or a number of bytes per layer >= 0, got {projection_table!r}"
+        )
+    return projection_table
 
 
 @torch.no_grad()
