@@ -67,6 +67,9 @@ step shaping 20 python3 -m benchmarks.netns measure --seconds 1 --mbps 10 100 --
 # first the settings within +1 % of the control's perplexity (docs/results.md: G=32 hidden/kv, G=8 kv).
 step gpt2-n4-accurate 90 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 32 --quantize hidden kv \
     --links real --bandwidths 10
+# G=32 kv with K=256 (8-bit codes, a quarter of the encoder's work): +0.3 % against the control (docs/results.md).
+step gpt2-n4-k256 30 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 32 --quantize kv --codebook-size 256 \
+    --links real --bandwidths 10
 step gpt2-n4-g8kv 30 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 8 --quantize kv --links real --bandwidths 10
 # ----------------------------------------------------------------------------------------- Llama block (issue 10)
 # The llama workload (245 M parameters, GQA, 1024-token prefill), N=4, real links at 10 and 100 Mbps, every row
@@ -99,12 +102,18 @@ fi
 budget=$saved_budget
 # ------------------------------------------------------------------------------------- end of the Llama block
 
-# Goal 2: ViT-B/16, N=4, G=8 and 32 hidden: compute only and 10 Mbps.
-step vit-n4 40 bench --workload vit --n 4 --methods astra --groups "${vit_groups[@]}" --quantize hidden \
+# Goal 2: ViT-B/16, N=4, G=8 and 32, hidden and kv (G=8 kv, G=32 both: within 0.5 points of the base in
+# docs/results.md): compute only and 10 Mbps.
+step vit-n4 40 bench --workload vit --n 4 --methods astra --groups "${vit_groups[@]}" --quantize kv hidden \
     --links compute real --bandwidths 10
 # Goal 3: GPT2, N=8 (16 cores), 10 Mbps: G=1 hidden (fastest), G=8 kv and G=32 kv (the accurate ones).
 step gpt2-n8-g1 30 bench --workload gpt2 "${tokens[@]}" --n 8 --methods astra --groups 1 --quantize hidden --links real --bandwidths 10
 step gpt2-n8-kv 50 bench --workload gpt2 "${tokens[@]}" --n 8 --methods astra --groups 8 32 --quantize kv --links real --bandwidths 10
+step gpt2-n8-k256 30 bench --workload gpt2 "${tokens[@]}" --n 8 --methods astra --groups 32 --quantize kv --codebook-size 256 \
+    --links real --bandwidths 10
+# G=32 hidden, K=1024 with its projection tables (201 MB a layer: over the default 64 MiB limit, so labelled).
+step gpt2-n4-table 30 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 32 --quantize hidden --projection-table 256 \
+    --links real --bandwidths 10
 # The balance's gain: G=32 hidden with even shards, beside gpt2-n4-accurate's default (balanced) row.
 ntok=${tokens[1]:-1024}  # ${tokens[@]} is empty or (--tokens N)
 even=$(python3 -c "print(*[$ntok // 4 + (i < $ntok % 4) for i in range(4)])")
