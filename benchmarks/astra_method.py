@@ -58,7 +58,7 @@ class AstraSettings:
 
     def config(self, world: int) -> astra.AstraConfig:
         extra = {} if self.codebook_size is None else {"codebook_size": self.codebook_size}
-        if self.shard_sizes is not None:  # else AstraConfig's default ("balanced")
+        if self.shard_sizes is not None:  # else AstraConfig's default (even)
             extra["shard_sizes"] = list(self.shard_sizes)
         return astra.AstraConfig(num_devices=world, groups=self.groups, quantize=self.quantize, **extra)
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = {"vit": ("vit", 8, [0, 1, 2, 3]), "gpt2": ("gpt2", 32, [1, 3]), "gpt2-balance": ("gpt2", 32, [0, 1, 2, 3])}
+CASES = {"vit": ("vit", 8, [0, 1, 2, 3]), "gpt2": ("gpt2", 32, [1, 3]), "gpt2-g1": ("gpt2", 1, [1, 3]), "gpt2-balance": ("gpt2", 32, [0, 1, 2, 3])}
 
 
 def worker(case: str, repeats: int) -> dict:

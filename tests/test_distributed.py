@@ -119,9 +119,9 @@ def test_uneven_shards_were_exercised(equivalence_results):
     assert any(len(set(layout)) > 1 for layout in layouts)
 
 
-def test_causal_cases_ran_with_the_default_balanced_shards(equivalence_results):
-    # AstraConfig's default shard_sizes="balanced": the runtime's layout is the simulation's (the outputs
-    # match it above), and it is `balance.balanced_sizes` of the 11-token batch, not an even split.
+def test_causal_cases_ran_with_balanced_shards(equivalence_results):
+    # shard_sizes="balanced": the runtime's layout is the simulation's (the outputs match it above), and it
+    # is `balance.balanced_sizes` of the 11-token batch, not an even split.
     from transformers_astra.patch import astra_state
     from transformers_astra.sharding import split_sizes
 

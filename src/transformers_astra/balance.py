@@ -25,8 +25,8 @@ the measured per-rank times above within 6 % (docs/benchmarks.md, "Balanced shar
 each rank in turn taking as many tokens as the bound allows. Pure integer arithmetic on (T, N, costs), so
 every rank (and the single-process simulation) computes the same sizes; the runtime's per-call header
 compares them anyway (`handshake.check_same_call`). The model is relative: it needs no device profile, and
-device speed cancels out. ``AstraConfig(shard_sizes="balanced")`` (the default) uses it for causal
-families; bidirectional ones (ViT) split evenly, as every rank does the same work there.
+device speed cancels out. ``AstraConfig(shard_sizes="balanced")`` (opt-in; the default is even shards)
+uses it for causal families; bidirectional ones (ViT) split evenly, as every rank does the same work there.
 """
 
 from __future__ import annotations

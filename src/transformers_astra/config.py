@@ -43,11 +43,13 @@ class AstraConfig:
         noise_granularity: sigma per "dimension" of the vector or per "group".
         commitment_weight: beta of the commitment loss beta * ||x - sg(x_hat)||^2 (training only), in [0, 100].
         distributed_cls: ViT only; every shard gets its own CLS copy and the copies are mean-pooled.
-        shard_sizes: "balanced" (the default): causal families (GPT2, Llama) get the sizes that equalise
-            every rank's per-layer work, computed per call from the sequence length (`balance`: later
-            ranks attend to more keys and rebuild more received K/V, so they get fewer tokens; the last
-            rank, which encodes nothing, may get more); bidirectional families (ViT) split evenly. None
-            splits tokens evenly (the first T mod N shards get one more). A list of N positive finite
+        shard_sizes: None (the default) splits tokens evenly (the first T mod N shards get one more).
+            "balanced": causal families (GPT2, Llama) get the sizes that equalise every rank's modelled
+            per-layer compute, computed per call from the sequence length (`balance`: later ranks attend to
+            more keys and rebuild more received K/V, so they get fewer tokens; the last rank, which encodes
+            nothing, may get more); bidirectional families (ViT) split evenly. Not the default: on the GPU
+            host's links it was slower than even shards (docs/benchmarks.md, "Balanced shards": the model
+            ignores that a larger early shard also sends more codes). A list of N positive finite
             numbers (each at most 2**31) splits the tokens in proportion to them; a list summing to the
             sequence length gives exactly those sizes. ViT with distributed_cls: sizes count patches,
             each shard also holding its CLS copy.
@@ -61,7 +63,7 @@ class AstraConfig:
     noise_granularity: str = "dimension"
     commitment_weight: float = 1e-4
     distributed_cls: bool = True
-    shard_sizes: list[int] | str | None = BALANCED
+    shard_sizes: list[int] | str | None = None
 
     def __post_init__(self) -> None:
         self._check_int("num_devices", minimum=1)

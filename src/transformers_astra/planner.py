@@ -658,7 +658,7 @@ def plan(
     quantize: tuple[str, ...] = QUANTIZE_MODES,
     codebook_size: int | None = None,
     projection_table: bool = True,
-    shard_sizes: list[float] | str | None = BALANCED,
+    shard_sizes: list[float] | str | None = None,
     accuracy_rows: list[dict] | None = None,
     reference_value: float | None = None,
     max_perplexity_increase_percent: float | None = None,
@@ -672,7 +672,7 @@ def plan(
     ``latency_ms``, ``loss_percent``: each device's link (or pass a whole `LinkModel` as ``link``).
     Accuracy: with ``accuracy_rows`` and one bound, an ASTRA setting is allowed only if a row with the same
     N, G, quantize and K is within the bound of ``reference_value`` (e.g. the control's perplexity).
-    ``shard_sizes``: as `AstraConfig.shard_sizes`; the default "balanced" is what the runtime does by default.
+    ``shard_sizes``: as `AstraConfig.shard_sizes`; the default None (even) is what the runtime does by default.
     """
     if num_tokens is None:
         num_tokens = _native_tokens(model) if model is not None else None
@@ -756,7 +756,7 @@ def plan(
 def balanced_shard_sizes(profile: DeviceProfile, num_tokens: int, config: AstraConfig, projection_table: bool = True) -> list[int]:
     """Shard sizes that equalise the predicted per-rank compute (causal models: later ranks get fewer tokens,
     since they attend to more keys and rebuild more received tokens' K/V), from a measured device profile.
-    Pass as AstraConfig.shard_sizes; the config's default "balanced" uses `balance` instead (no profile needed)."""
+    Pass as AstraConfig.shard_sizes; ``shard_sizes="balanced"`` uses `balance` instead (no profile needed)."""
     _check_int("num_tokens", num_tokens, config.num_devices)
     world = config.num_devices
     sizes = [num_tokens / world] * world
