@@ -39,6 +39,10 @@ def upgrade(row: dict) -> dict:
             row["codebook_size"] = LEGACY_ASTRA["codebook_size"]
         else:
             row["label"] = row["method"]
+    settings = row.get("settings") or {}
+    if settings.get("shard_sizes") == "balanced" and "shards=" not in row["label"]:
+        # Recorded while balanced shards were AstraConfig's default (2026-11-27, 16:40-17:10 UTC): a deviation now.
+        row["label"] += " shards=balanced"
     return row
 
 
