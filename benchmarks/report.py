@@ -52,7 +52,9 @@ def load_rows(raw_dir: Path) -> list[dict]:
         for line in path.read_text().splitlines():
             if line.strip():
                 row = upgrade(json.loads(line))
-                latest[tuple(row.get(k) for k in KEY_FIELDS)] = row
+                key = tuple(row.get(k) for k in KEY_FIELDS)
+                if key not in latest or str(row.get("date") or "") >= str(latest[key].get("date") or ""):
+                    latest[key] = row  # the newest measurement of a row, whatever file it is in
     rows = list(latest.values())
     add_speedups(rows)
     return rows
@@ -319,7 +321,7 @@ def accuracy_change(row: dict, reference: float | None) -> float | None:
     return row["value"] - reference
 
 
-HEADLINE_RUN = re.compile(r"(gpt2|vit|llama)-g\d+-(hidden|kv)")
+HEADLINE_RUN = re.compile(r"(gpt2|vit|llama)-g\d+-(hidden|kv)(-k\d+)?")  # -kN: the same fine-tuning with a codebook of N
 
 
 def is_headline_accuracy_row(row: dict) -> bool:

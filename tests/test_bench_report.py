@@ -85,6 +85,29 @@ def test_pareto_joins_latency_with_accuracy_and_the_control(tmp_path):
     assert rows[1]["pareto_optimal"]  # slower but more accurate: also on the front
 
 
+def test_the_newest_measurement_of_a_row_wins_whatever_file_holds_it(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    newer = dict(label="astra G=32 kv", G=32, quantize="kv", codebook_size=1024, loss_percent=0.0, single_median_s=1.5)
+    # "x-2026-session3.jsonl" sorts before "x-2026.jsonl"; the date decides, not the file name.
+    write_rows(raw / "x-2026-session3.jsonl", [base_row(**newer, median_s=0.5, date="2026-11-27 17:05 UTC")])
+    write_rows(raw / "x-2026.jsonl", [base_row(**newer, median_s=0.75, date="2026-11-27 12:00 UTC")])
+    (row,) = [r for r in load_rows(raw) if r["label"] == "astra G=32 kv"]
+    assert row["median_s"] == 0.5 and row["speedup_vs_single"] == 3.0
+
+
+def test_pareto_joins_a_smaller_codebook_with_its_own_fine_tuning():
+    latency = [base_row(label="astra G=32 kv K=256", codebook_size=256, loss_percent=0.0, speedup_vs_single=2.2, G=32, quantize="kv")]
+    accuracy = [
+        {"model": "outputs/gpt2-base", "N": 4, "G": 32, "K": 1024, "quantize": "kv", "metric": "perplexity", "value": 36.4,
+         "base_value": 38.0, "command": "k1024", "run": "gpt2-g32-kv"},
+        {"model": "outputs/gpt2-base", "N": 4, "G": 32, "K": 256, "quantize": "kv", "metric": "perplexity", "value": 36.45,
+         "base_value": 38.0, "command": "k256", "run": "gpt2-g32-kv-k256"},
+    ]  # fmt: skip
+    rows = pareto_rows(latency, (accuracy, [{"model": "outputs/gpt2-base", "N": 4, "metric": "perplexity", "value": 36.36}]))
+    assert [(r["codebook_size"], r["accuracy_command"]) for r in rows] == [(256, "k256")]
+
+
 @pytest.mark.parametrize("loss", [-1, 100, float("nan"), True])
 def test_loss_outside_the_range_is_named(loss):
     with pytest.raises(ValueError, match="loss"):
