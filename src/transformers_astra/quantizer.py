@@ -214,6 +214,8 @@ def nearest_codewords(
     """
     groups, n, dim = points.shape
     size = centres.shape[1]
+    if n == 0:
+        return torch.empty(groups, 0, dtype=torch.long, device=points.device)
     squared_norms, radius = summary if summary is not None else codebook_summary(centres)
     score_dtype = squared_norms.dtype
     centres_t = centres.to(score_dtype).transpose(1, 2)  # (G, d, K); a view for float32 codebooks
@@ -225,8 +227,6 @@ def nearest_codewords(
     norm = torch.linalg.vector_norm(points.to(score_dtype), dim=-1)  # (G, n)
     unit = _matmul_unit_roundoff(score_dtype, points.device)
     tolerance = 2.02 * (dim + 2) * (unit * radius * (radius + 2 * norm) + 2.0**-53 * (norm + radius).square())
-    if n == 0:
-        return torch.empty(groups, 0, dtype=torch.long, device=points.device)
     blocked = size % _ARGMIN_BLOCK == 0 and size > _ARGMIN_BLOCK
     if blocked:  # [count, sum of positions] of the entries within the limit, by one small matmul
         count_and_block = _count_and_position(size // _ARGMIN_BLOCK, points.device, score_dtype)
