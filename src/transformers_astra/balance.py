@@ -64,7 +64,7 @@ class ShardCosts:
         width = d if config.quantize == "hidden" else 2 * kv
         if config.quantize == "kv":
             rebuild = DECODE_PER_ELEMENT * width
-        elif 2 * codes * config.codebook_size * kv * 4 <= table_max_bytes:
+        elif config.projection_table_bytes(kv, 4) <= table_max_bytes:
             rebuild = TABLE_PER_ELEMENT * codes * kv
         else:
             rebuild = DECODE_PER_ELEMENT * width + 2 * d * kv

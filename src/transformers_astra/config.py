@@ -114,6 +114,11 @@ class AstraConfig:
         """Codes sent per token: G, or 2G when keys and values are quantized separately."""
         return self.groups * (2 if self.quantize == "kv" else 1)
 
+    def projection_table_bytes(self, key_value_width: int, element_size: int) -> int:
+        """Bytes of one layer's pair of hidden-mode K/V projection tables (`kernels.projection_tables`):
+        every codeword of every group (codes_per_token x K rows) projected to K and to V (key_value_width each)."""
+        return 2 * self.codes_per_token * self.codebook_size * key_value_width * element_size
+
     @property
     def bits_per_token(self) -> int:
         return self.codes_per_token * self.bits_per_code

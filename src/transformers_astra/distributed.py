@@ -151,8 +151,7 @@ class DistributedRuntime:
         self.generation_stats: generation.GenerationStats | None = None  # of the latest generate call
         check_same_model(self.transport, model, self.config, quantizers(model))
         # Hidden mode: layer index -> precomputed codeword projections, where they fit (see projection_tables).
-        limit = self.table_limit
-        self._tables = self._projection_tables(limit) if limit and self.config.quantize == "hidden" else {}
+        self._tables = self._projection_tables() if self.config.quantize == "hidden" else {}
 
     # ----------------------------------------------------------------------------------------- API
     @property
@@ -227,10 +226,9 @@ class DistributedRuntime:
             for module in self.adapter.attention_modules(self.model):
                 module._astra_layer.forget()
 
-    def _projection_tables(self, limit: int) -> dict[int, tuple[torch.Tensor, ...]]:
-        table_bytes = 2 * self.config.codes_per_token * self.config.codebook_size * self.adapter.key_value_width(self.model)
-        table_bytes *= next(self.model.parameters()).element_size()
-        if table_bytes > limit:
+    def _projection_tables(self) -> dict[int, tuple[torch.Tensor, ...]]:
+        table_bytes = self.config.projection_table_bytes(self.adapter.key_value_width(self.model), self.element_size)
+        if not self.table_limit or table_bytes > self.table_limit:
             return {}
         return {
             layer_idx: projection_tables(module, self.adapter, module.astra_quantizer)

@@ -507,7 +507,7 @@ def expected_bytes_sent(config: AstraConfig, layout: ShardLayout, rank: int, num
 def _table_fits(config: AstraConfig, hidden: int, element_size: int = 4) -> bool:
     from .distributed import PROJECTION_TABLE_MAX_BYTES
 
-    return 2 * config.codes_per_token * config.codebook_size * hidden * element_size <= PROJECTION_TABLE_MAX_BYTES
+    return config.projection_table_bytes(hidden, element_size) <= PROJECTION_TABLE_MAX_BYTES
 
 
 def _layer_split(profile: DeviceProfile) -> float:

@@ -81,10 +81,10 @@ class CodeTransport:
         self.comm_device, self.code_device = comm_device, code_device
         self.traffic = Traffic()
         # What every wait needs, looked up once: the peers' global ranks, who waits, whether to slice.
-        self._peers = [dist.get_global_rank(group, r) for r in range(self.world_size) if r != self.rank]
+        self._global = [dist.get_global_rank(group, r) for r in range(self.world_size)]
+        self._peers = [g for r, g in enumerate(self._global) if r != self.rank]
         self._where = f"ASTRA rank {self.rank}/{self.world_size}"
         self._sliced = dist.get_backend(group) == "gloo"
-        self._global = [dist.get_global_rank(group, r) for r in range(self.world_size)]
 
     def start(self, quantizer, sent: torch.Tensor, layout: ShardLayout, causal: bool, element_size: int) -> "CodeTransfer":
         """Encode and send this shard's codes (if any rank needs them) and post the receives."""
