@@ -40,7 +40,7 @@ def worker(case: str, repeats: int) -> dict:
     from transformers_astra.distributed import DistributedRuntime
 
     from . import links
-    from .profile_astra import as_rank
+    from .profile_astra import as_rank, timed_runs
     from .workloads import build
 
     torch.set_num_threads(1)
@@ -62,7 +62,7 @@ def worker(case: str, repeats: int) -> dict:
                 x = x[0] if isinstance(x, tuple) else x
 
         with torch.inference_mode():
-            out["plain layers, 50 tokens"] = _times(plain, repeats)
+            out["plain layers, 50 tokens"] = timed_runs(plain, repeats)
     extra = {"logits_to_keep": 1} if workload.causal else {}
     layouts = {"even": None, "balanced": "balanced"} if case == "gpt2-balance" else {"": None}
     for _ in range(repeats):  # the layouts alternate forward by forward
@@ -72,22 +72,12 @@ def worker(case: str, repeats: int) -> dict:
                 with as_rank(rank, 4), torch.inference_mode():
                     runtime = DistributedRuntime(workload.model, check_inputs=False)
                     label = " ".join(filter(None, [layout, f"rank {rank}"]))
-                    out.setdefault(label, []).extend(_times(lambda: runtime(**workload.inputs, **extra), 1))
+                    out.setdefault(label, []).extend(timed_runs(lambda: runtime(**workload.inputs, **extra), 1))
                     if layout:
                         out[f"{layout} sizes"] = list(runtime.layout.sizes)
             astra.unpatch(workload.model)
     dist.destroy_process_group()
     return out
-
-
-def _times(call, repeats: int) -> list[float]:
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def run_tree(src: str, case: str, repeats: int) -> dict:

@@ -45,14 +45,19 @@ from .workloads import build  # noqa: E402
 CHUNK_SCORE_BYTES = 2 << 20
 
 
-def best_time(fn, repeats: int = 5) -> float:
+def timed_runs(fn, repeats: int) -> list[float]:
+    """Seconds of ``repeats`` calls of ``fn`` after one untimed warm-up call."""
     fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def best_time(fn, repeats: int = 5) -> float:
+    return statistics.median(timed_runs(fn, repeats))
 
 
 @contextlib.contextmanager
