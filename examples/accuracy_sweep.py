@@ -46,12 +46,16 @@ BASES = {  # base name -> train_base.py arguments (besides --output-dir and --ma
     "vit-base": ["--task", "vit", "--layers", "6", "--width", "192", "--epochs", "20", "--save-dtype", "float16"],
     "gpt2-english-base": ["--task", "gpt2", "--dataset", "english", "--extra-eval", "english-ood", "kjv", "--layers",
                           "6", "--width", "256", "--epochs", "12", "--save-dtype", "float16"],
+    # Issue 13 item 3: the Llama-shaped base on the same English mix, the same size as GPT2's (call 5).
+    "llama-english-base": ["--task", "llama", "--dataset", "english", "--extra-eval", "english-ood", "kjv", "--layers",
+                           "6", "--width", "256", "--epochs", "12", "--save-dtype", "float16"],
 }
 FINETUNE = {  # family -> (task, base, epochs, extra finetune_astra.py flags)
     "gpt2": ("gpt2", "gpt2-base", "3", []),
     "vit": ("vit", "vit-base", "1", []),
     "english": ("gpt2", "gpt2-english-base", "1", ["--dataset", "english", "--extra-eval", "english-ood", "kjv"]),
     "llama": ("llama", "llama-base", "3", []),
+    "llama-english": ("llama", "llama-english-base", "1", ["--dataset", "english", "--extra-eval", "english-ood", "kjv"]),
 }
 # Issue 10 item 5: the Llama-shaped base is trained like the GPT2 one (same KJV data and tokenizer, same size).
 LLAMA_BASE = ["--task", "llama", "--layers", "6", "--width", "256", "--epochs", "12", "--save-dtype", "float16"]
@@ -227,6 +231,51 @@ def call3() -> list[Job]:
     return jobs
 
 
+N_AGNOSTIC_RECIPES = {  # issue 13 item 2: what might bring one G = 1 checkpoint within 1 % / 0.3 pts of each per-N one
+    # more steps (each N gets a fifth of them), and only even shards (the layouts the per-N references use)
+    "ep6": ["--epochs", "6"],
+    "ep6-even": ["--epochs", "6", "--uneven-probability", "0"],
+    "ep3": ["--epochs", "3"],
+    "ep3-even": ["--epochs", "3", "--uneven-probability", "0"],
+}
+
+
+def n_agnostic_recipe(family: str, recipe: str, seeds=SEEDS) -> list[Job]:
+    return [finetune_job(family, f"{family}-g1-hidden-nagnostic-{recipe}", seed,
+                         ["--groups", "1", "--quantize", "hidden", *RANDOM_SHARDS, *N_AGNOSTIC_RECIPES[recipe],
+                          *EVAL_LAYOUTS]) for seed in seeds]
+
+
+def call5() -> list[Job]:
+    """Language models (carry: wheels, gpu_data/kjv.txt.gz, gpu_data/english.jsonl.gz, outputs/gpt2-base; ~45 MB).
+
+    a. Issue 13 item 3 for the Llama-shaped model: its base trained on the broad English mix (capped at 2.5 minutes
+       like GPT2's), then G = 32 hidden and kv and the control, 3 seeds, evaluated in and out of domain (~300 s each
+       under sharing, like the English GPT2 runs);
+    b. item 2, GPT2 G = 1 N-agnostic with twice the steps (6 epochs), with the default half-uneven draws and with
+       even shards only, 3 seeds each (~210 s: 3-epoch runs took 106 s), started while the base trains.
+    About 16 runs in one wave: ~150 s base + ~300 s fine-tuning."""
+    jobs = [Job("llama-english-base", "train_base.py", list(BASES["llama-english-base"]))]
+    jobs += estimated(n_agnostic_recipe("gpt2", "ep6-even") + n_agnostic_recipe("gpt2", "ep6"), 210)
+    for seeds in ((0,), (1, 2)):
+        jobs += estimated(main_runs("llama-english", "32", "hidden", seeds) + main_runs("llama-english", "32", "kv", seeds)
+                          + controls("llama-english", seeds), 300)
+    return jobs
+
+
+def call6() -> list[Job]:
+    """ViT (carry: wheels, gpu_data/fashion-mnist, outputs/vit-base): issue 13 item 2 at G = 1 with three times the
+    per-N budget (3 epochs), half-uneven and even-only draws, 3 seeds each, and the N = 4 row at 3 epochs (3 seeds:
+    what the longer budget alone does), then per-N references at 3 epochs for N = 2 and 8 (one seed). ~280 s each."""
+    g1 = ["--groups", "1", "--quantize", "hidden"]
+    jobs = estimated(n_agnostic_recipe("vit", "ep3-even") + n_agnostic_recipe("vit", "ep3"), 290)
+    jobs += estimated([finetune_job("vit", "vit-g1-hidden-ep3", seed, [*g1, *VIT_RECIPES["ep3"], *EVAL_LAYOUTS])
+                       for seed in SEEDS], 290)
+    jobs += estimated([finetune_job("vit", f"vit-g1-hidden-ep3-n{n}", 0, [*g1, *VIT_RECIPES["ep3"]], num_devices=n)
+                       for n in ("2", "8")], 280)
+    return jobs
+
+
 K_SIZES = ("256", "512")
 
 
@@ -259,7 +308,7 @@ def call4() -> list[Job]:
     return jobs
 
 
-CALLS = {"1": call1, "2": call2, "3": call3, "4": call4}
+CALLS = {"1": call1, "2": call2, "3": call3, "4": call4, "5": call5, "6": call6}
 
 
 def smoke(jobs: list[Job]) -> list[Job]:
@@ -775,23 +824,31 @@ def within(a: float, b: float, metric: str) -> bool:
 
 
 def n_agnostic_lines(rows: list[dict]) -> list[str]:
-    """For each N: the N=4 checkpoint and the N-agnostic one, against the checkpoint fine-tuned at that N."""
+    """For each N: the N=4 checkpoint and the N-agnostic ones (every recipe), against the checkpoint fine-tuned at
+    that N (and, where it exists, the one fine-tuned at that N with the longer ``-ep3`` budget)."""
     lines = []
     even = {(r["run"], r["eval_num_devices"]): r for r in rows if not r["eval_shard_sizes"]
             and r["eval_dataset"].startswith(r["dataset"])}
+    runs = sorted({r["run"] for r in rows})
     for task in ("gpt2", "vit"):
         for groups in ("1", "32"):
             stem = f"{task}-g{groups}-hidden"
+            agnostic_runs = [run for run in runs if re.fullmatch(re.escape(stem) + r"-nagnostic(-[\w.-]+)?", run)]
             for n in (2, 3, 4, 6, 8):
                 reference = even.get((stem, 4) if n == 4 else (f"{stem}-n{n}", n))
+                longer = even.get((f"{stem}-ep3", 4) if n == 4 else (f"{stem}-ep3-n{n}", n))
                 fixed = None if n == 4 else even.get((stem, n))
-                agnostic = even.get((f"{stem}-nagnostic", n))
                 if reference is None and fixed is None:
                     continue
                 parts = [f"- {stem} at N={n}:"]
                 if reference:
-                    parts.append(f"fine-tuned at N={n}: {reference['value']:.2f}")
-                for label, row in (("N=4 checkpoint", fixed), ("N-agnostic checkpoint", agnostic)):
+                    parts.append(f"fine-tuned at N={n}: {value_cell(reference)}")
+                if longer:
+                    parts.append(f"fine-tuned at N={n} for 3 epochs: {value_cell(longer)}")
+                labelled = [("N=4 checkpoint", fixed)] + [
+                    (("N-agnostic checkpoint" + run[len(stem) + len("-nagnostic"):].replace("-", " ", 1)),
+                     even.get((run, n))) for run in agnostic_runs]
+                for label, row in labelled:
                     if row is None:
                         continue
                     text = f"{label}: {value_cell(row)}"
@@ -816,7 +873,7 @@ def n_agnostic_lines(rows: list[dict]) -> list[str]:
 def ood_lines(rows: list[dict]) -> list[str]:
     lines = []
     for row in rows:
-        if not re.match(r"(english|llama)-g", row["run"]) or row["eval_dataset"] != "english-ood:test":
+        if not re.match(r"(english|llama-english)-g", row["run"]) or row["eval_dataset"] != "english-ood:test":
             continue
         if row["control_value"] is None:
             continue
@@ -954,7 +1011,10 @@ def cmd_report(args) -> None:
         "Main rows (N = 4, K = 1024)": [r for r in at_training_layout
                                         if re.fullmatch(r"(gpt2|vit)-(g\d+-(hidden|kv)|control)", r["run"])],
         "Broad English (GPT2 trained on the English mix)": [r for r in current if r["run"].startswith("english-")],
-        "Llama-shaped model on the KJV text (issue 10)": [r for r in current if r["run"].startswith("llama-")],
+        "Llama-shaped model on the KJV text (issue 10)": [r for r in current if r["run"].startswith("llama-")
+                                                          and not r["run"].startswith("llama-english-")],
+        "Llama-shaped model on broad English (issue 13 item 3)": [r for r in current
+                                                                  if r["run"].startswith("llama-english-")],
         "Codebook size (G = 32, K < 1024; issue 12's encode cost grows with K)": [
             r for r in current if K_RUN.fullmatch(r["run"])
             or (re.fullmatch(r"(gpt2|vit)-g32-(hidden|kv)", r["run"]) and r in at_training_layout
@@ -964,7 +1024,7 @@ def cmd_report(args) -> None:
         "ViT G = 1 hidden: recipes for the target": [r for r in at_training_layout
                                                      if r["run"].startswith("vit-g1-hidden-ep")],
         "One checkpoint for any N: other layouts at evaluation": [
-            r for r in current if re.fullmatch(r"(gpt2|vit)-g\d+-(hidden|kv)(-nagnostic|-n\d+)?", r["run"])
+            r for r in current if re.fullmatch(r"(gpt2|vit)-g\d+-(hidden|kv)(-ep3)?(-nagnostic(-[\w.-]+)?|-n\d+)?", r["run"])
             and (r["eval_num_devices"] != r["N"] or r["eval_shard_sizes"] or r["random_shards"] or "-n" in r["run"][-4:])],
         "Demo checkpoints (issue 9; N = 2, K = 512, saved in checkpoints/)": [
             r for r in current if "-demo-" in r["run"]],
@@ -992,7 +1052,8 @@ def cmd_report(args) -> None:
               "", "## One checkpoint for any number of devices\n",
               "Goal: one checkpoint within 0.3 points (accuracy) or 1 % (perplexity) of the checkpoint fine-tuned at "
               "each N.\n", *n_agnostic_lines(current),
-              "", "## Out-of-domain perplexity (broad English, G = 32)\n", *ood_lines(current)]
+              "", "## Out-of-domain perplexity (broad English, G = 32; GPT2 and the Llama-shaped model)\n",
+              *ood_lines(current)]
     lines += ["", "## Runs left (planned, no result: killed at a call's deadline, not started, or failed)\n",
               *left_lines(load_all([]) + load_results(extra))]
     if legacy:
