@@ -191,3 +191,55 @@ def test_report_has_codebook_rows_with_the_issue_keys(sweep, tmp_path):
            "**missed**)" in lines
     assert "gpt2-g32-hidden-k512 (K = 512, 3 seeds): 36.70 ± 0.10; control 36.40: +0.8% (goal within +1 %: " \
            "**met**); against K = 1024 (36.65, 3 seeds): +0.05" in lines
+
+
+def test_call5_trains_the_english_llama_base_before_its_rows_and_call6_is_vit_only(sweep):
+    five = {job.name: job for job in sweep.call5()}
+    names = list(five)
+    assert names[0] == "llama-english-base" and five[names[0]].script == "train_base.py"
+    assert "--dataset" in five[names[0]].args and "english-ood" in five[names[0]].args
+    for run in ("llama-english-g32-hidden", "llama-english-g32-kv", "llama-english-control"):
+        for seed in (0, 1, 2):
+            job = five[f"{run}-s{seed}"]
+            assert job.needs == ["llama-english-base"] and job.args[job.args.index("--task") + 1] == "llama"
+            assert "english-ood" in job.args
+    for recipe in ("ep6", "ep6-even"):
+        args = five[f"gpt2-g1-hidden-nagnostic-{recipe}-s0"].args
+        assert "--random-shards" in args and args[len(args) - 1 - args[::-1].index("--epochs") + 1] == "6"
+        assert ("--uneven-probability" in args) == recipe.endswith("even")
+    seven = {job.name: job for job in sweep.call7()}
+    assert set(seven) == {"gpt2-g1-hidden-ep6-s0", "gpt2-g1-hidden-ep6-s1", "gpt2-g1-hidden-ep6-s2"} | {
+        f"gpt2-g1-hidden-ep6-n{n}-s0" for n in (2, 3, 6, 8)}
+    assert all(job.needs == ["gpt2-base"] for job in seven.values())
+    six = sweep.call6()
+    assert all(job.needs == ["vit-base"] and job.estimate > 0 for job in six) and len(six) == len({j.name for j in six})
+
+
+def test_n_agnostic_recipes_are_compared_with_per_n_checkpoints_of_the_same_budget(sweep, tmp_path):
+    def at(run, seed, value, N=4, evals=()):
+        row = {**gpt2_result(run, seed, value), "G": 1, "N": N, "eval_num_devices": N}
+        row["evals"] = [{"eval_dataset": "kjv:test", "eval_num_devices": n, "eval_shard_sizes": None, "value": v}
+                        for n, v in evals]
+        if "nagnostic" in run:
+            row["random_shards"] = [2, 3, 4, 6, 8]
+        return row
+
+    runs = tmp_path / "docs" / "results" / "runs"
+    runs.mkdir(parents=True)
+    results = [at("gpt2-g1-hidden", 0, 39.4, evals=[(2, 38.9)]), at("gpt2-g1-hidden-n2", 0, 37.6, N=2),
+               at("gpt2-g1-hidden-nagnostic", 0, 39.6, evals=[(2, 39.0)]),
+               at("gpt2-g1-hidden-ep6", 0, 37.2, evals=[(2, 36.0)]), at("gpt2-g1-hidden-ep6-n2", 0, 36.5, N=2),
+               at("gpt2-g1-hidden-nagnostic-ep6", 0, 37.3, evals=[(2, 36.8)])]
+    for row in results:
+        (runs / f"{row['run']}.json").write_text(json.dumps(row))
+    sweep.cmd_report(type("Args", (), {"out": None}))
+    report = (tmp_path / "docs" / "results.md").read_text().split("## One checkpoint for any number")[1]
+    lines = [line for line in report.split("\n") if line.startswith("- gpt2-g1-hidden at N=2")]
+    assert lines[0] == ("- gpt2-g1-hidden at N=2: fine-tuned at N=2: 37.60 (1); N=4 checkpoint: 38.90 (1) (+3.5%: "
+                        "missed: at most 0.3 pts / 1 % worse); N-agnostic checkpoint: 39.00 (1) (+3.7%: missed: at "
+                        "most 0.3 pts / 1 % worse)")
+    assert lines[1] == ("- gpt2-g1-hidden at N=2, 6 epochs: fine-tuned at N=2: 36.50 (1); N=4 checkpoint: 36.00 (1) "
+                        "(-1.4%: met: at most 0.3 pts / 1 % worse); N-agnostic checkpoint ep6: 36.80 (1) (+0.8%: met: "
+                        "at most 0.3 pts / 1 % worse)")
+    assert sweep.within(36.0, 36.5, "perplexity") and not sweep.within(37.0, 36.5, "perplexity")
+    assert sweep.within(85.0, 84.0, "accuracy") and not sweep.within(83.6, 84.0, "accuracy")
