@@ -17,7 +17,13 @@ full precision and to the other shards' keys/values decoded from the codes it re
 API
 - ``DistributedRuntime(model, group=None, overlap=True, timeout=60.0, check_inputs=True, projection_table=True, secret=None)``. ``group``: the
   process group whose size must equal ``num_devices`` (default: the default group). ``overlap``: attend
-  to the local keys while the codes are in flight. ``timeout``: seconds of silence from a peer before an
+  to the local keys while the codes are in flight; in hidden mode the codes also leave earlier, from the
+  attention module's forward pre-hook (`Exchange.layer_input`), before this rank's own Q/K/V projections,
+  so the ranks that wait for them at that layer wait that much less (the same codes: hidden mode sends
+  the attention's input; kv mode sends K/V and starts in the attention function). ``overlap=False``:
+  encode, send, wait, then one attention over all keys (the sequential path, to compare against). A
+  forward that raises first waits for the codes it started and never waited for, so none is left to
+  meet the next call's (a failure to deliver them is a note on the raised error). ``timeout``: seconds of silence from a peer before an
   exchange fails (`liveness.PeerFailureError`): a peer that is alive and busy (its heartbeat advances)
   is waited for, up to the process group's own operation timeout; a dead or frozen one ends every
   wait within ``timeout``. Every call starts with one fixed-size all_gather of the batch size, the
