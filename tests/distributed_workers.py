@@ -14,10 +14,13 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from conftest import LLAMA_FAMILIES, gpt2_batch, tiny_gpt2_config, tiny_llama, tiny_vit_config, vit_batch
+from torch import nn
 from transformers import GPT2LMHeadModel, ViTForImageClassification
+from transformers.pytorch_utils import Conv1D
 
 import transformers_astra as astra
 from transformers_astra.distributed import DistributedRuntime
+from transformers_astra.patch import astra_state
 
 # (name, model family, AstraConfig overrides); "uneven" cases weight the shards 1 : 2 : ... : N, the others
 # use shard_sizes="balanced" (causal families: uneven sizes from `balance`; ViT: even). Even shards, the
@@ -34,6 +37,9 @@ CASES = [
     ("mistral-kv", "mistral", {"quantize": "kv"}),
 ]
 GENERATED_TOKENS = 4
+# Cases that also raise mid-forward and run again (`error_then_again`): point-to-point and all_gather transfers.
+ERROR_CASES = ("gpt2-hidden", "vit-hidden-padded")
+PEER_DELAY_S = 0.5  # rank 0 reaches the failing layer this much later than the others
 
 
 def build_model(family: str, num_devices: int, quantize: str = "hidden", uneven: bool = False, **overrides):
@@ -96,8 +102,10 @@ def equivalence_worker(rank: int, world_size: int, port: int, out_dir: str, back
             for overlap in (True, False):
                 # The overlapped runs also use the codeword-projection tables, the others decode and project.
                 runtime = DistributedRuntime(model, group=group, overlap=overlap, projection_table=overlap, timeout=30)
-                got = runtime(**batch).logits
+                with ProjectionWatch(model) as watch:
+                    got = runtime(**batch).logits
                 result = {"diff": max_abs_diff(got, simulated, runtime, batch), "traffic": runtime.traffic.to_dict()}
+                result["sent_before_projections"] = watch.early_layers()
                 result["backend"] = dist.get_backend(group)
                 result["diff_to_full_precision"] = max_abs_diff(got, unquantized, runtime, batch)
                 result["layout"], result["batch_size"] = runtime.layout.sizes, case_batch(family)["attention_mask"].shape[0]
@@ -109,9 +117,97 @@ def equivalence_worker(rank: int, world_size: int, port: int, out_dir: str, back
                     result["generated"], result["wanted"] = generated.cpu(), wanted.cpu()
                 runtime.close()
                 results[(num_devices, name, overlap)] = result
+            if name in ERROR_CASES:
+                results[(num_devices, name, True)]["after_error"] = error_then_again(model, group, batch, simulated)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     os._exit(0)
+
+
+def projections(module: nn.Module) -> list[nn.Module]:
+    """An attention module's linear projections (GPT2's Conv1D, the others' Linear), Q/K/V first."""
+    return [child for child in module.children() if isinstance(child, (nn.Linear, Conv1D))]
+
+
+class ProjectionWatch:
+    """Per layer: were its codes already in flight (`LayerState.transfer`) when its first projection ran?"""
+
+    def __init__(self, model: nn.Module):
+        self.first: dict[int, bool] = {}
+        self.handles = [
+            child.register_forward_pre_hook(self._seen(module._astra_layer))
+            for module in astra_state(model).adapter.attention_modules(model)
+            for child in projections(module)
+        ]
+
+    def _seen(self, layer):
+        def hook(child, args):
+            self.first.setdefault(layer.layer_idx, layer.transfer is not None)
+
+        return hook
+
+    def early_layers(self) -> int:
+        return sum(self.first.values())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+class InjectedError(ValueError):
+    pass
+
+
+def error_then_again(model: nn.Module, group, batch: dict, simulated: torch.Tensor) -> dict:
+    """Every rank raises in layer 1's first projection, with that layer's codes in flight (hidden mode,
+    overlap), rank 0 reaching it PEER_DELAY_S later than the others; then the same runtime runs again.
+
+    Records whether the transfer that was in flight had completed when the error reached the caller
+    (the others' receives need rank 0's late codes), the error's notes, and the next call's diff.
+    """
+    rank = dist.get_rank(group)
+    runtime = DistributedRuntime(model, group=group, timeout=30)
+    state = astra_state(model)
+    layers = [module._astra_layer for module in state.adapter.attention_modules(model)]
+    second = state.adapter.attention_modules(model)[1]
+    in_flight = []
+
+    def fail(child, args):
+        in_flight.append(layers[1].transfer)
+        raise InjectedError("injected")
+
+    handles = [projections(second)[0].register_forward_pre_hook(fail)]
+    if rank == 0:  # before ASTRA's own pre-hook, i.e. before this rank sends layer 1's codes
+        handles.append(second.register_forward_pre_hook(lambda *_: time.sleep(PEER_DELAY_S), prepend=True))
+    started = time.monotonic()
+    try:
+        runtime(**batch)
+        outcome = {"message": "no error", "notes": []}
+    except InjectedError as error:
+        outcome = {"message": str(error), "notes": list(getattr(error, "__notes__", []))}
+    finally:
+        for handle in handles:
+            handle.remove()
+    outcome["seconds"] = time.monotonic() - started
+    [transfer] = in_flight
+    works = transfer.works if hasattr(transfer, "works") else [transfer.work]
+    outcome["completed_when_raised"] = all(finished(work) for work in works)
+    outcome["left_on_layers"] = [layer.transfer is not None for layer in layers]
+    got = runtime(**batch).logits
+    outcome["diff"] = max_abs_diff(got, simulated, runtime, batch)
+    return outcome
+
+
+def finished(work) -> bool:
+    """Whether an async collective has ended. A gloo collective marks its future done a moment before the
+    work itself (which `liveness.wait` waits on), so ask the future where there is one (send/recv have none)."""
+    try:
+        return work.get_future().done()
+    except RuntimeError:
+        return work.is_completed()
 
 
 def max_abs_diff(got: torch.Tensor, simulated: torch.Tensor, runtime: DistributedRuntime, batch: dict) -> float:

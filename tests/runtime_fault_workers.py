@@ -71,6 +71,8 @@ def liveness_worker(rank: int, world_size: int, port: int, out_dir: str) -> None
         simulated = model(**batch).logits
         wanted = model.generate(**batch, max_new_tokens=NEW_TOKENS, do_sample=False)
     first_attention = model._astra_state.adapter.attention_modules(model)[0]
+    # Hooks on an attention module below go first (prepend): ASTRA's own pre-hook sends the layer's codes
+    # in hidden mode with overlap, and each case means the rank to stop before it has sent them.
     # Rank 0 builds its runtime only after 3 x TIMEOUT of work: rank 1 waits in the handshake meanwhile.
     if rank == 0:
         time.sleep(BUSY_S)
@@ -79,7 +81,7 @@ def liveness_worker(rank: int, world_size: int, port: int, out_dir: str) -> None
     outcomes["handshake"] = ("ok", None, 0.0)
 
     def busy_forward():
-        handle = first_attention.register_forward_pre_hook(sleep_once(BUSY_S)) if rank == 0 else None
+        handle = first_attention.register_forward_pre_hook(sleep_once(BUSY_S), prepend=True) if rank == 0 else None
         try:
             logits = runtime(**batch).logits
         finally:
@@ -116,7 +118,7 @@ def liveness_worker(rank: int, world_size: int, port: int, out_dir: str) -> None
 
     def frozen():
         # Rank 0 freezes in its first attention layer (SIGSTOP: no heartbeat, sockets open); the parent kills it.
-        handle = first_attention.register_forward_pre_hook(lambda *_: os.kill(os.getpid(), signal.SIGSTOP)) if rank == 0 else None
+        handle = first_attention.register_forward_pre_hook(lambda *_: os.kill(os.getpid(), signal.SIGSTOP), prepend=True) if rank == 0 else None
         try:
             runtime(**batch)
         finally:
@@ -149,7 +151,7 @@ def kill_trials(rank: int, ports: list[int], out_dir: str) -> None:
             runtime = DistributedRuntime(model, timeout=TIMEOUT)
             if rank == 0:
                 second_attention = model._astra_state.adapter.attention_modules(model)[1]
-                second_attention.register_forward_pre_hook(lambda *_: os._exit(9))
+                second_attention.register_forward_pre_hook(lambda *_: os._exit(9), prepend=True)  # before it sends
             attempt("killed", lambda: runtime(**batch))
             sys.exit(0)
         statuses[trial] = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])

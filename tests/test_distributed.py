@@ -107,6 +107,33 @@ def test_outputs_match_the_single_process_simulation(equivalence_results):
         assert result["diff"] <= TOL, (rank, num_devices, name, overlap, result["diff"])
 
 
+def test_hidden_mode_with_overlap_sends_before_the_projections(equivalence_results):
+    # Every layer of every rank: with overlap, hidden mode's codes are in flight (started from the attention
+    # module's pre-hook) when its first projection runs; kv mode, and overlap=False, start them later.
+    num_layers = 2
+    for rank, num_devices, name, overlap, result in all_runs(equivalence_results):
+        early = num_layers if overlap and "-hidden" in name else 0
+        assert result["sent_before_projections"] == early, (rank, num_devices, name, overlap)
+
+
+def test_a_forward_that_raises_leaves_nothing_in_flight(equivalence_results):
+    # Every rank raised in layer 1's projection with that layer's codes in flight, rank 0 half a second late:
+    # the error came back only once those codes had arrived, and the next call matched the simulation.
+    checked = set()
+    for rank, num_devices, name, overlap, result in all_runs(equivalence_results):
+        if "after_error" not in result:
+            continue
+        after = result["after_error"]
+        assert after["message"] == "injected" and after["notes"] == [], (rank, num_devices, name, after)
+        assert after["completed_when_raised"], (rank, num_devices, name)
+        assert after["left_on_layers"] == [False, False]
+        assert after["diff"] <= TOL, (rank, num_devices, name, after["diff"])
+        if rank > 0:  # they waited for rank 0's late codes before raising
+            assert after["seconds"] >= workers.PEER_DELAY_S, (rank, num_devices, name, after["seconds"])
+        checked.add((num_devices, name))
+    assert checked == {(n, name) for n in (2, 3, 4) for name in workers.ERROR_CASES}
+
+
 def test_ranks_that_receive_codes_really_use_them(equivalence_results):
     # Sanity check of the comparison: the quantized model is measurably different from full precision.
     for rank, num_devices, name, overlap, result in all_runs(equivalence_results):

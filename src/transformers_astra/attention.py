@@ -82,6 +82,9 @@ class SimulatedExchange:
         store_last_device_view(layer, layout, key, value, remote_key, remote_value)
         return output, weights
 
+    def layer_input(self, module, layer: LayerState) -> None:
+        """Nothing to start early: the simulation quantizes in the attention function, all shards at once."""
+
     def remote_keys_values(self, module, layer: LayerState, key, value) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values of every token as the other devices rebuild them from its codes."""
         state, config = self.state, self.state.config

@@ -17,7 +17,13 @@ full precision and to the other shards' keys/values decoded from the codes it re
 API
 - ``DistributedRuntime(model, group=None, overlap=True, timeout=60.0, check_inputs=True, projection_table=True, secret=None)``. ``group``: the
   process group whose size must equal ``num_devices`` (default: the default group). ``overlap``: attend
-  to the local keys while the codes are in flight. ``timeout``: seconds of silence from a peer before an
+  to the local keys while the codes are in flight; in hidden mode the codes also leave earlier, from the
+  attention module's forward pre-hook (`Exchange.layer_input`), before this rank's own Q/K/V projections,
+  so the ranks that wait for them at that layer wait that much less (the same codes: hidden mode sends
+  the attention's input; kv mode sends K/V and starts in the attention function). ``overlap=False``:
+  encode, send, wait, then one attention over all keys (the sequential path, to compare against). A
+  forward that raises first waits for the codes it started and never waited for, so none is left to
+  meet the next call's (a failure to deliver them is a note on the raised error). ``timeout``: seconds of silence from a peer before an
   exchange fails (`liveness.PeerFailureError`): a peer that is alive and busy (its heartbeat advances)
   is waited for, up to the process group's own operation timeout; a dead or frozen one ends every
   wait within ``timeout``. Every call starts with one fixed-size all_gather of the batch size, the
@@ -217,14 +223,18 @@ class DistributedRuntime:
                 handle.remove()
             raise RuntimeError("this model is already running under a DistributedRuntime")
         previous, self.state.exchange = self.state.exchange, exchange
+        layers = [module._astra_layer for module in self.adapter.attention_modules(self.model)]
         try:
             yield
+        except Exception as error:
+            exchange.settle(layers, error)  # no send or receive of this call is left for the next one to meet
+            raise
         finally:
             self.state.exchange = previous
             for handle in hooks:
                 handle.remove()
-            for module in self.adapter.attention_modules(self.model):
-                module._astra_layer.forget()
+            for layer in layers:
+                layer.forget()
 
     def _projection_tables(self) -> dict[int, tuple[torch.Tensor, ...]]:
         table_bytes = self.config.projection_table_bytes(self.adapter.key_value_width(self.model), self.element_size)
@@ -247,24 +257,58 @@ class RankExchange:
         self.remote_tokens = torch.cat(remote) if remote else torch.zeros(0, dtype=torch.long)
         self._masks: dict[tuple, tuple[KeyMask, KeyMask]] = {}  # by sliding window and dtype
         self._remote_positions = None
+        # Hidden mode sends the attention's input: with overlap its codes leave from the module's pre-hook,
+        # before this rank's own Q/K/V projections (`layer_input`). kv mode sends K/V, known only here.
+        self.send_early = runtime.overlap and runtime.config.quantize == "hidden" and layout.num_devices > 1
+
+    def layer_input(self, module, layer: LayerState) -> None:
+        """The attention module's pre-hook: in hidden mode with overlap, encode and start sending this shard's codes."""
+        if self.send_early:
+            layer.transfer = self.start(module, layer)
+
+    def start(self, module, layer: LayerState, key=None, value=None):
+        """Encode and send what ``layer`` quantizes (`exchange.sent_vectors`), post the receives; the transfer."""
+        runtime = self.runtime
+        sent = sent_vectors(runtime.adapter, layer, key, value, runtime.config.quantize)
+        return runtime.transport.start(module.astra_quantizer, sent, self.view.layout, runtime.causal, runtime.element_size)
+
+    def received(self, layer: LayerState) -> list[torch.Tensor]:
+        """Wait for the codes ``layer`` started (`CodeTransfer.wait`); from then on nothing of it is in flight."""
+        transfer, layer.transfer = layer.transfer, None
+        return transfer.wait()
+
+    def settle(self, layers: list[LayerState], error: Exception) -> None:
+        """After ``error`` ended a forward: wait for the codes it started and never waited for (at most one layer's).
+
+        Every rank posts a layer's sends and receives as it reaches the layer, so they complete unless a
+        peer failed too; a wait that fails (`liveness`: a dead peer within ``timeout``, a busy one within
+        the process group's timeout) is noted on ``error``, which the caller raises.
+        """
+        for layer in layers:
+            if layer.transfer is None:
+                continue
+            try:
+                self.received(layer)
+            except Exception as failure:  # noqa: BLE001 - ``error`` is what the caller raises
+                error.add_note(f"ASTRA: the codes of layer {layer.layer_idx}, in flight when it was raised, were not delivered: {failure}")
 
     def attention(self, module, layer: LayerState, query, key, value, allowed, scaling, dropout, want_weights):
         """Mixed-precision attention of this rank's queries (``allowed``, the local model's mask, is not used)."""
         if want_weights:
             raise ValueError("output_attentions is not supported by DistributedRuntime")
         runtime, adapter = self.runtime, self.runtime.adapter
-        sent = sent_vectors(adapter, layer, key, value, runtime.config.quantize)
+        if layer.transfer is None:  # not started by `layer_input`: start it now
+            layer.transfer = self.start(module, layer, key, value)
         layer.positions = None
-        transfer = runtime.transport.start(module.astra_quantizer, sent, self.view.layout, runtime.causal, runtime.element_size)
         local_mask, remote_mask = self.masks(adapter.sliding_window(module), query.device, query.dtype)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         if runtime.overlap:  # the exact part runs while the codes travel
             local = partial_attention(query, key, value, local_mask, scale)
-            remote_key, remote_value = self.remote_keys_values(module, transfer.wait(), key, value)
+            remote_key, remote_value = self.remote_keys_values(module, self.received(layer), key, value)
             remote = partial_attention(query, remote_key, remote_value, remote_mask, scale)
             output = merge_partials(local, remote).transpose(1, 2).contiguous()
         else:
-            remote_key, remote_value = self.remote_keys_values(module, transfer.wait(), key, value)
+            remote_key, remote_value = self.remote_keys_values(module, self.received(layer), key, value)
             allowed = torch.cat([local_mask.allowed, remote_mask.allowed], dim=-1)
             keys, values = torch.cat([key, remote_key], dim=2), torch.cat([value, remote_value], dim=2)
             output, _ = attend(query, keys, values, allowed, scaling, 0.0, False)

@@ -29,6 +29,11 @@ class Exchange(Protocol):
         """Mixed-precision attention of the queries held here: (B, T_q, H, d) output and optional weights."""
         ...
 
+    def layer_input(self, module: nn.Module, layer: "LayerState") -> None:
+        """Called by the attention module's forward pre-hook once the adapter has kept the layer's input
+        (`ModelAdapter.remember`), before the module's own Q/K/V projections: a rank may send from here."""
+        ...
+
     def shard_starts(self, num_tokens: int) -> list[int]:
         """Index of the first token of every shard held here, among the ``num_tokens`` tokens held here."""
         ...

@@ -170,9 +170,12 @@ def auxiliary_loss(model: nn.Module) -> torch.Tensor | None:
 
 def _remember_layer_input(module, args, kwargs):
     # The attention function receives only projected Q/K/V: the adapter keeps what else it needs (the
-    # module's input for hidden mode, the KV cache, the positions).
+    # module's input for hidden mode, the KV cache, the positions). Then the exchange may act on the input
+    # before the module projects it (a real rank in hidden mode sends its codes from here).
     layer: LayerState = module._astra_layer
-    layer.model_state.adapter.remember(layer, args, kwargs)
+    state = layer.model_state
+    state.adapter.remember(layer, args, kwargs)
+    state.exchange.layer_input(module, layer)
     return None
 
 

@@ -71,6 +71,7 @@ class LayerState:
     cache: Any = None  # the KV cache, to leave the last device's view in after a prefill
     positions: Any = None  # the positions the module got for its tokens (RoPE: cos, sin)
     pending_key: torch.Tensor | None = None  # keys before positions were applied (kv mode, RoPE families)
+    transfer: Any = None  # a real rank's codes in flight, started and not yet waited for (`distributed.RankExchange`)
 
     def forget(self) -> None:
-        self.pending_input = self.cache = self.positions = self.pending_key = None
+        self.pending_input = self.cache = self.positions = self.pending_key = self.transfer = None
