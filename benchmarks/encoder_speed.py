@@ -244,23 +244,23 @@ def run_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown_document(path: str) -> str:
+def markdown_document(path: str, start: str = MARKDOWN_START, end: str = MARKDOWN_END) -> str:
     """The text of ``path``, which must hold the generated section's markers (checked before measuring)."""
     try:
         with open(path) as handle:
             document = handle.read()
     except OSError as error:
         raise ValueError(f"--markdown {path}: {error}") from error
-    if MARKDOWN_START not in document or MARKDOWN_END not in document:
-        raise ValueError(f"--markdown {path} has no {MARKDOWN_START} ... {MARKDOWN_END} section to fill")
+    if start not in document or end not in document:
+        raise ValueError(f"--markdown {path} has no {start} ... {end} section to fill")
     return document
 
 
-def write_markdown(path: str, text: str) -> None:
-    """Replace the generated part between the markers in ``path``."""
-    document = markdown_document(path)
-    head, rest = document.split(MARKDOWN_START, 1)
-    tail = rest.split(MARKDOWN_END, 1)[1].lstrip("\n")
+def write_markdown(path: str, text: str, start: str = MARKDOWN_START, end: str = MARKDOWN_END) -> None:
+    """Replace the generated part between the markers in ``path`` (``text`` holds the markers)."""
+    document = markdown_document(path, start, end)
+    head, rest = document.split(start, 1)
+    tail = rest.split(end, 1)[1].lstrip("\n")
     with open(path, "w") as handle:
         handle.write(head + text + tail)
 

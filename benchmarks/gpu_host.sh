@@ -63,6 +63,23 @@ vit_groups=(8 32)
 if [ "$smoke" = "--smoke" ]; then vit_groups=(8); fi
 
 step shaping 20 python3 -m benchmarks.netns measure --seconds 1 --mbps 10 100 --loss 0 5 --machine "$machine" --json "$out/shaping-gpu-host.json"
+# What no sequence-parallel method can beat on one rank's 2 cores (benchmarks/ceiling.py): GPT2 N=4/8, ViT N=4/8.
+step ceiling 40 taskset -c 0,$(( cpr - 1 )) python3 -m benchmarks.ceiling --workloads gpt2 vit --n 4 8 --threads "$cpr" \
+    --runs "$(( runs + 3 ))" ${tokens[@]:+--small} --machine "$machine" --out "$out/ceiling.json"
+# Overlap (issue 12): the defaults (hidden mode sends from the attention's pre-hook, receives posted ahead on gloo)
+# against --overlap off (codes waited for before any attention), and compute only, for the settings of goal 1.
+for setting in "32 hidden" "32 kv 256" "1 hidden"; do
+    read -r g q k <<< "$setting"
+    kflag=(); [ -n "$k" ] && kflag=(--codebook-size "$k")
+    step "gpt2-n4-overlap-g$g-$q$k" 40 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups "$g" --quantize "$q" \
+        "${kflag[@]}" --links real --bandwidths 10
+    step "gpt2-n4-overlap-off-g$g-$q$k" 40 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups "$g" --quantize "$q" \
+        "${kflag[@]}" --overlap off --links real --bandwidths 10
+done
+step gpt2-n4-overlap-compute 40 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 32 1 --quantize hidden \
+    --links compute
+step gpt2-n4-overlap-compute-k256 20 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 32 --quantize kv \
+    --codebook-size 256 --links compute
 # Goal 1: GPT2 1024-token prefill, N=4, 10 Mbps, at the runtime's defaults (balanced shards, projection tables):
 # first the settings within +1 % of the control's perplexity (docs/results.md: G=32 hidden/kv, G=8 kv).
 step gpt2-n4-accurate 90 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 32 --quantize hidden kv \
