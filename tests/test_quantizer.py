@@ -264,3 +264,31 @@ print("ok")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("groups", [1, 8, 32])
+def test_training_forward_picks_a_nearest_codeword_without_the_exact_recheck(monkeypatch, groups):
+    """Fine-tuning encodes by the matmul scores alone: every code is the reference's or as near within rounding;
+    eval mode keeps the exact encoder (what the runtime and the simulation must agree on)."""
+    generator = torch.Generator().manual_seed(groups)
+    vq = GroupedVQ(width=256, groups=groups, codebook_size=256)
+    x = torch.randn(3000, 256, generator=generator)
+    with torch.no_grad():
+        vq.codebook.copy_(_tie_heavy_codebook(groups, 256, 256 // groups, generator))
+    expected = _reference_codes(vq, x)
+    calls = []
+    real = quantizer_module.nearest_codewords
+    monkeypatch.setattr(quantizer_module, "nearest_codewords", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for chunk in (1 << 20, 2000):  # one chunk, and several
+        monkeypatch.setattr(quantizer_module, "_ENCODE_CHUNK_ELEMENTS_CPU", chunk)
+        _, codes, _ = vq.train()(x)
+        assert not calls and codes.shape == (3000, groups) and codes.dtype == torch.long
+        points = x.reshape(-1, groups, 256 // groups).double()
+        book = vq.codebook.detach().double()
+        chosen = (points - book[torch.arange(groups), codes]).square().sum(-1)
+        best = (points - book[torch.arange(groups), expected]).square().sum(-1)
+        assert torch.all(chosen <= best + 1e-4 * (1 + best))  # as near as the nearest, up to float32 rounding
+        assert (codes == expected).float().mean() > 0.95  # the duplicates may go to either copy
+    _, codes, _ = vq.eval()(x)
+    assert calls and torch.equal(codes, expected)
+    assert vq.train()(x[:0])[1].shape == (0, groups)

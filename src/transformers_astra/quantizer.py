@@ -67,6 +67,21 @@ class GroupedVQ(nn.Module):
         codes = nearest_codewords(flat.transpose(0, 1), codebook, budget, self._codebook_summary(codebook)).T
         return codes.reshape(*x.shape[:-1], self.groups)
 
+    def _training_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """`encode` for fine-tuning (`forward` in training mode): the codeword of the smallest matmul score.
+
+        No recheck of near-ties (`fast_nearest_codewords`): nothing must agree with these codes bit for bit (the
+        runtime and the simulation agree in eval mode, where `forward` encodes exactly), and the recheck's host
+        synchronisations and per-group loops cost a GPU fine-tuning step more than the rest of the quantizer.
+        """
+        if x.shape[-1] != self.width:
+            raise ValueError(f"encode expects vectors of width {self.width}, got x of shape {tuple(x.shape)}")
+        codebook = self.codebook.detach()
+        flat = x.detach().reshape(-1, self.groups, self.group_width).to(codebook.dtype)
+        budget = _ENCODE_CHUNK_ELEMENTS_CPU if x.device.type == "cpu" else _ENCODE_CHUNK_ELEMENTS
+        codes = fast_nearest_codewords(flat.transpose(0, 1), codebook, budget).T
+        return codes.reshape(*x.shape[:-1], self.groups)
+
     def _codebook_summary(self, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`codebook_summary` of the codebook; in eval mode cached until the codebook changes.
 
@@ -112,7 +127,7 @@ class GroupedVQ(nn.Module):
         In training mode NAQ noise ``noise_scale * sigma * N(0, 1)`` is added, sigma being the RMS of
         the quantization residual per dimension or per group over this batch.
         """
-        codes = self.encode(x)
+        codes = self.encode(x) if not self.training else self._training_codes(x)
         decoded = self.decode(codes).to(x.dtype)
         commitment = F.mse_loss(x, decoded.detach())
         if self.training and noise_scale > 0:
@@ -257,6 +272,25 @@ def nearest_codewords(
         kept = scores if chunk >= n else None  # one chunk: its scores are still here
         _recheck(points, centres, centres_t, squared_norms, tolerance, recheck, nearest, max_elements, kept)
     return nearest
+
+
+def fast_nearest_codewords(points: torch.Tensor, centres: torch.Tensor, max_elements: int) -> torch.Tensor:
+    """Nearest codeword by the scores ``|c|^2 - 2 x.c`` of one ``baddbmm`` per chunk: (G, n, d), (G, K, d) -> (G, n).
+
+    The same scores as `nearest_codewords` without its recheck: where two codewords' scores lie within the
+    matmul's rounding of each other, either may be chosen (and the choice may depend on the chunking or the
+    device). For fine-tuning; codes two processes must agree on come from `nearest_codewords`.
+    """
+    groups, n, _ = points.shape
+    if n == 0:
+        return torch.empty(groups, 0, dtype=torch.long, device=points.device)
+    scores_dtype = _score_dtype(centres.dtype)
+    centres_t = centres.to(scores_dtype).transpose(1, 2)
+    squared_norms = centres_t.square().sum(1, keepdim=True)  # (G, 1, K)
+    chunk = max(1, max_elements // (groups * centres.shape[1]))
+    parts = [torch.baddbmm(squared_norms, points[:, start : start + chunk].to(scores_dtype), centres_t, alpha=-2.0).argmin(-1)
+             for start in range(0, n, chunk)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def _recheck(points, centres, centres_t, squared_norms, tolerance, recheck, nearest, max_elements, all_scores=None) -> None:
