@@ -1,8 +1,8 @@
 """The quantizer's forward during fine-tuning: the exact encoder (recheck of near-ties) against the matmul argmin.
 
 A fine-tuning step runs `GroupedVQ.forward` in training mode once per layer. Since 2026-11-27 (session 4) it
-encodes with `fast_nearest_codewords` (the scores' argmin, no recheck); before, with the exact
-`nearest_codewords`, whose recheck of near-ties (and of every point near duplicated codewords, e.g. after
+encodes on accelerators with `fast_nearest_codewords` (the scores' argmin, no recheck; on CPU the exact encoder
+stays, as fast there); before, always with the exact `nearest_codewords`, whose recheck of near-ties (and of every point near duplicated codewords, e.g. after
 k-means on fewer samples than codewords) synchronises with the host and loops over groups. This times both on
 the fine-tuning shapes of docs/results.md (width 256, one batch of 32 x 256 tokens), forward and backward, with
 codebooks drawn from the data and with half the codewords duplicated:
@@ -87,8 +87,8 @@ def measure(device: str, repeats: int) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = [MARKDOWN_START, "| machine | device | G | K | codebook | exact encoder (before) | argmin (now) | "
-             "speed-up | date |", "|---" * 9 + "|"]
+    lines = [MARKDOWN_START, "| machine | device | G | K | codebook | exact encoder | matmul argmin | "
+             "argmin's speed-up | date |", "|---" * 9 + "|"]
     for r in rows:
         lines.append(f"| {r['machine']} | {r['device']} | {r['groups']} | {r['codebook_size']} | {r['codebook']} | "
                      f"{r['exact_ms']:.2f} ms | {r['argmin_ms']:.2f} ms | {r['speedup']:.1f}× | {r['date']} |")

@@ -267,28 +267,55 @@ print("ok")
 
 
 @pytest.mark.parametrize("groups", [1, 8, 32])
-def test_training_forward_picks_a_nearest_codeword_without_the_exact_recheck(monkeypatch, groups):
-    """Fine-tuning encodes by the matmul scores alone: every code is the reference's or as near within rounding;
-    eval mode keeps the exact encoder (what the runtime and the simulation must agree on)."""
+def test_fast_nearest_codewords_picks_a_nearest_codeword(groups):
+    """Fine-tuning's encoder on accelerators (no recheck): every code is the reference's or as near within rounding."""
     generator = torch.Generator().manual_seed(groups)
     vq = GroupedVQ(width=256, groups=groups, codebook_size=256)
     x = torch.randn(3000, 256, generator=generator)
     with torch.no_grad():
         vq.codebook.copy_(_tie_heavy_codebook(groups, 256, 256 // groups, generator))
     expected = _reference_codes(vq, x)
-    calls = []
-    real = quantizer_module.nearest_codewords
-    monkeypatch.setattr(quantizer_module, "nearest_codewords", lambda *a, **k: calls.append(1) or real(*a, **k))
+    points = x.reshape(-1, groups, 256 // groups).transpose(0, 1)
     for chunk in (1 << 20, 2000):  # one chunk, and several
-        monkeypatch.setattr(quantizer_module, "_ENCODE_CHUNK_ELEMENTS_CPU", chunk)
-        _, codes, _ = vq.train()(x)
-        assert not calls and codes.shape == (3000, groups) and codes.dtype == torch.long
-        points = x.reshape(-1, groups, 256 // groups).double()
+        codes = quantizer_module.fast_nearest_codewords(points, vq.codebook.detach(), chunk).T
+        assert codes.shape == (3000, groups) and codes.dtype == torch.long
         book = vq.codebook.detach().double()
-        chosen = (points - book[torch.arange(groups), codes]).square().sum(-1)
-        best = (points - book[torch.arange(groups), expected]).square().sum(-1)
+        chosen = (points.transpose(0, 1).double() - book[torch.arange(groups), codes]).square().sum(-1)
+        best = (points.transpose(0, 1).double() - book[torch.arange(groups), expected]).square().sum(-1)
         assert torch.all(chosen <= best + 1e-4 * (1 + best))  # as near as the nearest, up to float32 rounding
         assert (codes == expected).float().mean() > 0.95  # the duplicates may go to either copy
-    _, codes, _ = vq.eval()(x)
-    assert calls and torch.equal(codes, expected)
-    assert vq.train()(x[:0])[1].shape == (0, groups)
+    assert quantizer_module.fast_nearest_codewords(points[:, :0], vq.codebook.detach(), 100).shape == (groups, 0)
+
+
+def _count_exact_calls(monkeypatch) -> list:
+    calls, real = [], quantizer_module.nearest_codewords
+    monkeypatch.setattr(quantizer_module, "nearest_codewords", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_training_forward_on_cpu_and_eval_forward_encode_exactly(monkeypatch):
+    vq = GroupedVQ(width=64, groups=8, codebook_size=64)
+    x = torch.randn(100, 64)
+    calls = _count_exact_calls(monkeypatch)
+    _, train_codes, _ = vq.train()(x)
+    assert len(calls) == 1 and torch.equal(train_codes, _reference_codes(vq, x))
+    _, eval_codes, _ = vq.eval()(x)
+    assert len(calls) == 2 and torch.equal(eval_codes, train_codes)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_forward_on_cuda_skips_the_exact_recheck(monkeypatch):
+    vq = GroupedVQ(width=256, groups=32, codebook_size=256).cuda()
+    x = torch.randn(2000, 256, device="cuda")
+    calls = _count_exact_calls(monkeypatch)
+    _, codes, _ = vq.train()(x)
+    assert not calls
+    book = vq.codebook.detach().double()
+    points = x.reshape(-1, 32, 8).double()
+    chosen = (points - book[torch.arange(32, device="cuda"), codes]).square().sum(-1)
+    expected = _reference_codes(vq, x)
+    best = (points - book[torch.arange(32, device="cuda"), expected]).square().sum(-1)
+    assert torch.all(chosen <= best + 1e-4 * (1 + best))
+    _, eval_codes, _ = vq.eval()(x)
+    assert calls and torch.equal(eval_codes, expected)

@@ -68,12 +68,15 @@ class GroupedVQ(nn.Module):
         return codes.reshape(*x.shape[:-1], self.groups)
 
     def _training_codes(self, x: torch.Tensor) -> torch.Tensor:
-        """`encode` for fine-tuning (`forward` in training mode): the codeword of the smallest matmul score.
-
-        No recheck of near-ties (`fast_nearest_codewords`): nothing must agree with these codes bit for bit (the
-        runtime and the simulation agree in eval mode, where `forward` encodes exactly), and the recheck's host
-        synchronisations and per-group loops cost a GPU fine-tuning step more than the rest of the quantizer.
+        """`encode` for fine-tuning (`forward` in training mode). On accelerators: the codeword of the smallest
+        matmul score, without the recheck of near-ties (`fast_nearest_codewords`). Nothing must agree with these
+        codes bit for bit (the runtime and the simulation agree in eval mode, where `forward` encodes exactly), and
+        on a GPU the recheck's host synchronisations and per-group loops made the quantizer's step 2-7x slower
+        (`benchmarks/train_encode_speed.py`, H200). On CPU the exact encoder's blocked minimum is as fast or faster
+        than a plain argmin over K (same benchmark, 2 cores): it stays.
         """
+        if x.device.type == "cpu":
+            return self.encode(x)
         if x.shape[-1] != self.width:
             raise ValueError(f"encode expects vectors of width {self.width}, got x of shape {tuple(x.shape)}")
         codebook = self.codebook.detach()
