@@ -20,10 +20,16 @@ API
   to the local keys while the codes are in flight; in hidden mode the codes also leave earlier, from the
   attention module's forward pre-hook (`Exchange.layer_input`), before this rank's own Q/K/V projections,
   so the ranks that wait for them at that layer wait that much less (the same codes: hidden mode sends
-  the attention's input; kv mode sends K/V and starts in the attention function). ``overlap=False``:
+  the attention's input; kv mode sends K/V and starts in the attention function). Causal models on
+  gloo with overlap also post every receive of the forward when it starts (one tag per layer: gloo
+  sends a message only once its receive is posted), wait at a layer for that layer's receives only, and
+  wait for their own sends once, at the end, so a sender is not held to its receivers' pace
+  (`transport.PostedAhead`; NCCL keeps the layer-by-layer exchange). ``overlap=False``:
   encode, send, wait, then one attention over all keys (the sequential path, to compare against). A
   forward that raises first waits for the codes it started and never waited for, so none is left to
-  meet the next call's (a failure to deliver them is a note on the raised error). ``timeout``: seconds of silence from a peer before an
+  meet the next call's (a failure to deliver them is a note on the raised error); posted ahead, it
+  first sends a flagged filler for every layer it did not reach, and a receiver that gets one raises
+  `PeerFailureError` naming the rank that gave up. ``timeout``: seconds of silence from a peer before an
   exchange fails (`liveness.PeerFailureError`): a peer that is alive and busy (its heartbeat advances)
   is waited for, up to the process group's own operation timeout; a dead or frozen one ends every
   wait within ``timeout``. Every call starts with one fixed-size all_gather of the batch size, the
