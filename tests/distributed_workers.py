@@ -106,6 +106,7 @@ def equivalence_worker(rank: int, world_size: int, port: int, out_dir: str, back
                     got = runtime(**batch).logits
                 result = {"diff": max_abs_diff(got, simulated, runtime, batch), "traffic": runtime.traffic.to_dict()}
                 result["sent_before_projections"] = watch.early_layers()
+                result["received_posted_before_layer"] = watch.posted_before_layer()
                 result["backend"] = dist.get_backend(group)
                 result["diff_to_full_precision"] = max_abs_diff(got, unquantized, runtime, batch)
                 result["layout"], result["batch_size"] = runtime.layout.sizes, case_batch(family)["attention_mask"].shape[0]
@@ -119,6 +120,8 @@ def equivalence_worker(rank: int, world_size: int, port: int, out_dir: str, back
                 results[(num_devices, name, overlap)] = result
             if name in ERROR_CASES:
                 results[(num_devices, name, True)]["after_error"] = error_then_again(model, group, batch, simulated)
+            if name == HELD_CASE:
+                results[(num_devices, name, True)]["held"] = sender_held(model, group, batch, simulated)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     os._exit(0)
@@ -130,15 +133,29 @@ def projections(module: nn.Module) -> list[nn.Module]:
 
 
 class ProjectionWatch:
-    """Per layer: were its codes already in flight (`LayerState.transfer`) when its first projection ran?"""
+    """Per layer: were its codes already in flight (`LayerState.transfer`) when its first projection ran?
+    And had this rank posted the layer's receives (`transport.PostedAhead.posted_at`) before the attention
+    module ran (before ASTRA's own pre-hook)?"""
 
     def __init__(self, model: nn.Module):
         self.first: dict[int, bool] = {}
+        self.posted: dict[int, bool] = {}
+        modules = astra_state(model).adapter.attention_modules(model)
         self.handles = [
-            child.register_forward_pre_hook(self._seen(module._astra_layer))
-            for module in astra_state(model).adapter.attention_modules(model)
-            for child in projections(module)
+            child.register_forward_pre_hook(self._seen(module._astra_layer)) for module in modules for child in projections(module)
         ]
+        self.handles += [module.register_forward_pre_hook(self._reached(module._astra_layer), prepend=True) for module in modules]
+
+    def _reached(self, layer):
+        def hook(module, args):
+            reached = time.monotonic()
+            posted = getattr(layer.model_state.exchange, "posted", None)
+            self.posted[layer.layer_idx] = posted is not None and posted.posted_at.get(layer.layer_idx, reached) < reached
+
+        return hook
+
+    def posted_before_layer(self) -> int:
+        return sum(self.posted.values())
 
     def _seen(self, layer):
         def hook(child, args):
@@ -177,6 +194,7 @@ def error_then_again(model: nn.Module, group, batch: dict, simulated: torch.Tens
 
     def fail(child, args):
         in_flight.append(layers[1].transfer)
+        in_flight.append(getattr(state.exchange, "posted", None))
         raise InjectedError("injected")
 
     handles = [projections(second)[0].register_forward_pre_hook(fail)]
@@ -192,12 +210,80 @@ def error_then_again(model: nn.Module, group, batch: dict, simulated: torch.Tens
         for handle in handles:
             handle.remove()
     outcome["seconds"] = time.monotonic() - started
-    [transfer] = in_flight
-    works = transfer.works if hasattr(transfer, "works") else [transfer.work]
-    outcome["completed_when_raised"] = all(finished(work) for work in works)
+    transfer, posted = in_flight
+    outcome["posted_ahead"] = posted is not None
+    outcome["completed_when_raised"] = all(finished(work) for work in works_of(transfer, posted))
     outcome["left_on_layers"] = [layer.transfer is not None for layer in layers]
     got = runtime(**batch).logits
     outcome["diff"] = max_abs_diff(got, simulated, runtime, batch)
+    if runtime.causal and runtime.transport.posts_ahead:  # gloo: one rank leaves early, the others are not left waiting or misled
+        last = dist.get_world_size(group) - 1
+        outcome["source gives up"] = one_rank_raises(runtime, model, batch, simulated, 0, second, before_sending=True)
+        outcome["last rank raises"] = one_rank_raises(runtime, model, batch, simulated, last, projections(second)[0])
+    return outcome
+
+
+def works_of(transfer, posted) -> list:
+    """Every send and receive a transfer (and, posted ahead, its whole forward) started."""
+    if posted is not None:
+        return posted.works
+    return transfer.works if hasattr(transfer, "works") else [transfer.work]
+
+
+def one_rank_raises(runtime, model, batch, simulated, failing: int, module: nn.Module, before_sending: bool = False) -> dict:
+    """Rank ``failing`` alone raises in ``module``'s pre-hook (``before_sending``: ahead of ASTRA's own, so before
+    this layer's codes leave); the others go on. Records each rank's outcome, whether every send and receive of
+    the forward had ended when the call returned or raised, and the next call's diff."""
+    rank = dist.get_rank(runtime.group)
+    state = astra_state(model)
+    seen = []
+
+    def remember(module, args):
+        seen.append(state.exchange.posted)
+
+    def fail(module, args):
+        raise InjectedError("injected")
+
+    first = state.adapter.attention_modules(model)[0]
+    handles = [first.register_forward_pre_hook(remember)]
+    if rank == failing:
+        handles.append(module.register_forward_pre_hook(fail, prepend=before_sending))
+    dist.barrier(runtime.group)
+    try:
+        runtime(**batch)
+        outcome = {"message": "ok", "notes": []}
+    except (InjectedError, RuntimeError) as error:
+        outcome = {"message": f"{type(error).__name__}: {error}", "notes": list(getattr(error, "__notes__", []))}
+    finally:
+        for handle in handles:
+            handle.remove()
+    [posted] = seen
+    outcome["all_ended"] = all(finished(work) for work in posted.works)
+    outcome["diff"] = max_abs_diff(runtime(**batch).logits, simulated, runtime, batch)
+    return outcome
+
+
+HELD_CASE = "gpt2-hidden"
+HELD_SLEEP_S = 0.5  # the last rank sleeps this long before each layer
+
+
+def sender_held(model: nn.Module, group, batch: dict, simulated: torch.Tensor) -> dict:
+    """The last rank sleeps HELD_SLEEP_S before each attention layer; every rank times its forward, overlap on
+    (receives posted ahead, sends waited for at the end) and off (each layer waits for its sends)."""
+    rank, last = dist.get_rank(group), dist.get_world_size(group) - 1
+    modules = astra_state(model).adapter.attention_modules(model)
+    outcome = {"sleeps_s": HELD_SLEEP_S * len(modules) if rank == last else 0.0}
+    for overlap in (True, False):
+        runtime = DistributedRuntime(model, group=group, overlap=overlap, timeout=30)
+        handles = [m.register_forward_pre_hook(lambda *_: time.sleep(HELD_SLEEP_S), prepend=True) for m in modules] if rank == last else []
+        dist.barrier(group)
+        started = time.monotonic()
+        try:
+            got = runtime(**batch).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+        outcome[overlap] = {"seconds": time.monotonic() - started, "diff": max_abs_diff(got, simulated, runtime, batch)}
     return outcome
 
 

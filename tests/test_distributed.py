@@ -116,15 +116,48 @@ def test_hidden_mode_with_overlap_sends_before_the_projections(equivalence_resul
         assert result["sent_before_projections"] == early, (rank, num_devices, name, overlap)
 
 
+def test_receives_are_posted_before_their_layer_on_gloo_with_overlap(equivalence_results):
+    # Causal models on gloo with overlap: every receive of the forward is posted when it starts, so each layer's
+    # receives were posted before the rank reached that layer's attention module. Overlap off (and ViT's
+    # all_gather, and rank 0, which receives nothing) post a layer's receives when they reach it.
+    num_layers = 2
+    for rank, num_devices, name, overlap, result in all_runs(equivalence_results):
+        ahead = num_layers if overlap and rank > 0 and not name.startswith("vit") else 0
+        assert result["received_posted_before_layer"] == ahead, (rank, num_devices, name, overlap)
+
+
+def test_a_sender_is_not_held_by_a_slower_receiver(equivalence_results):
+    # The last rank sleeps before each layer. With overlap the earlier ranks' sends are waited for only at the
+    # end of the forward and their receivers posted every receive at its start: they finish long before the
+    # last rank. Without overlap each layer waits for its sends, so rank 0 keeps the last rank's pace.
+    checked = set()
+    for rank, num_devices, name, overlap, result in all_runs(equivalence_results):
+        if "held" not in result:
+            continue
+        held, last = result["held"], num_devices - 1
+        assert held[True]["diff"] <= TOL and held[False]["diff"] <= TOL, (rank, num_devices, held)
+        sleeps = workers.HELD_SLEEP_S * 2
+        if rank < last:
+            assert held[True]["seconds"] < sleeps / 2, (rank, num_devices, held)
+        else:
+            assert held[True]["seconds"] >= sleeps, (rank, num_devices, held)
+        if rank == 0:  # the control: the same wait fails the first assertion without posting ahead
+            assert held[False]["seconds"] >= 0.9 * sleeps, (rank, num_devices, held)
+        checked.add((num_devices, rank))
+    assert checked == {(n, r) for n in (2, 3, 4) for r in range(n)}
+
+
 def test_a_forward_that_raises_leaves_nothing_in_flight(equivalence_results):
     # Every rank raised in layer 1's projection with that layer's codes in flight, rank 0 half a second late:
-    # the error came back only once those codes had arrived, and the next call matched the simulation.
+    # the error came back only once those codes had arrived (posted ahead: every send and receive of the
+    # forward), and the next call matched the simulation.
     checked = set()
     for rank, num_devices, name, overlap, result in all_runs(equivalence_results):
         if "after_error" not in result:
             continue
         after = result["after_error"]
         assert after["message"] == "injected" and after["notes"] == [], (rank, num_devices, name, after)
+        assert after["posted_ahead"] == (not name.startswith("vit")), (rank, num_devices, name)
         assert after["completed_when_raised"], (rank, num_devices, name)
         assert after["left_on_layers"] == [False, False]
         assert after["diff"] <= TOL, (rank, num_devices, name, after["diff"])
@@ -132,6 +165,31 @@ def test_a_forward_that_raises_leaves_nothing_in_flight(equivalence_results):
             assert after["seconds"] >= workers.PEER_DELAY_S, (rank, num_devices, name, after["seconds"])
         checked.add((num_devices, name))
     assert checked == {(n, name) for n in (2, 3, 4) for name in workers.ERROR_CASES}
+
+
+def test_one_rank_leaving_a_forward_early_leaves_nothing_in_flight(equivalence_results):
+    # Receives posted ahead (causal, gloo, overlap). Rank 0 alone raises before sending layer 1: it sends
+    # fillers instead, and every later rank raises by name at layer 1 instead of decoding them. The last rank
+    # alone raises: the others finish normally. Either way every send and receive of the forward had ended
+    # when the call returned or raised, and the next call matched the simulation.
+    checked = set()
+    for rank, num_devices, name, overlap, result in all_runs(equivalence_results):
+        if "source gives up" not in result.get("after_error", {}):
+            continue
+        gave_up, last_raised = result["after_error"]["source gives up"], result["after_error"]["last rank raises"]
+        if rank == 0:
+            assert gave_up["message"] == "InjectedError: injected", gave_up
+        else:
+            assert gave_up["message"].startswith(
+                f"PeerFailureError: ASTRA rank {rank}/{num_devices}: the code exchange with ranks {list(range(rank))} failed"
+            ), gave_up
+            assert gave_up["message"].endswith("rank(s) [0] raised during this call and sent no codes for layer 1"), gave_up
+        assert last_raised["message"] == ("InjectedError: injected" if rank == num_devices - 1 else "ok"), last_raised
+        for outcome in (gave_up, last_raised):
+            assert outcome["notes"] == [] and outcome["all_ended"], (rank, num_devices, outcome)
+            assert outcome["diff"] <= TOL, (rank, num_devices, outcome)
+        checked.add((num_devices, name))
+    assert checked == {(n, name) for n in (2, 3, 4) for name in workers.ERROR_CASES if not name.startswith("vit")}
 
 
 def test_ranks_that_receive_codes_really_use_them(equivalence_results):

@@ -20,10 +20,16 @@ API
   to the local keys while the codes are in flight; in hidden mode the codes also leave earlier, from the
   attention module's forward pre-hook (`Exchange.layer_input`), before this rank's own Q/K/V projections,
   so the ranks that wait for them at that layer wait that much less (the same codes: hidden mode sends
-  the attention's input; kv mode sends K/V and starts in the attention function). ``overlap=False``:
+  the attention's input; kv mode sends K/V and starts in the attention function). Causal models on
+  gloo with overlap also post every receive of the forward when it starts (one tag per layer: gloo
+  sends a message only once its receive is posted), wait at a layer for that layer's receives only, and
+  wait for their own sends once, at the end, so a sender is not held to its receivers' pace
+  (`transport.PostedAhead`; NCCL keeps the layer-by-layer exchange). ``overlap=False``:
   encode, send, wait, then one attention over all keys (the sequential path, to compare against). A
   forward that raises first waits for the codes it started and never waited for, so none is left to
-  meet the next call's (a failure to deliver them is a note on the raised error). ``timeout``: seconds of silence from a peer before an
+  meet the next call's (a failure to deliver them is a note on the raised error); posted ahead, it
+  first sends a flagged filler for every layer it did not reach, and a receiver that gets one raises
+  `PeerFailureError` naming the rank that gave up. ``timeout``: seconds of silence from a peer before an
   exchange fails (`liveness.PeerFailureError`): a peer that is alive and busy (its heartbeat advances)
   is waited for, up to the process group's own operation timeout; a dead or frozen one ends every
   wait within ``timeout``. Every call starts with one fixed-size all_gather of the batch size, the
@@ -75,7 +81,7 @@ from .attention import attend, replace_cached_keys_values
 from .config import validate_timeout
 from .exchange import rebuild_keys_values, sent_vectors, split_heads
 from . import generation, liveness
-from .handshake import CHECKED_INPUTS, check_same_call, check_same_model
+from .handshake import CHECKED_INPUTS, batch_size, check_same_call, check_same_model
 from .liveness import PeerFailureError
 from .kernels import PROJECTION_TABLE_MAX_BYTES, KeyMask, table_limit, merge_partials, partial_attention, projected_from_codes, projection_tables
 from .models.base import RankView
@@ -86,6 +92,7 @@ from .trust import verify_peers
 from .transport import (
     TRAFFIC_KINDS,
     CodeTransport,
+    PostedAhead,
     Traffic,
     code_receivers,
     code_sources,
@@ -196,7 +203,7 @@ class DistributedRuntime:
             model_inputs["use_cache"] = self._keep_cache
             if self._keep_cache:  # filled with the last rank's view
                 model_inputs[generation.cache_argument(self.model)] = DynamicCache(config=self.model.config)
-        with self._active(RankExchange(self, view), self.adapter.rank_hooks(self.model, view)):
+        with self._active(RankExchange(self, view, batch_size(inputs)), self.adapter.rank_hooks(self.model, view)):
             return self.model(**model_inputs)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **generate_kwargs: Any):
@@ -225,10 +232,13 @@ class DistributedRuntime:
         previous, self.state.exchange = self.state.exchange, exchange
         layers = [module._astra_layer for module in self.adapter.attention_modules(self.model)]
         try:
+            exchange.begin()  # causal, gloo, overlap: every receive of the forward, posted now
             yield
         except Exception as error:
             exchange.settle(layers, error)  # no send or receive of this call is left for the next one to meet
             raise
+        else:
+            exchange.finish()  # the sends not waited for at their layers
         finally:
             self.state.exchange = previous
             for handle in hooks:
@@ -249,8 +259,8 @@ class DistributedRuntime:
 class RankExchange:
     """The `exchange.Exchange` of one rank during one forward: its own shard exact, the others from codes."""
 
-    def __init__(self, runtime: DistributedRuntime, view: RankView):
-        self.runtime, self.view = runtime, view
+    def __init__(self, runtime: DistributedRuntime, view: RankView, batch_size: int):
+        self.runtime, self.view, self.batch_size = runtime, view, batch_size
         layout, rank = view.layout, view.rank
         self.sources = code_sources(layout.num_devices, rank, runtime.causal)
         remote = [torch.arange(*layout.bounds(peer)) for peer in self.sources]
@@ -260,6 +270,20 @@ class RankExchange:
         # Hidden mode sends the attention's input: with overlap its codes leave from the module's pre-hook,
         # before this rank's own Q/K/V projections (`layer_input`). kv mode sends K/V, known only here.
         self.send_early = runtime.overlap and runtime.config.quantize == "hidden" and layout.num_devices > 1
+        # Causal models on gloo with overlap: every receive of the forward is posted by `begin`, a layer
+        # waits for its own receives only and the sends are waited for at the end (`transport.PostedAhead`).
+        self.post_ahead = runtime.overlap and runtime.causal and runtime.transport.posts_ahead and layout.num_devices > 1
+        self.posted: PostedAhead | None = None
+
+    def begin(self) -> None:
+        """Before the model runs: post the forward's receives (causal, gloo, overlap)."""
+        if self.post_ahead:
+            self.posted = self.runtime.transport.post_ahead(self.view.layout, self.batch_size, self.runtime.num_layers)
+
+    def finish(self) -> None:
+        """After a forward that returned: wait for the sends it did not wait for (`PostedAhead.finish`)."""
+        if self.posted is not None:
+            self.posted.finish()
 
     def layer_input(self, module, layer: LayerState) -> None:
         """The attention module's pre-hook: in hidden mode with overlap, encode and start sending this shard's codes."""
@@ -270,7 +294,9 @@ class RankExchange:
         """Encode and send what ``layer`` quantizes (`exchange.sent_vectors`), post the receives; the transfer."""
         runtime = self.runtime
         sent = sent_vectors(runtime.adapter, layer, key, value, runtime.config.quantize)
-        return runtime.transport.start(module.astra_quantizer, sent, self.view.layout, runtime.causal, runtime.element_size)
+        return runtime.transport.start(
+            module.astra_quantizer, sent, self.view.layout, runtime.causal, runtime.element_size, self.posted, layer.layer_idx
+        )
 
     def received(self, layer: LayerState) -> list[torch.Tensor]:
         """Wait for the codes ``layer`` started (`CodeTransfer.wait`); from then on nothing of it is in flight."""
@@ -278,12 +304,23 @@ class RankExchange:
         return transfer.wait()
 
     def settle(self, layers: list[LayerState], error: Exception) -> None:
-        """After ``error`` ended a forward: wait for the codes it started and never waited for (at most one layer's).
+        """After ``error`` ended a forward: wait for the codes it started and never waited for.
 
-        Every rank posts a layer's sends and receives as it reaches the layer, so they complete unless a
-        peer failed too; a wait that fails (`liveness`: a dead peer within ``timeout``, a busy one within
-        the process group's timeout) is noted on ``error``, which the caller raises.
+        Layer by layer (NCCL, ``overlap=False``, ViT): at most one layer's, whose sends and receives every
+        rank posts as it reaches the layer, so they complete unless a peer failed too. Posted ahead
+        (causal, gloo, overlap): `PostedAhead.finish` sends a filler for every layer not sent and waits
+        for every send and receive of the forward, in one wait that does not wait again for a peer
+        already silent for ``timeout``. A wait that fails (`liveness`: a dead peer within ``timeout``, a
+        busy one within the process group's timeout) is noted on ``error``, which the caller raises.
         """
+        if self.posted is not None:
+            for layer in layers:
+                layer.transfer = None
+            try:
+                self.posted.finish(drained=True)
+            except Exception as failure:  # noqa: BLE001 - ``error`` is what the caller raises
+                error.add_note(f"ASTRA: the codes of this forward, in flight when it was raised, were not all delivered: {failure}")
+            return
         for layer in layers:
             if layer.transfer is None:
                 continue

@@ -118,21 +118,25 @@ def current_heartbeat() -> Heartbeat | None:
     return _heartbeat
 
 
-def wait(works, what: str, timeout: float, peers: list[int], where: str, sliced: bool = True) -> None:
+def wait(works, what: str, timeout: float, peers: list[int], where: str, sliced: bool = True, since: float | None = None) -> None:
     """Wait for ``works`` (one or a list); `PeerFailureError` naming ``what`` when one fails or a peer is silent for ``timeout``.
 
     ``peers``: global ranks this exchange depends on. ``where``: who waits ("ASTRA rank 1/2").
     ``sliced=False`` (NCCL): one wait bounded by ``timeout`` per work, as the backend implements it.
+    ``since`` (a `time.monotonic` time, default now): count a peer's silence from then at the earliest,
+    e.g. from the start of a forward when draining it after an error, so that a peer already silent
+    for ``timeout`` is not waited for a second ``timeout``.
     """
     works = list(works) if isinstance(works, (list, tuple)) else [works]
     started = time.monotonic()
+    since = started if since is None else min(since, started)
     heartbeat = current_heartbeat() if sliced else None
     if heartbeat is None:
         try:
             for work in works:
                 work.wait(timedelta(seconds=timeout))
         except RuntimeError as error:  # DistBackendError is a RuntimeError
-            raise _failure(where, what, started, timeout, f"a rank died, stalled or gave up. Cause: {error}") from error
+            raise failure(where, what, started, timeout, f"a rank died, stalled or gave up. Cause: {error}") from error
         return
     if not works:
         return
@@ -141,20 +145,20 @@ def wait(works, what: str, timeout: float, peers: list[int], where: str, sliced:
             for work in works:
                 work.wait()
         except RuntimeError as error:
-            raise _failure(where, what, started, timeout, f"a rank died or gave up. Cause: {error}") from error
+            raise failure(where, what, started, timeout, f"a rank died or gave up. Cause: {error}") from error
         return
     done, outcome = _completion(works)
     while not done.wait(max(heartbeat.interval, 0.01)):
-        silent = {peer: s for peer, s in heartbeat.silence(peers, started).items() if s > timeout}
+        silent = {peer: s for peer, s in heartbeat.silence(peers, since).items() if s > timeout}
         if silent:
             store = f"; the heartbeat store is unreachable too ({heartbeat.error})" if heartbeat.error else ""
-            raise _failure(
+            raise failure(
                 where, what, started, timeout,
                 f"no heartbeat from rank(s) {sorted(silent)} for {max(silent.values()):.1f}s: a rank died or froze{store}",
             )
     if outcome:
         error = outcome[0]
-        raise _failure(where, what, started, timeout, f"a rank died or gave up. Cause: {error}") from error
+        raise failure(where, what, started, timeout, f"a rank died or gave up. Cause: {error}") from error
 
 
 def _completed(work) -> bool:
@@ -202,7 +206,8 @@ def _completion(works: list) -> tuple[threading.Event, list[Exception]]:
     return done, outcome
 
 
-def _failure(where: str, what: str, started: float, timeout: float, cause: str) -> PeerFailureError:
+def failure(where: str, what: str, started: float, timeout: float, cause: str) -> PeerFailureError:
+    """The error every failed wait raises: who waited, for what, how long, and why."""
     return PeerFailureError(f"{where}: {what} failed after {time.monotonic() - started:.1f}s (timeout {timeout:g}s): {cause}")
 
 

@@ -5,12 +5,20 @@ payload is padded to the largest one (gloo has no all_to_all) and the pad is cou
 Causal models (GPT2, Llama): rank r needs only the codes of ranks < r, so each rank sends its exact
 payload point-to-point to the later ranks only; the last rank sends no codes. Byte counts are logical:
 a payload sent to k peers counts k times, which is also what a ring all_gather puts on each link.
+
+Causal models on gloo with overlap (`PostedAhead`): gloo's TCP pairs put a message on the wire only
+once the receiver has posted its receive (the receiver's "recv ready" notification, gloo
+transport/tcp/pair.cc), so every receive of a forward is posted at its start, one tag per layer, and
+a layer waits only for its own receives; the sends are waited for once, at the end of the forward.
+Elsewhere (NCCL, ``overlap=False``, bidirectional models) a layer's sends and receives are posted when
+the layer starts and waited for together.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+import time
 from typing import Any
 
 import torch
@@ -85,9 +93,22 @@ class CodeTransport:
         self._peers = [g for r, g in enumerate(self._global) if r != self.rank]
         self._where = f"ASTRA rank {self.rank}/{self.world_size}"
         self._sliced = dist.get_backend(group) == "gloo"
+        # gloo sends a message only once its receive is posted: post a forward's receives ahead (`PostedAhead`).
+        # NCCL runs a communicator's point-to-point ops in order on one stream: receives posted ahead
+        # would hold this rank's own sends behind them, so it keeps posting layer by layer.
+        self.posts_ahead = self._sliced
 
-    def start(self, quantizer, sent: torch.Tensor, layout: ShardLayout, causal: bool, element_size: int) -> "CodeTransfer":
-        """Encode and send this shard's codes (if any rank needs them) and post the receives."""
+    def post_ahead(self, layout: ShardLayout, batch_size: int, num_layers: int) -> "PostedAhead":
+        """Post every receive of a causal forward now (gloo; see `PostedAhead`)."""
+        return PostedAhead(self, layout, batch_size, num_layers)
+
+    def start(self, quantizer, sent: torch.Tensor, layout: ShardLayout, causal: bool, element_size: int,
+              posted: "PostedAhead | None" = None, layer_idx: int | None = None) -> "CodeTransfer":
+        """Encode and send this shard's codes (if any rank needs them) and post the receives.
+
+        ``posted``: the forward's receives, already posted (causal, gloo, overlap): this sends layer
+        ``layer_idx``'s codes and returns the transfer that waits for that layer's receives only.
+        """
         batch = sent.shape[0]
         sizes = [payload_bytes(self.config, layout, shard, batch) for shard in range(self.world_size)]
         receivers = code_receivers(self.world_size, self.rank, causal)
@@ -98,7 +119,9 @@ class CodeTransport:
             if payload.numel() != sizes[self.rank]:  # the receivers size their buffers by the formula
                 raise RuntimeError(f"packed {payload.numel()} code bytes, the layout promises {sizes[self.rank]}")
         shapes = {s: (batch, layout.sizes[s], self.config.codes_per_token) for s in sources}
-        if causal:
+        if posted is not None:
+            transfer = posted.start(layer_idx, payload)
+        elif causal:
             transfer = _PointToPointTransfer(self, payload, sizes, receivers, sources, shapes)
         else:
             transfer = _AllGatherTransfer(self, payload, sizes, sources, shapes)
@@ -114,12 +137,22 @@ class CodeTransport:
         self.traffic.sent[kind] += sent
         self.traffic.received[kind] += received
 
-    def wait(self, work, what: str) -> None:
+    def wait(self, work, what: str, since: float | None = None) -> None:
         """Wait for an async collective (or a list of works): `liveness.PeerFailureError` naming ``what`` when a peer is lost.
 
-        A busy peer (its heartbeat advances) is waited for; one silent for ``timeout`` seconds is not.
+        A busy peer (its heartbeat advances) is waited for; one silent for ``timeout`` seconds is not
+        (counted from ``since`` at the earliest, default now: `liveness.wait`).
         """
-        liveness.wait(work, what, self.timeout, self._peers, self._where, sliced=self._sliced)
+        liveness.wait(work, what, self.timeout, self._peers, self._where, sliced=self._sliced, since=since)
+
+    def post(self, ops: list, what: str) -> list:
+        """``dist.batch_isend_irecv(ops)``; a peer already lost is a `liveness.PeerFailureError` naming ``what``."""
+        if not ops:
+            return []
+        try:
+            return dist.batch_isend_irecv(ops)
+        except RuntimeError as error:  # gloo: the pair to that peer is closed
+            raise liveness.failure(self._where, what, time.monotonic(), self.timeout, f"a rank died or gave up. Cause: {error}") from error
 
     def all_gather(self, tensor: torch.Tensor, what: str, kind: str) -> list[torch.Tensor]:
         """Every rank's ``tensor`` (same shape everywhere), on ``tensor``'s device; counted as ``kind``."""
@@ -165,9 +198,130 @@ class _PointToPointTransfer(CodeTransfer):
         self.buffers = {s: torch.zeros(sizes[s], dtype=torch.uint8, device=payload.device) for s in sources}
         ops = [dist.P2POp(dist.isend, payload, global_rank(r), group) for r in receivers]
         ops += [dist.P2POp(dist.irecv, self.buffers[s], global_rank(s), group) for s in sources]
-        self.works = dist.batch_isend_irecv(ops) if ops else []
+        self.works = transport.post(ops, f"the code exchange with ranks {sources}")
         transport.count("codes", len(receivers) * sizes[transport.rank], sum(sizes[s] for s in sources))
 
     def wait(self) -> list[torch.Tensor]:
         self.transport.wait(self.works, f"the code exchange with ranks {self.sources}")
         return [self.transport.unpack(self.buffers[s], self.shapes[s]) for s in self.sources]
+
+
+class PostedAhead:
+    """One causal forward's point-to-point codes on gloo, with overlap: receives posted ahead, sends not held.
+
+    gloo's TCP pair puts a message on the wire only once the receiver has posted the matching receive
+    (`Pair::send` queues it until the peer's "recv ready" arrives), so a receive posted only when its
+    layer is reached waits for the whole transfer however early the sender sent. Here every receive of
+    the forward (each source, each layer; tag = layer index, so no message meets another layer's
+    receive) is posted when the forward starts: the layout agreed by the call's first exchange fixes
+    every payload's size. A layer then waits for its own receives only (`_PostedTransfer`); its sends
+    are kept, with their payloads, and waited for once by `finish`, so a sender runs ahead of slower
+    receivers. All layers rather than a few ahead: a forward's receive buffers are the codes the rank
+    receives anyway (kilobytes per layer), and a sender never waits for a receiver to reach a layer.
+
+    Every message a receiver posted is sent, whatever happens: a rank that leaves the forward early
+    (an error) sends, for each layer it did not reach, a filler one byte longer than the payload whose
+    last byte is 1. Receive buffers have that extra byte (gloo accepts a message shorter than the
+    posted receive): 0 after a real payload, 1 after a filler, so a receiver that did not fail raises
+    (`PeerFailureError`: the source gave up) instead of decoding filler. `finish` then waits for every
+    send and every receive not yet waited for, so no message of this call is left to meet the next.
+    """
+
+    def __init__(self, transport: CodeTransport, layout: ShardLayout, batch_size: int, num_layers: int):
+        self.transport, self.num_layers, self.started = transport, num_layers, time.monotonic()
+        rank, world, config = transport.rank, transport.world_size, transport.config
+        self.sizes = [payload_bytes(config, layout, shard, batch_size) for shard in range(world)]
+        self.receivers = code_receivers(world, rank, causal=True)
+        self.sources = code_sources(world, rank, causal=True)
+        self.shapes = {s: (batch_size, layout.sizes[s], config.codes_per_token) for s in self.sources}
+        self._global = transport._global
+        self.posted_at: dict[int, float] = {}  # layer -> when its receives were posted (monotonic)
+        self.receives: dict[int, dict[int, tuple[torch.Tensor, Any]]] = {}  # layer -> source -> (buffer, work), not yet waited
+        self.sends: dict[int, tuple[torch.Tensor, list]] = {}  # layer -> (payload, works): alive until `finish`
+        self.works: list = []  # every work of the forward (tests ask whether all ended)
+        if not self.sources:
+            return
+        ops, buffers = [], {}
+        for layer in range(num_layers):
+            for source in self.sources:
+                buffer = torch.zeros(self.sizes[source] + 1, dtype=torch.uint8, device=transport.comm_device)
+                buffers[layer, source] = buffer
+                ops.append(dist.P2POp(dist.irecv, buffer, self._global[source], transport.group, tag=layer))
+        works = transport.post(ops, f"the code exchange with ranks {self.sources}")
+        now = time.monotonic()
+        for (layer, source), work in zip(buffers, works):
+            self.receives.setdefault(layer, {})[source] = (buffers[layer, source], work)
+            self.posted_at[layer] = now
+        self.works += works
+
+    def start(self, layer: int, payload: torch.Tensor) -> "CodeTransfer":
+        """Send layer ``layer``'s ``payload`` to the later ranks (not waited for here); the layer's transfer."""
+        transport = self.transport
+        if layer in self.sends:
+            raise RuntimeError(f"layer {layer}'s codes were already sent in this forward")
+        ops = [dist.P2POp(dist.isend, payload, self._global[r], transport.group, tag=layer) for r in self.receivers]
+        self.sends[layer] = (payload, [])  # before posting: `finish` sends no filler for a layer that failed here
+        self.sends[layer] = (payload, transport.post(ops, f"the code exchange with ranks {self.receivers}"))
+        self.works += self.sends[layer][1]
+        transport.count("codes", len(self.receivers) * payload.numel(), sum(self.sizes[s] for s in self.sources))
+        return _PostedTransfer(self, layer)
+
+    def receive(self, layer: int) -> list[torch.Tensor]:
+        """Wait for layer ``layer``'s receives only; its codes from every source, in sequence order."""
+        transport = self.transport
+        pending = self.receives.pop(layer, {})
+        if not self.sources:
+            return []
+        what = f"the code exchange with ranks {self.sources}"
+        started = time.monotonic()
+        transport.wait([work for _, work in pending.values()], what)
+        gave_up = [source for source, (buffer, _) in pending.items() if self._filler(source, buffer)]
+        if gave_up:
+            transport.count("control", 0, sum(self.sizes[s] + 1 for s in gave_up))
+            cause = f"rank(s) {gave_up} raised during this call and sent no codes for layer {layer}"
+            raise liveness.failure(transport._where, what, started, transport.timeout, cause)
+        return [transport.unpack(pending[s][0][: self.sizes[s]], self.shapes[s]) for s in self.sources]
+
+    def finish(self, drained: bool = False) -> None:
+        """Send a filler for every layer not sent, then wait for every send and every receive not waited for.
+
+        ``drained``: after an error, when a peer's silence counts from the start of the forward (one
+        already silent for ``timeout`` is not waited for again). Raises `PeerFailureError` when one fails.
+        """
+        transport = self.transport
+        if self.receivers:
+            filler = torch.zeros(self.sizes[transport.rank] + 1, dtype=torch.uint8, device=transport.comm_device)
+            filler[-1] = 1
+            ops = [
+                dist.P2POp(dist.isend, filler, self._global[r], transport.group, tag=layer)
+                for layer in range(self.num_layers) if layer not in self.sends for r in self.receivers
+            ]
+            if ops:
+                self.sends[-1] = (filler, [])  # kept alive with the works
+                self.sends[-1] = (filler, transport.post(ops, f"the code exchange with ranks {self.receivers}"))
+                self.works += self.sends[-1][1]
+                transport.count("control", len(ops) * filler.numel(), 0)
+        pending = [work for _, works in self.sends.values() for work in works]
+        pending += [work for receives in self.receives.values() for _, work in receives.values()]
+        peers = sorted(set(self.receivers) | set(self.sources))
+        try:
+            transport.wait(pending, f"the code exchange with ranks {peers}", since=self.started if drained else None)
+        finally:
+            for receives in self.receives.values():
+                for source, (buffer, work) in receives.items():
+                    if self._filler(source, buffer) and work.is_completed():
+                        transport.count("control", 0, buffer.numel())
+            self.receives.clear()
+
+    def _filler(self, source: int, buffer: torch.Tensor) -> bool:
+        return bool(buffer[self.sizes[source]] != 0)
+
+
+class _PostedTransfer(CodeTransfer):
+    """Layer ``layer`` of a `PostedAhead` forward: waiting for it waits for its own receives only."""
+
+    def __init__(self, posted: PostedAhead, layer: int):
+        self.posted, self.layer = posted, layer
+
+    def wait(self) -> list[torch.Tensor]:
+        return self.posted.receive(self.layer)
