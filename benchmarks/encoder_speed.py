@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from datetime import datetime, timezone
 
 import torch
@@ -254,6 +255,14 @@ def markdown_document(path: str, start: str = MARKDOWN_START, end: str = MARKDOW
     if start not in document or end not in document:
         raise ValueError(f"--markdown {path} has no {start} ... {end} section to fill")
     return document
+
+
+def append_rows(path: str, rows: list[dict]) -> list[dict]:
+    """Append ``rows`` to the JSON list in ``path`` (created if missing); returns every row it now holds."""
+    target = Path(path)
+    existing = json.loads(target.read_text()) if target.exists() else []
+    target.write_text(json.dumps(existing + rows, indent=1) + "\n")
+    return existing + rows
 
 
 def write_markdown(path: str, text: str, start: str = MARKDOWN_START, end: str = MARKDOWN_END) -> None:

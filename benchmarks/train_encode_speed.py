@@ -14,18 +14,16 @@ codebooks drawn from the data and with half the codewords duplicated:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from transformers_astra.quantizer import GroupedVQ
+from transformers_astra.quantizer import GroupedVQ, fast_nearest_codewords
 
-from .encoder_speed import markdown_document, write_markdown
+from .encoder_speed import append_rows, markdown_document, write_markdown
 
 MARKDOWN_START = "<!-- train-encode-speed:start -->"
 MARKDOWN_END = "<!-- train-encode-speed:end -->"
@@ -36,12 +34,13 @@ def step_seconds(vq: GroupedVQ, x: torch.Tensor, exact: bool, repeats: int) -> l
 
     def once():
         source = x.clone().requires_grad_(True)
-        if exact:  # what training mode's forward did before: the exact encoder, the rest unchanged
+        if exact:
             codes = vq.encode(source)
-            decoded = vq.decode(codes).to(source.dtype)
-            out = decoded + (source - source.detach())
-        else:
-            out = vq(source)[0]
+        else:  # what training mode's forward does on accelerators (`GroupedVQ._training_codes`), on any device
+            points = source.detach().reshape(-1, vq.groups, vq.group_width).transpose(0, 1)
+            codes = fast_nearest_codewords(points, vq.codebook.detach(), 1 << 24).T
+        decoded = vq.decode(codes).to(source.dtype)  # the rest of the training-mode forward, unchanged
+        out = decoded + (source - source.detach())
         out.square().mean().backward()
 
     def synchronize():
@@ -113,11 +112,9 @@ def main(argv: list[str] | None = None) -> None:
              "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
     rows = [row | stamp for row in measure(args.device, args.repeats)]
     if args.out:
-        path = Path(args.out)
-        existing = json.loads(path.read_text()) if path.exists() else []
-        path.write_text(json.dumps(existing + rows, indent=1) + "\n")
+        every = append_rows(args.out, rows)
         if args.markdown:
-            write_markdown(args.markdown, markdown(existing + rows), MARKDOWN_START, MARKDOWN_END)
+            write_markdown(args.markdown, markdown(every), MARKDOWN_START, MARKDOWN_END)
 
 
 if __name__ == "__main__":
