@@ -38,7 +38,7 @@ import torch
 from transformers_astra.generation import cache_argument, output_cache
 from transformers_astra.sharding import split_sizes
 
-from .encoder_speed import append_rows, markdown_document, write_markdown
+from .encoder_speed import markdown_document, save_rows, write_markdown
 from .workloads import WORKLOADS, build
 
 MARKDOWN_START = "<!-- ceiling:start -->"
@@ -186,9 +186,7 @@ def main(argv: list[str] | None = None) -> None:
              "command": command}
     rows = [row | stamp for name in args.workloads for row in measure(name, args.n, args.runs, args.small)]
     if args.out:
-        every = append_rows(args.out, rows)
-        if args.markdown:
-            write_markdown(args.markdown, markdown(every), MARKDOWN_START, MARKDOWN_END)
+        save_rows(args.out, rows, args.markdown, markdown, MARKDOWN_START, MARKDOWN_END)
 
 
 if __name__ == "__main__":

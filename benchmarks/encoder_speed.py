@@ -257,12 +257,14 @@ def markdown_document(path: str, start: str = MARKDOWN_START, end: str = MARKDOW
     return document
 
 
-def append_rows(path: str, rows: list[dict]) -> list[dict]:
-    """Append ``rows`` to the JSON list in ``path`` (created if missing); returns every row it now holds."""
+def save_rows(path: str, rows: list[dict], markdown_path: str | None, render, start: str, end: str) -> None:
+    """Append ``rows`` to the JSON list in ``path`` (created if missing); with ``markdown_path``, rewrite its
+    section between ``start`` and ``end`` with ``render(every row the file now holds)``."""
     target = Path(path)
-    existing = json.loads(target.read_text()) if target.exists() else []
-    target.write_text(json.dumps(existing + rows, indent=1) + "\n")
-    return existing + rows
+    every = (json.loads(target.read_text()) if target.exists() else []) + rows
+    target.write_text(json.dumps(every, indent=1) + "\n")
+    if markdown_path:
+        write_markdown(markdown_path, render(every), start, end)
 
 
 def write_markdown(path: str, text: str, start: str = MARKDOWN_START, end: str = MARKDOWN_END) -> None:

@@ -23,7 +23,7 @@ import torch
 
 from transformers_astra.quantizer import GroupedVQ, fast_nearest_codewords
 
-from .encoder_speed import append_rows, markdown_document, write_markdown
+from .encoder_speed import markdown_document, save_rows
 
 MARKDOWN_START = "<!-- train-encode-speed:start -->"
 MARKDOWN_END = "<!-- train-encode-speed:end -->"
@@ -112,9 +112,7 @@ def main(argv: list[str] | None = None) -> None:
              "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
     rows = [row | stamp for row in measure(args.device, args.repeats)]
     if args.out:
-        every = append_rows(args.out, rows)
-        if args.markdown:
-            write_markdown(args.markdown, markdown(every), MARKDOWN_START, MARKDOWN_END)
+        save_rows(args.out, rows, args.markdown, markdown, MARKDOWN_START, MARKDOWN_END)
 
 
 if __name__ == "__main__":
