@@ -261,8 +261,11 @@ def call5() -> list[Job]:
     0.36 (kv) to 0.73 (hidden) of their epoch after ~480 s, even with 6 runs alone on the GPU (a second call,
     ``ASTRA_ONLY='llama-english-g32-.*'`` on the warm host): 3-5x slower a step than the Llama KJV runs of call 2
     (324 steps in 112-165 s) and GPT2's English runs (549 steps in ~215-240 s). On the dev VM's CPU a step costs the
-    same on English and KJV data, so the cause is on the GPU host and not found; these rows need a call of their own
-    with a longer budget (the base is not packed back: it must be trained again)."""
+    same on English and KJV data, so the cause is on the GPU host. Likely cause, found afterwards: training mode
+    encoded with the exact encoder, whose recheck of near-ties synchronises with the host and loops over groups on a
+    GPU (`benchmarks/train_encode_speed.py`, H200: the quantizer's step 7.4x slower at G = 32 than the plain argmin
+    that training mode uses on GPUs since); not confirmed on these runs. They need a call of their own (the base is
+    not packed back: it must be trained again)."""
     jobs = [Job("llama-english-base", "train_base.py", list(LATER_BASES["llama-english-base"]))]
     jobs += estimated(n_agnostic_recipe("gpt2", "ep6-even") + n_agnostic_recipe("gpt2", "ep6"), 210)
     for seeds in ((0,), (1, 2)):
