@@ -76,6 +76,16 @@ for setting in "32 hidden" "32 kv 256" "1 hidden"; do
     step "gpt2-n4-overlap-off-g$g-$q$k" 40 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups "$g" --quantize "$q" \
         "${kflag[@]}" --overlap off --links real --bandwidths 10
 done
+# Paced links (a two-frame token bucket: bursts leave at the rate, docs/benchmarks.md "Links"): the same settings,
+# overlap on and off, where the per-layer messages meet the 10 Mbps rate as on a real radio.
+for setting in "32 hidden" "32 kv 256" "1 hidden"; do
+    read -r g q k <<< "$setting"
+    kflag=(); [ -n "$k" ] && kflag=(--codebook-size "$k")
+    step "gpt2-n4-paced-g$g-$q$k" 40 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups "$g" --quantize "$q" \
+        "${kflag[@]}" --links real --bandwidths 10 --paced
+    step "gpt2-n4-paced-off-g$g-$q$k" 40 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups "$g" --quantize "$q" \
+        "${kflag[@]}" --overlap off --links real --bandwidths 10 --paced
+done
 step gpt2-n4-overlap-compute 40 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 32 1 --quantize hidden \
     --links compute
 step gpt2-n4-overlap-compute-k256 20 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 32 --quantize kv \

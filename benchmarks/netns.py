@@ -5,6 +5,12 @@ address 10.77.0.{i+1}; its link is the veth pair ``astra-h{i}`` (host side, on b
 <-> ``eth0`` (inside the namespace). A link of B Mbps is a tbf of rate B on both ends of the pair:
 inside the namespace it limits what the rank sends, on the host side what it receives.
 
+The token bucket: by default 64 KiB (`MIN_BURST_BYTES`, so that segmentation-offload packets pass and bulk
+TCP reaches the rate); after an idle moment up to 64 KiB then leave at the veth's speed, not the link's: one
+30 KB message took 0.3 ms on a "10 Mbps" link of the dev VM where the rate says 24.6 ms. ``paced=True``
+(`Topology.shape`, ``run_latency --paced``) shapes with a two-frame bucket and one frame per packet, so a burst
+leaves at the rate as on a real radio (23.5 ms for the same message). ``measure --message-bytes`` times it.
+
 Cleanup is guaranteed three ways: ``Topology`` is a context manager (try/finally), it registers an
 ``atexit`` hook, and SIGTERM/SIGINT/SIGHUP become SystemExit so those run. Leftovers of a killed
 run go with ``python -m benchmarks.netns cleanup``. Verify a shaped rate with
@@ -49,6 +55,11 @@ QUEUE_LATENCY_MS = 100
 # Token bucket depth: at least one max-size packet (64 KiB GSO) and about 2 ms of traffic at the rate,
 # so the timer granularity does not cap throughput at 500-1000 Mbps.
 MIN_BURST_BYTES = 64 * 1024 + 1514
+# Paced links (``paced=True``): one frame per packet and a bucket of two frames (or 2 ms of traffic), so a burst
+# leaves at the link's rate as on a real 10 Mbps radio; the 64 KiB bucket lets up to 64 KiB after an idle moment
+# through at the veth's speed.
+FRAME_BYTES = 1514
+PACED_MIN_BURST_BYTES = 2 * FRAME_BYTES
 
 
 def namespace(rank: int) -> str:
@@ -71,9 +82,9 @@ def in_namespace(rank: int, *args: str) -> list[str]:
     return ["ip", "netns", "exec", namespace(rank), *args]
 
 
-def tbf_args(mbps: float) -> list[str]:
+def tbf_args(mbps: float, paced: bool = False) -> list[str]:
     rate_bytes = mbps * 1e6 / 8
-    burst = max(MIN_BURST_BYTES, int(rate_bytes * 0.002))
+    burst = max(PACED_MIN_BURST_BYTES if paced else MIN_BURST_BYTES, int(rate_bytes * 0.002))
     return ["tbf", "rate", f"{mbps}mbit", "burst", str(burst), "latency", f"{QUEUE_LATENCY_MS}ms"]
 
 
@@ -155,14 +166,20 @@ class Topology(AbstractContextManager):
             sh("ip", "link", "set", host, "master", BRIDGE)
             sh("ip", "link", "set", host, "up")
 
-    def shape(self, mbps: float | None) -> None:
-        """Rate-limit both directions of every rank's link to ``mbps`` (None removes the limit)."""
+    def shape(self, mbps: float | None, paced: bool = False) -> None:
+        """Rate-limit both directions of every rank's link to ``mbps`` (None removes the limit).
+
+        ``paced``: a bucket of two frames (`PACED_MIN_BURST_BYTES`), one frame per packet (`segment_per_frame`),
+        so that bursts leave at the rate too; otherwise a 64 KiB bucket (`MIN_BURST_BYTES`).
+        """
+        if paced and not self.per_frame:
+            self.segment_per_frame()  # a 64 KiB offload packet could never pass a two-frame bucket
         for rank in range(self.num_ranks):
             for cmd in (["tc", "qdisc"], in_namespace(rank, "tc", "qdisc")):
                 dev = host_veth(rank) if cmd[0] == "tc" else "eth0"
                 sh(*cmd, "del", "dev", dev, "root", check=False)
                 if mbps is not None:
-                    sh(*cmd, "replace", "dev", dev, "root", *tbf_args(mbps))
+                    sh(*cmd, "replace", "dev", dev, "root", *tbf_args(mbps, paced))
 
     def segment_per_frame(self) -> None:
         """One TCP segment per packet (no segmentation offload) on every rank's link, so loss applies per frame."""
@@ -244,6 +261,41 @@ sock.close()
 """
 
 
+# One message after an idle moment, acknowledged by the receiver: what a layer's codes meet on the link.
+_MESSAGE_SINK = """
+import socket, sys
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", int(sys.argv[1]))); srv.listen(1); print("ready", flush=True)
+conn, _ = srv.accept(); conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+for _ in range(int(sys.argv[3])):
+    left = int(sys.argv[2])
+    while left: left -= len(conn.recv(min(left, 1 << 20)))
+    conn.sendall(b"k")
+"""
+_MESSAGE_SOURCE = """
+import socket, sys, time
+sock = socket.create_connection((sys.argv[1], int(sys.argv[2]))); sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+message, times = b"x" * int(sys.argv[3]), []
+for _ in range(int(sys.argv[4])):
+    time.sleep(float(sys.argv[5]))  # the link idles: a token bucket refills
+    start = time.perf_counter(); sock.sendall(message); sock.recv(1); times.append(time.perf_counter() - start)
+print(sorted(times)[len(times) // 2], flush=True)
+"""
+
+
+def measure_message(topology: Topology, nbytes: int, repeats: int = 5, idle_s: float = 0.5, port: int = 5202) -> float:
+    """Median seconds from sending one ``nbytes`` message (after ``idle_s`` of silence) to its 1-byte receipt."""
+    sink = subprocess.Popen(in_namespace(1, sys.executable, "-c", _MESSAGE_SINK, str(port), str(nbytes), str(repeats)),
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        sink.stdout.readline()
+        out = subprocess.run(in_namespace(0, sys.executable, "-c", _MESSAGE_SOURCE, address(1), str(port), str(nbytes),
+                                          str(repeats), str(idle_s)), check=True, capture_output=True, text=True)
+        return float(out.stdout.strip())
+    finally:
+        sink.wait(timeout=60)
+
+
 def measure_mbps(topology: Topology, seconds: float = 3.0, port: int = 5201) -> float:
     """Goodput of one TCP stream from rank 0 to rank 1 over the current shaping, in Mbps."""
     sink = subprocess.Popen(in_namespace(1, sys.executable, "-c", _SINK, str(port)), stdout=subprocess.PIPE, text=True)
@@ -267,6 +319,9 @@ def main(argv: list[str] | None = None) -> None:
     measure.add_argument("--loss", type=float, nargs="+", default=[0.0], help="packet loss (percent) of each rate")
     measure.add_argument("--json", help="write the measurements here")
     measure.add_argument("--machine", default="", help="the machine label the rows carry (as the latency rows')")
+    measure.add_argument("--paced", action="store_true", help="paced links (two-frame bucket, one frame per packet)")
+    measure.add_argument("--message-bytes", type=int, nargs="*", default=[],
+                         help="also time one message of each size after an idle moment (e.g. a layer's codes)")
     args = parser.parse_args(argv)
     if args.command == "cleanup":
         with open(LOCK_PATH, "w") as lock:
@@ -285,10 +340,13 @@ def main(argv: list[str] | None = None) -> None:
             for loss in args.loss if mbps is not None else [0.0]:
                 if loss and not topology.per_frame:
                     topology.segment_per_frame()
-                topology.shape(mbps)
+                topology.shape(mbps, args.paced)
                 topology.set_loss(loss)
                 measured = measure_mbps(topology, args.seconds)
+                messages = {str(n): round(measure_message(topology, n), 5) for n in args.message_bytes}
                 rows.append({"machine": args.machine, "shaped_mbps": mbps, "loss_percent": loss, "measured_mbps": round(measured, 2),
+                             "paced": args.paced, "message_seconds": messages,
+                             "message_seconds_at_rate": {str(n): round(n * 8 / (mbps * 1e6), 5) for n in args.message_bytes} if mbps else {},
                              "seconds": args.seconds, "date": time.strftime("%Y-%m-%d"),
                              "command": "python -m benchmarks.netns " + shlex.join(argv or sys.argv[1:])})  # fmt: skip
                 print(json.dumps(rows[-1]), flush=True)

@@ -259,6 +259,8 @@ def row_command(args, variant: Variant, world: int, link: str, mbps, loss: float
         parts.append(f"--bandwidths {mbps:g}")
     if loss:
         parts.append(f"--loss {loss:g}")
+    if args.paced and link == "real":
+        parts.append("--paced")
     return " ".join(parts)
 
 
@@ -270,7 +272,7 @@ def make_row(args, variant: Variant, world: int, link: str, mbps, merged: dict, 
         "model": args.workload,
         "tokens": args.tokens or (CAUSAL_TOKENS if args.workload in ("gpt2", "llama") else 197),
         "method": variant.method,
-        "label": variant.label,
+        "label": variant.label + (" paced" if args.paced and link == "real" else ""),
         "N": world,
         "G": settings.groups if settings else None,
         "quantize": settings.quantize if settings else None,
@@ -280,7 +282,8 @@ def make_row(args, variant: Variant, world: int, link: str, mbps, merged: dict, 
         "link": link,
         "loss_percent": loss,
         "dropped_packets": dropped,
-        "one_frame_per_packet": any(args.loss),  # gso_max_segs 1 on the links (netns.Topology.segment_per_frame)
+        "one_frame_per_packet": any(args.loss) or args.paced,  # gso_max_segs 1 (netns.Topology.segment_per_frame)
+        "paced_links": args.paced and link == "real",  # two-frame token bucket (netns.tbf_args)
         "median_s": median,
         "p10_s": p10,
         "p90_s": p90,
@@ -331,7 +334,7 @@ def benchmark_variant(args, topology, variant: Variant, world: int, port: int, o
             bandwidths = [None] if link in ("none", "compute") else sorted(chosen, reverse=True)
             losses = args.loss if link == "real" else [0.0]
             for mbps, loss in itertools.product(bandwidths, losses):
-                topology.shape(mbps if link == "real" else None)
+                topology.shape(mbps if link == "real" else None, args.paced)
                 topology.set_loss(loss if link == "real" else 0.0)
                 predicted = previous[0] * previous[1] / mbps if previous and mbps else None
                 mode = "compute" if link in ("none", "compute") else link
@@ -387,6 +390,9 @@ def parse_args(argv):
                         help="on/off or a limit in MiB per layer: DistributedRuntime(projection_table=...) (default: the runtime's)")
     parser.add_argument("--shard-sizes", type=int, nargs="+", help="AstraConfig.shard_sizes, one per device (default: AstraConfig's, balanced)")
     parser.add_argument("--tokens", type=int, help="prefill length of a causal workload (default 1024)")
+    parser.add_argument("--paced", action="store_true",
+                        help="paced real links: a two-frame token bucket and one frame per packet, so a burst (a layer's "
+                             "codes) leaves at the link's rate; default: a 64 KiB bucket that lets bursts through at once")
     parser.add_argument("--loss", type=float, nargs="+", default=[0.0],
                         help="packet loss on the real links, percent (iptables statistic DROP in every namespace)")  # fmt: skip
     parser.add_argument("--no-interleave", dest="interleave", action="store_false",

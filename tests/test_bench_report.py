@@ -26,13 +26,16 @@ def test_astra_rows_default_to_the_runtime_and_label_deviations():
 
 def test_row_command_reproduces_every_setting():
     args = argparse.Namespace(workload="gpt2", runs=5, cores_per_rank=2, row_budget_s=12.0, nice=0, tokens=256, interleave=True,
-                              oversubscribe=False)  # fmt: skip
+                              oversubscribe=False, paced=False)  # fmt: skip
     settings = AstraSettings(groups=32, quantize="kv", projection_table=False, shard_sizes=(100, 156))
     command = row_command(args, Variant("astra", settings), 2, "real", 10.0, loss=1.0)
     for part in ("--tokens 256", "--groups 32 --quantize kv", "--projection-table off", "--shard-sizes 100 156",
                  "--bandwidths 10", "--loss 1"):  # fmt: skip
         assert part in command
-    assert "--overlap" not in command  # the default is not pinned
+    assert "--overlap" not in command and "--paced" not in command  # the defaults are not pinned
+    args.paced = True
+    assert row_command(args, Variant("astra", settings), 2, "real", 10.0).endswith("--bandwidths 10 --paced")
+    assert "--paced" not in row_command(args, Variant("astra", settings), 2, "compute", None)  # no links to pace
 
 
 def write_rows(path, rows):
