@@ -52,38 +52,25 @@ class GroupedVQ(nn.Module):
         return f"width={self.width}, groups={self.groups}, codebook_size={self.codebook_size}"
 
     @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, exact: bool = True) -> torch.Tensor:
         """Nearest codeword per group: (..., width) -> int64 codes of shape (..., groups).
 
         ``x`` is first cast to the codebook's dtype. The codes are exactly those of
         `reference_nearest_codewords` (the nearest codeword by exact distance, lowest index on ties),
         whatever the number of tokens, the chunking or the device (see `nearest_codewords`).
+        ``exact=False``: the codeword of the smallest matmul score, without the recheck of near-ties
+        (`fast_nearest_codewords`), for fine-tuning (see `forward`).
         """
         if x.shape[-1] != self.width:
             raise ValueError(f"encode expects vectors of width {self.width}, got x of shape {tuple(x.shape)}")
         codebook = self.codebook.detach()
-        flat = x.detach().reshape(-1, self.groups, self.group_width).to(codebook.dtype)
+        points = x.detach().reshape(-1, self.groups, self.group_width).to(codebook.dtype).transpose(0, 1)
         budget = _ENCODE_CHUNK_ELEMENTS_CPU if x.device.type == "cpu" else _ENCODE_CHUNK_ELEMENTS
-        codes = nearest_codewords(flat.transpose(0, 1), codebook, budget, self._codebook_summary(codebook)).T
-        return codes.reshape(*x.shape[:-1], self.groups)
-
-    def _training_codes(self, x: torch.Tensor) -> torch.Tensor:
-        """`encode` for fine-tuning (`forward` in training mode). On accelerators: the codeword of the smallest
-        matmul score, without the recheck of near-ties (`fast_nearest_codewords`). Nothing must agree with these
-        codes bit for bit (the runtime and the simulation agree in eval mode, where `forward` encodes exactly), and
-        on a GPU the recheck's host synchronisations and per-group loops made the quantizer's step 2-7x slower
-        (`benchmarks/train_encode_speed.py`, H200). On CPU the exact encoder's blocked minimum is as fast or faster
-        than a plain argmin over K (same benchmark, 2 cores): it stays.
-        """
-        if x.device.type == "cpu":
-            return self.encode(x)
-        if x.shape[-1] != self.width:
-            raise ValueError(f"encode expects vectors of width {self.width}, got x of shape {tuple(x.shape)}")
-        codebook = self.codebook.detach()
-        flat = x.detach().reshape(-1, self.groups, self.group_width).to(codebook.dtype)
-        budget = _ENCODE_CHUNK_ELEMENTS_CPU if x.device.type == "cpu" else _ENCODE_CHUNK_ELEMENTS
-        codes = fast_nearest_codewords(flat.transpose(0, 1), codebook, budget).T
-        return codes.reshape(*x.shape[:-1], self.groups)
+        if exact:
+            codes = nearest_codewords(points, codebook, budget, self._codebook_summary(codebook))
+        else:
+            codes = fast_nearest_codewords(points, codebook, budget)
+        return codes.T.reshape(*x.shape[:-1], self.groups)
 
     def _codebook_summary(self, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`codebook_summary` of the codebook; in eval mode cached until the codebook changes.
@@ -130,7 +117,12 @@ class GroupedVQ(nn.Module):
         In training mode NAQ noise ``noise_scale * sigma * N(0, 1)`` is added, sigma being the RMS of
         the quantization residual per dimension or per group over this batch.
         """
-        codes = self.encode(x) if not self.training else self._training_codes(x)
+        # Fine-tuning on an accelerator encodes without the exact recheck: nothing must agree with these codes bit
+        # for bit (the runtime and the simulation agree in eval mode, which encodes exactly), and on a GPU the
+        # recheck's host synchronisations and per-group loops made the quantizer's step 2-7x slower
+        # (`benchmarks/train_encode_speed.py`, H200). On CPU the exact encoder's blocked minimum is as fast or
+        # faster than a plain argmin over K (same benchmark, 2 cores): it stays there.
+        codes = self.encode(x, exact=not self.training or x.device.type == "cpu")
         decoded = self.decode(codes).to(x.dtype)
         commitment = F.mse_loss(x, decoded.detach())
         if self.training and noise_scale > 0:
@@ -287,11 +279,10 @@ def fast_nearest_codewords(points: torch.Tensor, centres: torch.Tensor, max_elem
     groups, n, _ = points.shape
     if n == 0:
         return torch.empty(groups, 0, dtype=torch.long, device=points.device)
-    scores_dtype = _score_dtype(centres.dtype)
-    centres_t = centres.to(scores_dtype).transpose(1, 2)
-    squared_norms = centres_t.square().sum(1, keepdim=True)  # (G, 1, K)
+    squared_norms = codebook_summary(centres)[0]  # (G, 1, K), in the score dtype
+    centres_t = centres.to(squared_norms.dtype).transpose(1, 2)
     chunk = max(1, max_elements // (groups * centres.shape[1]))
-    parts = [torch.baddbmm(squared_norms, points[:, start : start + chunk].to(scores_dtype), centres_t, alpha=-2.0).argmin(-1)
+    parts = [torch.baddbmm(squared_norms, points[:, start : start + chunk].to(squared_norms.dtype), centres_t, alpha=-2.0).argmin(-1)
              for start in range(0, n, chunk)]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
