@@ -98,6 +98,14 @@ class CodeTransport:
         # would hold this rank's own sends behind them, so it keeps posting layer by layer.
         self.posts_ahead = self._sliced
 
+    def plan(self, layout: ShardLayout, batch_size: int, causal: bool) -> tuple[list[int], list[int], list[int], dict]:
+        """One layer's exchange for this rank: every shard's payload bytes, the ranks it sends to, the ranks it
+        receives from (sequence order) and the (B, T_shard, codes per token) shape of each source's codes."""
+        sizes = [payload_bytes(self.config, layout, shard, batch_size) for shard in range(self.world_size)]
+        sources = code_sources(self.world_size, self.rank, causal)
+        shapes = {s: (batch_size, layout.sizes[s], self.config.codes_per_token) for s in sources}
+        return sizes, code_receivers(self.world_size, self.rank, causal), sources, shapes
+
     def post_ahead(self, layout: ShardLayout, batch_size: int, num_layers: int) -> "PostedAhead":
         """Post every receive of a causal forward now (gloo; see `PostedAhead`)."""
         return PostedAhead(self, layout, batch_size, num_layers)
@@ -110,15 +118,12 @@ class CodeTransport:
         ``layer_idx``'s codes and returns the transfer that waits for that layer's receives only.
         """
         batch = sent.shape[0]
-        sizes = [payload_bytes(self.config, layout, shard, batch) for shard in range(self.world_size)]
-        receivers = code_receivers(self.world_size, self.rank, causal)
-        sources = code_sources(self.world_size, self.rank, causal)
+        sizes, receivers, sources, shapes = self.plan(layout, batch, causal)
         payload = torch.empty(0, dtype=torch.uint8, device=self.comm_device)
         if receivers:  # causal: nobody needs the last shard's codes, so the last rank never encodes
             payload = pack(quantizer.encode(sent), self.config.bits_per_code).to(self.comm_device)
             if payload.numel() != sizes[self.rank]:  # the receivers size their buffers by the formula
                 raise RuntimeError(f"packed {payload.numel()} code bytes, the layout promises {sizes[self.rank]}")
-        shapes = {s: (batch, layout.sizes[s], self.config.codes_per_token) for s in sources}
         if posted is not None:
             transfer = posted.start(layer_idx, payload)
         elif causal:
@@ -229,11 +234,7 @@ class PostedAhead:
 
     def __init__(self, transport: CodeTransport, layout: ShardLayout, batch_size: int, num_layers: int):
         self.transport, self.num_layers, self.started = transport, num_layers, time.monotonic()
-        rank, world, config = transport.rank, transport.world_size, transport.config
-        self.sizes = [payload_bytes(config, layout, shard, batch_size) for shard in range(world)]
-        self.receivers = code_receivers(world, rank, causal=True)
-        self.sources = code_sources(world, rank, causal=True)
-        self.shapes = {s: (batch_size, layout.sizes[s], config.codes_per_token) for s in self.sources}
+        self.sizes, self.receivers, self.sources, self.shapes = transport.plan(layout, batch_size, causal=True)
         self._global = transport._global
         self.posted_at: dict[int, float] = {}  # layer -> when its receives were posted (monotonic)
         self.receives: dict[int, dict[int, tuple[torch.Tensor, Any]]] = {}  # layer -> source -> (buffer, work), not yet waited
