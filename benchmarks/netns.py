@@ -54,11 +54,11 @@ LOCK_PATH = "/tmp/astra-bench-netns.lock"
 QUEUE_LATENCY_MS = 100
 # Token bucket depth: at least one max-size packet (64 KiB GSO) and about 2 ms of traffic at the rate,
 # so the timer granularity does not cap throughput at 500-1000 Mbps.
-MIN_BURST_BYTES = 64 * 1024 + 1514
+FRAME_BYTES = 1514
+MIN_BURST_BYTES = 64 * 1024 + FRAME_BYTES
 # Paced links (``paced=True``): one frame per packet and a bucket of two frames (or 2 ms of traffic), so a burst
 # leaves at the link's rate as on a real 10 Mbps radio; the 64 KiB bucket lets up to 64 KiB after an idle moment
 # through at the veth's speed.
-FRAME_BYTES = 1514
 PACED_MIN_BURST_BYTES = 2 * FRAME_BYTES
 
 
