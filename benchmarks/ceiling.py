@@ -110,7 +110,7 @@ def measure(name: str, ns: list[int], runs: int, small: bool = False) -> list[di
         for n in ns:
             calls = [rank_call(workload, n, rank) for rank in range(n)]
             one, per_rank = [], {rank: [] for rank in range(n)}
-            for _ in range(runs + 1):  # the first round warms up and is dropped
+            for round_index in range(runs + 1):  # the first round warms up and is dropped
                 round_times = {}
                 for rank, (prepare, run) in enumerate(calls):
                     state = prepare()
@@ -120,19 +120,20 @@ def measure(name: str, ns: list[int], runs: int, small: bool = False) -> list[di
                 begin = time.perf_counter()
                 single()
                 one_time = time.perf_counter() - begin
-                if round_times and _ > 0:
+                if round_index > 0:
                     one.append(one_time)
                     for rank, seconds in round_times.items():
                         per_rank[rank].append(seconds)
             ranks = {rank: summary(times) for rank, times in per_rank.items()}
             slowest = max(ranks, key=lambda rank: ranks[rank]["median_s"])
             single_summary = summary(one)
+            pairs = [o / max(per_rank[r][i] for r in per_rank) for i, o in enumerate(one)]  # run by run
             rows.append({
                 "workload": name, "tokens": workload.num_tokens, "N": n, "causal": workload.causal,
                 "single": single_summary, "ranks": {str(rank): s for rank, s in ranks.items()}, "slowest_rank": slowest,
                 "ceiling": single_summary["median_s"] / ranks[slowest]["median_s"],
-                "ceiling_pairs_p10": quantile([o / max(per_rank[r][i] for r in per_rank) for i, o in enumerate(one)], 0.1),
-                "ceiling_pairs_p90": quantile([o / max(per_rank[r][i] for r in per_rank) for i, o in enumerate(one)], 0.9),
+                "ceiling_pairs_p10": quantile(pairs, 0.1),
+                "ceiling_pairs_p90": quantile(pairs, 0.9),
             })
             print(f"{name} N={n}: one device {single_summary['median_s']:.3f} s, slowest rank ({slowest}) "
                   f"{ranks[slowest]['median_s']:.3f} s: ceiling {rows[-1]['ceiling']:.2f}x", flush=True)
