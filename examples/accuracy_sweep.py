@@ -239,6 +239,8 @@ N_AGNOSTIC_RECIPES = {  # issue 13 item 2: what might bring one G = 1 checkpoint
     "ep6-even": ["--epochs", "6", "--uneven-probability", "0"],
     "ep3": ["--epochs", "3"],
     "ep3-even": ["--epochs", "3", "--uneven-probability", "0"],
+    # the two N the 6-epoch recipes missed (N = 2: +2.4 %, N = 8: +1.8 %, call 7) drawn twice as often as the others
+    "ep6-ends": ["--epochs", "6", "--random-shards", "2,2,3,4,6,8,8"],
 }
 
 
@@ -302,6 +304,24 @@ def call7() -> list[Job]:
     return jobs
 
 
+def call8() -> list[Job]:
+    """Language models (carry: wheels, gpu_data/kjv.txt.gz, gpu_data/english.jsonl.gz, outputs/gpt2-base; ~45 MB).
+
+    a. Issue 13 item 3 for the Llama-shaped model, again (call 5's G = 32 runs did not finish and its base was not
+       packed back): the base trained on the broad English mix, then the control and G = 32 hidden and kv, 3 seeds,
+       now with training mode's plain argmin on the GPU. The controls run again: the base is new (its training is
+       capped by wall time), so call 5's controls no longer share its base. The base comes back with the results,
+       so a second call on a cold host can carry it. Call it twice on a warm host if the first ends before the runs.
+    b. Item 2, GPT2 G = 1 N-agnostic for 6 epochs with N = 2 and 8 drawn twice as often (`ep6-ends`), 3 seeds, started
+       while the base trains (~390 s with 15 sharing, call 5)."""
+    jobs = [Job("llama-english-base", "train_base.py", list(LATER_BASES["llama-english-base"]))]
+    jobs += estimated(n_agnostic_recipe("gpt2", "ep6-ends"), 300)
+    for seeds in ((0,), (1, 2)):
+        jobs += estimated(controls("llama-english", seeds) + main_runs("llama-english", "32", "hidden", seeds)
+                          + main_runs("llama-english", "32", "kv", seeds), 300)
+    return jobs
+
+
 K_SIZES = ("256", "512")
 
 
@@ -334,7 +354,7 @@ def call4() -> list[Job]:
     return jobs
 
 
-CALLS = {"1": call1, "2": call2, "3": call3, "4": call4, "5": call5, "6": call6, "7": call7}
+CALLS = {"1": call1, "2": call2, "3": call3, "4": call4, "5": call5, "6": call6, "7": call7, "8": call8}
 
 
 def smoke(jobs: list[Job]) -> list[Job]:
@@ -534,7 +554,7 @@ def write_parts(source: Path, dest: Path, stem: str) -> list[Path]:
 
 
 def cmd_pack(args) -> None:
-    """Results (JSON, log tails) in one archive; demo checkpoints and bases (call 1) in 15 MiB parts."""
+    """Results (JSON, log tails) in one archive; demo checkpoints (call 1) and trained bases in 15 MiB parts."""
     out, dest = Path(args.out), Path(args.dest)
     dest.mkdir(parents=True, exist_ok=True)
     with tarfile.open(dest / f"call{args.call}-results.tar.gz", "w:gz") as archive:
@@ -548,17 +568,19 @@ def cmd_pack(args) -> None:
             info.size = len(tail)
             archive.addfile(info, io.BytesIO(tail))
     written = [dest / f"call{args.call}-results.tar.gz"]
-    if args.call == "1":
-        for stem, folders in (("checkpoints", sorted(out.glob("sweep/*-demo-*"))),
-                              ("bases", sorted(p for p in out.glob("*-base") if (p / "model.safetensors").is_file()))):
-            if not folders:
-                continue
-            staging = out / f"{stem}.tar"
-            with tarfile.open(staging, "w") as archive:
-                for folder in folders:
-                    add_folder(archive, folder, DEMO_NAMES.get(folder.name, folder.name))
-            written += write_parts(staging, dest, f"{stem}.tar")
-            staging.unlink()
+    # Call 1's demo checkpoints, and the bases a call trains (a later call on a fresh host carries them).
+    trained = {job.name for job in CALLS[args.call]() if job.script == "train_base.py"}
+    demos = sorted(out.glob("sweep/*-demo-*")) if args.call == "1" else []
+    bases = sorted(p for p in out.glob("*-base") if p.name in trained and (p / "model.safetensors").is_file())
+    for stem, folders in (("checkpoints", demos), ("bases", bases)):
+        if not folders:
+            continue
+        staging = out / f"{stem}.tar"
+        with tarfile.open(staging, "w") as archive:
+            for folder in folders:
+                add_folder(archive, folder, DEMO_NAMES.get(folder.name, folder.name))
+        written += write_parts(staging, dest, f"{stem}.tar")
+        staging.unlink()
     for path in written:
         print(f"{path} {path.stat().st_size / 1e6:.1f} MB")
 
