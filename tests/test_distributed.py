@@ -147,6 +147,51 @@ def test_a_sender_is_not_held_by_a_slower_receiver(equivalence_results):
     assert checked == {(n, r) for n in (2, 3, 4) for r in range(n)}
 
 
+WAIT_MARGIN_S = 0.2  # a rank's own work before it waits, and the barrier's skew, on a loaded machine
+
+
+def test_timings_tell_waiting_from_computing(equivalence_results):
+    # `runtime.timings` of the held runs: a rank held by a late peer records that wait at the layer it waited at,
+    # a rank that sleeps records its sleep as its own work (compute), and the parts add up.
+    sleep, num_layers = workers.HELD_SLEEP_S, 2
+    checked = set()
+    for rank, num_devices, name, overlap, result in all_runs(equivalence_results):
+        if "held" not in result:
+            continue
+        held, last = result["held"], num_devices - 1
+        runs = {"overlap": held[True]["timings"], "no overlap": held[False]["timings"], "late source": held["late_source"]}
+        for run, timings in runs.items():
+            where = (rank, num_devices, run, timings)
+            assert len(timings["codes_per_layer"]) == num_layers, where
+            assert sum(timings["codes_per_layer"]) == pytest.approx(timings["waited"]["codes"], abs=1e-9), where
+            assert timings["waited_s"] == pytest.approx(sum(timings["waited"].values()), abs=1e-9), where
+            assert 0 <= timings["waited_s"] <= timings["total_s"], where
+            assert timings["compute_s"] == pytest.approx(timings["total_s"] - timings["waited_s"], abs=1e-9), where
+            assert timings["waited"]["pooling"] == 0 and timings["waited"]["control"] > 0, where  # GPT2 pools nothing
+            if run != "no overlap" and rank == 0:  # receives nothing (causal); its sends are waited for at the end
+                assert timings["waited"]["codes"] == 0, where
+        timings = runs["overlap"]
+        if rank == last:  # the sleeper: its sleeps are its own work, and its peers' codes came long before
+            assert timings["compute_s"] >= 2 * sleep, (rank, num_devices, timings)
+            assert timings["waited_s"] < sleep / 2, (rank, num_devices, timings)
+        else:  # posted ahead: not held by the sleeping receiver
+            assert timings["waited_s"] < sleep / 2, (rank, num_devices, timings)
+        if rank == 0:  # overlap off: every layer's sends wait for the last rank's receives, posted after its sleep
+            timings = runs["no overlap"]
+            assert all(s >= sleep - WAIT_MARGIN_S for s in timings["codes_per_layer"]), (num_devices, timings)
+            assert timings["waited"]["sends"] == 0, (num_devices, timings)
+        timings = runs["late source"]
+        late = workers.LATE_LAYER
+        if rank == 0:  # the late one: it slept, it did not wait
+            assert timings["compute_s"] >= sleep and timings["waited_s"] < sleep / 2, (num_devices, timings)
+        else:  # its receivers wait for its codes at that layer, and only there
+            assert timings["codes_per_layer"][late] >= sleep - WAIT_MARGIN_S, (rank, num_devices, timings)
+            others = timings["waited_s"] - timings["codes_per_layer"][late]
+            assert others < sleep / 2, (rank, num_devices, timings)
+        checked.add((num_devices, rank))
+    assert checked == {(n, r) for n in (2, 3, 4) for r in range(n)}
+
+
 def test_a_forward_that_raises_leaves_nothing_in_flight(equivalence_results):
     # Every rank raised in layer 1's projection with that layer's codes in flight, rank 0 half a second late:
     # the error came back only once those codes had arrived (posted ahead: every send and receive of the
