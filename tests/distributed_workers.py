@@ -105,6 +105,7 @@ def equivalence_worker(rank: int, world_size: int, port: int, out_dir: str, back
                 with ProjectionWatch(model) as watch:
                     got = runtime(**batch).logits
                 result = {"diff": max_abs_diff(got, simulated, runtime, batch), "traffic": runtime.traffic.to_dict()}
+                result["timings"] = runtime.timings.to_dict()  # before generate's prefill replaces them
                 result["sent_before_projections"] = watch.early_layers()
                 result["received_posted_before_layer"] = watch.posted_before_layer()
                 result["backend"] = dist.get_backend(group)

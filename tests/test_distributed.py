@@ -147,6 +147,32 @@ def test_a_sender_is_not_held_by_a_slower_receiver(equivalence_results):
     assert checked == {(n, r) for n in (2, 3, 4) for r in range(n)}
 
 
+def assert_timings_add_up(timings: dict, num_layers: int, where) -> None:
+    """`Timings.to_dict`: per-layer code waits sum to the codes' total, the kinds to the waited total, within the wall time."""
+    assert len(timings["codes_per_layer"]) == num_layers, where
+    assert sum(timings["codes_per_layer"]) == pytest.approx(timings["waited"]["codes"], abs=1e-9), where
+    assert timings["waited_s"] == pytest.approx(sum(timings["waited"].values()), abs=1e-9), where
+    assert 0 <= timings["waited_s"] <= timings["total_s"], where
+    assert timings["compute_s"] == pytest.approx(timings["total_s"] - timings["waited_s"], abs=1e-9), where
+    assert timings["waited"]["control"] > 0, where  # every call's first exchange is waited for
+
+
+def test_every_wait_of_every_case_is_timed_by_kind(equivalence_results):
+    # Who waits for what: ViT's ranks all_gather codes at every layer and pool; a causal rank waits for codes
+    # at a layer only when it receives some (rank > 0) or, overlap off, waits there for its own sends too;
+    # only posted-ahead forwards (causal, gloo, overlap) wait for their sends at the end.
+    num_layers = 2
+    for rank, num_devices, name, overlap, result in all_runs(equivalence_results):
+        timings, where = result["timings"], (rank, num_devices, name, overlap, result["timings"])
+        assert_timings_add_up(timings, num_layers, where)
+        causal = not name.startswith("vit")
+        assert (timings["waited"]["pooling"] > 0) == (not causal), where
+        waits_for_codes = not causal or rank > 0 or not overlap
+        assert all((s > 0) == waits_for_codes for s in timings["codes_per_layer"]), where
+        if not (causal and overlap):
+            assert timings["waited"]["sends"] == 0, where
+
+
 WAIT_MARGIN_S = 0.2  # a rank's own work before it waits, and the barrier's skew, on a loaded machine
 
 
@@ -162,12 +188,8 @@ def test_timings_tell_waiting_from_computing(equivalence_results):
         runs = {"overlap": held[True]["timings"], "no overlap": held[False]["timings"], "late source": held["late_source"]}
         for run, timings in runs.items():
             where = (rank, num_devices, run, timings)
-            assert len(timings["codes_per_layer"]) == num_layers, where
-            assert sum(timings["codes_per_layer"]) == pytest.approx(timings["waited"]["codes"], abs=1e-9), where
-            assert timings["waited_s"] == pytest.approx(sum(timings["waited"].values()), abs=1e-9), where
-            assert 0 <= timings["waited_s"] <= timings["total_s"], where
-            assert timings["compute_s"] == pytest.approx(timings["total_s"] - timings["waited_s"], abs=1e-9), where
-            assert timings["waited"]["pooling"] == 0 and timings["waited"]["control"] > 0, where  # GPT2 pools nothing
+            assert_timings_add_up(timings, num_layers, where)
+            assert timings["waited"]["pooling"] == 0, where  # GPT2 pools nothing
             if run != "no overlap" and rank == 0:  # receives nothing (causal); its sends are waited for at the end
                 assert timings["waited"]["codes"] == 0, where
         timings = runs["overlap"]
