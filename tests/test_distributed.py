@@ -25,6 +25,7 @@ from transformers_astra.attention import attend
 from transformers_astra.exchange import split_heads
 from transformers_astra.distributed import (
     DistributedRuntime,
+    Timings,
     code_receivers,
     code_sources,
     merge_partials,
@@ -78,6 +79,18 @@ def test_who_sends_codes_to_whom():
     assert code_receivers(4, 1, causal=True) == [2, 3] and code_sources(4, 1, causal=True) == [0]
     assert code_receivers(4, 3, causal=True) == [] and code_sources(4, 3, causal=True) == [0, 1, 2]
     assert code_receivers(3, 1, causal=False) == [0, 2] == code_sources(3, 1, causal=False)
+
+
+def test_timings_add_waits_by_kind_and_layer():
+    timings = Timings.of_layers(2)
+    timings.add("codes", 0.25, layer=1)
+    timings.add("codes", 0.125, layer=0)
+    timings.add("sends", 0.5)
+    timings.total_s = 1.0
+    assert timings.to_dict() == {"total_s": 1.0, "waited_s": 0.875, "compute_s": 0.125, "codes_per_layer": [0.125, 0.25],
+                                 "waited": {"codes": 0.375, "sends": 0.5, "pooling": 0.0, "control": 0.0}}  # fmt: skip
+    timings.add("codes", 0.5, layer=3)  # a layer past the ones announced: the list grows
+    assert timings.codes_per_layer == [0.125, 0.25, 0.0, 0.5] and timings.compute_s == 0.0  # never negative
 
 
 def test_runtime_without_a_process_group_is_a_clear_error():

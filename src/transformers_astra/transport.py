@@ -200,6 +200,8 @@ class CodeTransport:
         (counted from ``since`` at the earliest, default now: `liveness.wait`). ``kind`` (`WAIT_KINDS`):
         the wait's seconds are added to ``timings`` (``layer``: at that layer), failed waits included.
         """
+        if kind is not None and kind not in WAIT_KINDS:
+            raise ValueError(f"kind must be one of {WAIT_KINDS} or None, got {kind!r}")
         started = time.perf_counter()
         try:
             liveness.wait(work, what, self.timeout, self._peers, self._where, sliced=self._sliced, since=since)
