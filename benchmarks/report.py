@@ -213,10 +213,10 @@ def waits_table(rows: list[dict]) -> str:
     lines = []
     for r in timed:
         slowest = r["slowest_rank"]
-        kinds = r["per_rank_waited_by_kind_s"][slowest]
+        kinds = {kind: seconds for kind, seconds in r["per_rank_waited_by_kind_s"][slowest].items() if seconds >= 5e-4}
         lines.append([variant(r), link_name(r), "" if r["bandwidth_mbps"] is None else f"{r['bandwidth_mbps']:g}",
                       " / ".join(f"{w:.3f}" for w in r["per_rank_waited_s"]), " / ".join(f"{c:.3f}" for c in r["per_rank_compute_s"]),
-                      f"{slowest}: " + ", ".join(f"{kind} {seconds:.3f}" for kind, seconds in kinds.items() if seconds >= 5e-4),
+                      f"{slowest}: " + (", ".join(f"{kind} {seconds:.3f}" for kind, seconds in kinds.items()) or "all < 0.5 ms"),
                       " ".join(f"{seconds * 1e3:.0f}" for seconds in r["slowest_rank_codes_wait_per_layer_s"])])  # fmt: skip
     if not lines:
         return ""
