@@ -9,7 +9,7 @@
 # row, not measured): gpt2-n4-accurate to gpt2-n8-kv ~300 s, all of them to gpt2-n4-g1 ~420 s; e.g.
 #   BUDGET_S=480 LLAMA_BUDGET_S=180 bash benchmarks/gpu_host.sh OUT     (Llama's share included)
 # or without the Llama block:   STEPS='shaping|gpt2|vit' BUDGET_S=330 bash benchmarks/gpu_host.sh OUT
-# or where ranks wait and compute (below):   STEPS=timeline BUDGET_S=470 bash benchmarks/gpu_host.sh OUT
+# or where ranks wait and compute (below):   STEPS=timeline BUDGET_S=440 bash benchmarks/gpu_host.sh OUT
 # Rows go to OUT_DIR/latency-gpu-host.jsonl as they are measured,
 # device profiles (planner calibration) to OUT_DIR/device_profiles/, logs to OUT_DIR/logs/.
 # --smoke: a tiny version (short prefill, 1 run per row, few variants) to check the script end to end.
@@ -65,8 +65,9 @@ export runs cpr extra machine out
 # for its peers and computing, and the slowest rank's code waits per layer (docs/benchmarks.md "Waiting against
 # computing"); this set of steps is the one to read them on: GPT2 1024 tokens, N=4, 10 Mbps, the runtime's defaults,
 # G=32 hidden, G=32 kv K=256 and G=1 hidden, on the usual links and on paced ones (the default rows of the overlap
-# A/B below, in that order), then ViT N=4 G=8 kv (compute only and 10 Mbps). Estimated, not measured: ~65 s per GPT2
-# step (most of it starting the ranks), ~40 s for ViT, ~440 s in all:   STEPS=timeline BUDGET_S=470 bash ... OUT
+# A/B below, in that order), then ViT N=4 G=8 kv (10 Mbps, then compute only). Estimated from session 4's log (52 s
+# of ranks and rows per GPT2 step), not measured: ~60 s per GPT2 step, ~45 s for ViT, ~15 s set-up, ~25 s report
+# after the budget:   STEPS=timeline BUDGET_S=440 bash benchmarks/gpu_host.sh OUT   (~445 s; RUNS=3 saves ~35 s)
 [ "${STEPS:-}" = timeline ] && STEPS='^(gpt2-n4-(overlap|paced)-g|vit-n4-g8-kv$)'
 
 step shaping 20 python3 -m benchmarks.netns measure --seconds 1 --mbps 10 100 --loss 0 5 --machine "$machine" --json "$out/shaping-gpu-host.json"
