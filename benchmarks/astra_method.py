@@ -105,3 +105,7 @@ class AstraMethod:
         if self.workload.causal:  # the next token is predicted by the last rank
             return output.logits[:, -1] if self.runtime.is_last else None
         return output.logits if self.rank == 0 else None  # every rank holds the same pooled prediction
+
+    def timings(self) -> dict:
+        """The runtime's `Timings` of the latest forward: its wall time and this rank's waits for peers."""
+        return self.runtime.timings.to_dict()

@@ -8,7 +8,9 @@
 # start after it is skipped and says so. The GPT2/ViT steps (estimated from the 2026-11-27 run's ~35 s per GPT2
 # row, not measured): gpt2-n4-accurate to gpt2-n8-kv ~300 s, all of them to gpt2-n4-g1 ~420 s; e.g.
 #   BUDGET_S=480 LLAMA_BUDGET_S=180 bash benchmarks/gpu_host.sh OUT     (Llama's share included)
-# or without the Llama block:   STEPS='shaping|gpt2|vit' BUDGET_S=330 bash benchmarks/gpu_host.sh OUT Rows go to OUT_DIR/latency-gpu-host.jsonl as they are measured,
+# or without the Llama block:   STEPS='shaping|gpt2|vit' BUDGET_S=330 bash benchmarks/gpu_host.sh OUT
+# or where ranks wait and compute (below):   STEPS=timeline BUDGET_S=440 bash benchmarks/gpu_host.sh OUT
+# Rows go to OUT_DIR/latency-gpu-host.jsonl as they are measured,
 # device profiles (planner calibration) to OUT_DIR/device_profiles/, logs to OUT_DIR/logs/.
 # --smoke: a tiny version (short prefill, 1 run per row, few variants) to check the script end to end.
 set -uo pipefail
@@ -47,7 +49,7 @@ step() {
     grep -v '^methods' "$out/logs/$name.log" | tr '\r' '\n' | grep -E 'Mbps|profile|Error|error' | tail -40
     (( code == 0 )) || echo "FAILED $name: exit $code" | tee -a "$out/failed.txt"
 }
-runs=5; tokens=(); bandwidths=(10 100); cpr=2; extra=""
+runs=${RUNS:-5}; tokens=(); bandwidths=(10 100); cpr=2; extra=""
 if [ "$smoke" = "--smoke" ]; then runs=1; tokens=(--tokens 64); bandwidths=(10); cpr=1; extra=--oversubscribe; fi
 bench() {
     python3 -m benchmarks.run_latency --cores-per-rank "$cpr" $extra --runs "$runs" --row-budget-s 12 --machine "$machine" \
@@ -59,8 +61,14 @@ calibrate() {
 }
 export -f bench calibrate
 export runs cpr extra machine out
-vit_groups=(8 32)
-if [ "$smoke" = "--smoke" ]; then vit_groups=(8); fi
+# STEPS=timeline: where the ranks' time goes (issue 12). Every ASTRA row records each rank's median seconds waiting
+# for its peers and computing, and the slowest rank's code waits per layer (docs/benchmarks.md "Waiting against
+# computing"); this set of steps is the one to read them on: GPT2 1024 tokens, N=4, 10 Mbps, the runtime's defaults,
+# G=32 hidden, G=32 kv K=256 and G=1 hidden, on the usual links and on paced ones (the default rows of the overlap
+# A/B below, in that order), then ViT N=4 G=8 kv (10 Mbps, then compute only). Estimated from session 4's log (52 s
+# of ranks and rows per GPT2 step), not measured: ~60 s per GPT2 step, ~45 s for ViT, ~15 s set-up, ~25 s report
+# after the budget:   STEPS=timeline BUDGET_S=440 bash benchmarks/gpu_host.sh OUT   (~445 s; RUNS=3 saves ~35 s)
+[ "${STEPS:-}" = timeline ] && STEPS='^(gpt2-n4-(overlap|paced)-g|vit-n4-g8-kv$)'
 
 step shaping 20 python3 -m benchmarks.netns measure --seconds 1 --mbps 10 100 --loss 0 5 --machine "$machine" --json "$out/shaping-gpu-host.json"
 # What no sequence-parallel method can beat on one rank's 2 cores (benchmarks/ceiling.py): GPT2 N=4/8, ViT N=4/8.
@@ -126,9 +134,11 @@ budget=$saved_budget
 # ------------------------------------------------------------------------------------- end of the Llama block
 
 # Goal 2: ViT-B/16, N=4, G=8 and 32, hidden and kv (G=8 kv, G=32 both: within 0.5 points of the base in
-# docs/results.md): compute only and 10 Mbps.
-step vit-n4 40 bench --workload vit --n 4 --methods astra --groups "${vit_groups[@]}" --quantize kv hidden \
-    --links compute real --bandwidths 10
+# docs/results.md): compute only and 10 Mbps (one step per setting, G=8 kv first; --smoke: G=8 only).
+vit=(--workload vit --n 4 --methods astra --links real compute --bandwidths 10)  # the 10 Mbps row first
+step vit-n4-g8-kv 20 bench "${vit[@]}" --groups 8 --quantize kv
+step vit-n4-g8-hidden 20 bench "${vit[@]}" --groups 8 --quantize hidden
+[ "$smoke" = "--smoke" ] || step vit-n4-g32 30 bench "${vit[@]}" --groups 32 --quantize kv hidden
 # Goal 3: GPT2, N=8 (16 cores), 10 Mbps: G=1 hidden (fastest), G=8 kv and G=32 kv (the accurate ones).
 step gpt2-n8-g1 30 bench --workload gpt2 "${tokens[@]}" --n 8 --methods astra --groups 1 --quantize hidden --links real --bandwidths 10
 step gpt2-n8-kv 50 bench --workload gpt2 "${tokens[@]}" --n 8 --methods astra --groups 8 32 --quantize kv --links real --bandwidths 10

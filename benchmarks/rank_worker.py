@@ -8,8 +8,10 @@ every rank) and its part of the method, then serves commands, one JSON object pe
 
 and answers each with one stdout line ``RESULT {"times": [...], "bytes_sent": [...], ...}``: per
 timed run, the seconds from leaving a barrier to this rank's output, the payload bytes this rank's
-collectives sent, the bytes its network interface sent (wire bytes, headers included) and the
-simulated link's sleep. ``{"quit": true}`` ends it.
+collectives sent, the bytes its network interface sent (wire bytes, headers included), the
+simulated link's sleep and (ASTRA) the runtime's timings of the forward: its wall time and how long
+this rank waited for peers, by kind and per layer (`DistributedRuntime.timings`; None for the
+baselines). ``{"quit": true}`` ends it.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def wire_bytes() -> int | None:
 
 
 def timed_runs(method, count: int) -> dict:
-    out = {"times": [], "bytes_sent": [], "wire_bytes": [], "slept_s": []}
+    out = {"times": [], "bytes_sent": [], "wire_bytes": [], "slept_s": [], "timings": []}
+    timings = getattr(method, "timings", None)  # ASTRA's runtime only
     for _ in range(count):
         dist.barrier()
         links.STATE.reset()
@@ -56,6 +59,7 @@ def timed_runs(method, count: int) -> dict:
         out["bytes_sent"].append(links.STATE.bytes_sent)
         out["wire_bytes"].append(None if wire_before is None else wire_after - wire_before)
         out["slept_s"].append(links.STATE.slept_s)
+        out["timings"].append(None if timings is None else timings())
     return out
 
 

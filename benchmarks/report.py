@@ -188,6 +188,11 @@ def section(key: tuple, rows: list[dict], single: dict | None) -> str:
                       " / ".join(per_rank)])  # fmt: skip
     out += ["\nBytes per inference on the busiest rank's link (MB), and each rank's compute-only time (s)",
             table(["method", "payload sent", "on the wire (real link, headers included)", "compute only, rank 0 / 1 / …"], lines)]  # fmt: skip
+    waits = waits_table(rows)
+    if waits:
+        out += ["\nWhere each rank's time went (ASTRA rows recorded with the runtime's timings): medians over the runs of the "
+                "seconds each rank was blocked waiting for its peers and of the rest (compute: its forward's wall time "
+                "minus the waits), the slowest rank's waits by kind, and its code waits layer by layer", waits]  # fmt: skip
     lossy = sorted((r for r in rows if r["loss_percent"]), key=lambda r: (variant_order(variant(r)), r["loss_percent"]))
     if lossy:
         lines = [[variant(r), f"{r['bandwidth_mbps']:g}", f"{r['loss_percent']:g} %", str(r["runs"] + r["warmup"]),
@@ -199,6 +204,24 @@ def section(key: tuple, rows: list[dict], single: dict | None) -> str:
     out += ["\nCrossover (real link):", *(crossover(rows, bandwidths) or ["- no full-precision method measured"])]
     out += ["\nReproduce:", "```", *reproduce_commands(rows + ([single] if single else [])), "```"]
     return "\n".join(out)
+
+
+def waits_table(rows: list[dict]) -> str:
+    """The rows' wait breakdowns (`run_latency.wait_breakdown`); empty when no row has one (older rows)."""
+    timed = sorted((r for r in rows if "per_rank_waited_s" in r),
+                   key=lambda r: (variant_order(variant(r)), link_name(r), r["bandwidth_mbps"] or 0))  # fmt: skip
+    lines = []
+    for r in timed:
+        slowest = r["slowest_rank"]
+        kinds = {kind: seconds for kind, seconds in r["per_rank_waited_by_kind_s"][slowest].items() if seconds >= 5e-4}
+        lines.append([variant(r), link_name(r), "" if r["bandwidth_mbps"] is None else f"{r['bandwidth_mbps']:g}",
+                      " / ".join(f"{w:.3f}" for w in r["per_rank_waited_s"]), " / ".join(f"{c:.3f}" for c in r["per_rank_compute_s"]),
+                      f"{slowest}: " + (", ".join(f"{kind} {seconds:.3f}" for kind, seconds in kinds.items()) or "all < 0.5 ms"),
+                      " ".join(f"{seconds * 1e3:.0f}" for seconds in r["slowest_rank_codes_wait_per_layer_s"])])  # fmt: skip
+    if not lines:
+        return ""
+    return table(["method", "link", "Mbps", "waited s, rank 0 / 1 / …", "compute s, rank 0 / 1 / …",
+                  "slowest rank: its waits by kind, s", "its code waits per layer, ms"], lines)  # fmt: skip
 
 
 def shaping_section(results: Path) -> str:

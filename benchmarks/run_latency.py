@@ -49,6 +49,8 @@ REPO = Path(__file__).resolve().parent.parent
 LOG_DIR = Path("/tmp/astra-bench-logs")
 WARMUP_LIMIT_S = 10.0  # a warm-up run predicted slower than this is skipped (the row says so)
 FAST_RUN_S = 3.0  # rows whose runs take at most this always get all --runs timed runs; slower ones obey the budget
+# A row's breakdown of its ranks' time (`wait_breakdown`; ASTRA rows recorded since the runtime's timings).
+WAIT_KEYS = ("per_rank_waited_s", "per_rank_compute_s", "per_rank_waited_by_kind_s", "slowest_rank", "slowest_rank_codes_wait_per_layer_s")
 
 
 @dataclass(frozen=True)
@@ -187,12 +189,36 @@ def merge_ranks(answers: list[list[dict]]) -> dict:
 
     times = per_rank("times")
     wire = [statistics.median(w) for w in per_rank("wire_bytes") if w and w[0] is not None]
-    return {
+    merged = {
         "times": [max(run) for run in zip(*times)],
         "per_rank_median_s": [statistics.median(t) for t in times],
         "bytes_sent_per_rank": max(statistics.median(b) for b in per_rank("bytes_sent")),
         "wire_bytes_per_rank": max(wire) if wire else None,
         "slept_s": max(statistics.median(s) for s in per_rank("slept_s")),
+    }
+    timings = [[t for result in results for t in result.get("timings", [])] for results in answers]
+    if all(timings) and all(t is not None for rank in timings for t in rank):  # ASTRA's runtime timed every run
+        slowest = max(range(len(times)), key=lambda rank: merged["per_rank_median_s"][rank])
+        merged.update(wait_breakdown(timings, slowest))
+    return merged
+
+
+def wait_breakdown(timings: list[list[dict]], slowest: int) -> dict:
+    """Medians over the runs of each rank's `DistributedRuntime.timings`: seconds blocked waiting for peers, the
+    rest (compute: total - waited), the waits by kind, and the slowest rank's code waits layer by layer."""
+
+    def median(rank: int, value) -> float:
+        return round(statistics.median(value(t) for t in timings[rank]), 4)
+
+    ranks = range(len(timings))
+    kinds = timings[0][0]["waited"]
+    layers = range(len(timings[slowest][0]["codes_per_layer"]))
+    return {
+        "per_rank_waited_s": [median(rank, lambda t: t["waited_s"]) for rank in ranks],
+        "per_rank_compute_s": [median(rank, lambda t: t["compute_s"]) for rank in ranks],
+        "per_rank_waited_by_kind_s": [{kind: median(rank, lambda t: t["waited"][kind]) for kind in kinds} for rank in ranks],
+        "slowest_rank": slowest,
+        "slowest_rank_codes_wait_per_layer_s": [median(slowest, lambda t: t["codes_per_layer"][layer]) for layer in layers],
     }
 
 
@@ -294,6 +320,7 @@ def make_row(args, variant: Variant, world: int, link: str, mbps, merged: dict, 
         "bytes_sent_per_rank": merged["bytes_sent_per_rank"],
         "wire_bytes_per_rank": merged["wire_bytes_per_rank"],
         "simulated_sleep_s": merged["slept_s"],
+        **{key: merged[key] for key in WAIT_KEYS if key in merged},  # ASTRA rows: where each rank's time went
         "cores_per_rank": args.cores_per_rank,
         "threads_per_rank": ready[0]["threads"],
         "pinned_cores": [r["cores"] for r in ready],
@@ -345,6 +372,8 @@ def benchmark_variant(args, topology, variant: Variant, world: int, port: int, o
                 out.write(json.dumps(row) + "\n")
                 out.flush()
                 baseline = f", one device {row['single_median_s']:.3f} s -> {row['speedup_vs_single']:.2f}x" if "single_median_s" in row else ""
+                if "per_rank_waited_s" in row:
+                    baseline += ", waited/compute s per rank " + " ".join(f"{w:.3f}/{c:.3f}" for w, c in zip(row["per_rank_waited_s"], row["per_rank_compute_s"]))
                 tqdm.write(
                     f"{args.workload} N={world} {variant.label:30s} {link:9s} {mbps or '-':>5} Mbps loss {loss:g}%: "
                     f"median {row['median_s']:.3f} s over {row['runs']} runs{baseline}, "

@@ -105,6 +105,7 @@ def equivalence_worker(rank: int, world_size: int, port: int, out_dir: str, back
                 with ProjectionWatch(model) as watch:
                     got = runtime(**batch).logits
                 result = {"diff": max_abs_diff(got, simulated, runtime, batch), "traffic": runtime.traffic.to_dict()}
+                result["timings"] = runtime.timings.to_dict()  # before generate's prefill replaces them
                 result["sent_before_projections"] = watch.early_layers()
                 result["received_posted_before_layer"] = watch.posted_before_layer()
                 result["backend"] = dist.get_backend(group)
@@ -265,26 +266,40 @@ def one_rank_raises(runtime, model, batch, simulated, failing: int, module: nn.M
 
 HELD_CASE = "gpt2-hidden"
 HELD_SLEEP_S = 0.5  # the last rank sleeps this long before each layer
+LATE_LAYER = 1  # in `sender_held`'s late-source run, rank 0 sleeps HELD_SLEEP_S before this layer only
 
 
 def sender_held(model: nn.Module, group, batch: dict, simulated: torch.Tensor) -> dict:
     """The last rank sleeps HELD_SLEEP_S before each attention layer; every rank times its forward, overlap on
-    (receives posted ahead, sends waited for at the end) and off (each layer waits for its sends)."""
+    (receives posted ahead, sends waited for at the end) and off (each layer waits for its sends), and keeps
+    the runtime's own timings. Then, overlap on, rank 0 alone sleeps before layer LATE_LAYER, before its
+    codes leave: the "late source" run, whose receivers wait for them at that layer."""
     rank, last = dist.get_rank(group), dist.get_world_size(group) - 1
     modules = astra_state(model).adapter.attention_modules(model)
     outcome = {"sleeps_s": HELD_SLEEP_S * len(modules) if rank == last else 0.0}
     for overlap in (True, False):
         runtime = DistributedRuntime(model, group=group, overlap=overlap, timeout=30)
-        handles = [m.register_forward_pre_hook(lambda *_: time.sleep(HELD_SLEEP_S), prepend=True) for m in modules] if rank == last else []
-        dist.barrier(group)
-        started = time.monotonic()
-        try:
-            got = runtime(**batch).logits
-        finally:
-            for handle in handles:
-                handle.remove()
-        outcome[overlap] = {"seconds": time.monotonic() - started, "diff": max_abs_diff(got, simulated, runtime, batch)}
+        sleepers = modules if rank == last else []
+        seconds, got = timed_forward(runtime, batch, sleepers)
+        outcome[overlap] = {"seconds": seconds, "diff": max_abs_diff(got.logits, simulated, runtime, batch),
+                            "timings": runtime.timings.to_dict()}  # fmt: skip
+    runtime = DistributedRuntime(model, group=group, timeout=30)
+    timed_forward(runtime, batch, [modules[LATE_LAYER]] if rank == 0 else [])
+    outcome["late_source"] = runtime.timings.to_dict()
     return outcome
+
+
+def timed_forward(runtime: DistributedRuntime, batch: dict, sleepers: list[nn.Module]):
+    """Seconds of one forward after a barrier, this rank sleeping HELD_SLEEP_S before each of ``sleepers``; its output."""
+    handles = [m.register_forward_pre_hook(lambda *_: time.sleep(HELD_SLEEP_S), prepend=True) for m in sleepers]
+    dist.barrier(runtime.group)
+    started = time.monotonic()
+    try:
+        output = runtime(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return time.monotonic() - started, output
 
 
 def finished(work) -> bool:

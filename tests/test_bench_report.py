@@ -8,7 +8,7 @@ import pytest
 from benchmarks import netns
 from benchmarks.astra_method import AstraSettings, runtime_default
 from benchmarks.report import load_rows, pareto_rows
-from benchmarks.run_latency import Variant, row_command
+from benchmarks.run_latency import Variant, merge_ranks, row_command
 from benchmarks.workloads import WorkloadUnavailable, build, workload_available
 
 
@@ -156,3 +156,53 @@ def test_llama_rows_of_every_method_and_bandwidth_reach_the_tables_and_latency_j
     assert sorted((r["method"], r["bandwidth_mbps"], r["command"].split()[-1]) for r in recorded) == sorted(
         (r["method"], r["bandwidth_mbps"], f"{r['bandwidth_mbps']:g}") for r in rows
     )
+
+
+def timings(total: float, codes: list[float], sends: float = 0.0) -> dict:
+    waited = {"codes": sum(codes), "sends": sends, "pooling": 0.0, "control": 0.001}
+    return {"total_s": total, "waited_s": sum(waited.values()), "compute_s": total - sum(waited.values()), "waited": waited,
+            "codes_per_layer": codes}  # fmt: skip
+
+
+def rank_answer(times: list[float], timed: list[dict] | None) -> dict:
+    return {"times": times, "bytes_sent": [1] * len(times), "wire_bytes": [None] * len(times), "slept_s": [0.0] * len(times),
+            **({} if timed is None else {"timings": timed})}  # fmt: skip
+
+
+def test_rows_carry_each_ranks_median_waits_and_compute_and_the_slowest_ranks_layers():
+    # Two ranks, three runs each answered in one RESULT: rank 1 is the slowest and waits at layer 1.
+    rank0 = rank_answer([0.30, 0.20, 0.25], [timings(0.30, [0.0, 0.0], 0.01), timings(0.20, [0.0, 0.0], 0.03), timings(0.25, [0.0, 0.0], 0.02)])
+    rank1 = rank_answer([0.50, 0.70, 0.60], [timings(0.50, [0.1, 0.2]), timings(0.70, [0.1, 0.4]), timings(0.60, [0.1, 0.3])])
+    merged = merge_ranks([[rank0], [rank1]])
+    assert merged["times"] == [0.50, 0.70, 0.60] and merged["slowest_rank"] == 1
+    assert merged["per_rank_waited_s"] == [0.021, 0.401]  # medians: sends 0.02 + control 0.001; codes 0.4 + 0.001
+    assert merged["per_rank_compute_s"] == [0.229, 0.199]
+    assert merged["per_rank_waited_by_kind_s"][1] == {"codes": 0.4, "sends": 0.0, "pooling": 0.0, "control": 0.001}
+    assert merged["slowest_rank_codes_wait_per_layer_s"] == [0.1, 0.3]
+    # The baselines (no runtime, None per run) and answers from before the timings carry no breakdown.
+    for untimed in (rank_answer([0.3], [None]), rank_answer([0.3], None)):
+        assert "per_rank_waited_s" not in merge_ranks([[untimed], [untimed]])
+
+
+def test_the_report_shows_the_wait_breakdown_and_still_renders_rows_without_it(tmp_path):
+    from benchmarks.report import main
+
+    raw, docs = tmp_path / "raw", tmp_path / "docs"
+    raw.mkdir()
+    docs.mkdir()
+    extra = dict(threads_per_rank=2, date="2026-11-27 16:00 UTC", load_average_1m=1.0, per_rank_median_s=[0.3, 0.6],
+                 bytes_sent_per_rank=1e6, wire_bytes_per_rank=1.1e6, loss_percent=0.0, N=2, settings={}, codebook_size=1024)  # fmt: skip
+    breakdown = dict(per_rank_waited_s=[0.021, 0.401], per_rank_compute_s=[0.229, 0.199], slowest_rank=1,
+                     per_rank_waited_by_kind_s=[{"codes": 0.0, "sends": 0.02, "pooling": 0.0, "control": 0.001},
+                                                {"codes": 0.4, "sends": 0.0, "pooling": 0.0, "control": 0.001}],
+                     slowest_rank_codes_wait_per_layer_s=[0.1, 0.3])  # fmt: skip
+    write_rows(raw / "a.jsonl", [base_row(**extra, label="astra G=1 hidden"),  # recorded before the timings
+                                 base_row(**extra, **breakdown, label="astra G=32 hidden", G=32)])  # fmt: skip
+    main(["--raw", str(raw), "--docs", str(docs)])
+    page = (docs / "benchmarks.md").read_text()
+    assert page.count("| 0.5 (0.4–0.6) [5] |") == 2  # both rows in the latency table
+    assert "| astra G=32 hidden | real | 10 | 0.021 / 0.401 | 0.229 / 0.199 | 1: codes 0.400, control 0.001 | 100 300 |" in page
+    assert "| astra G=1 hidden | real | 10 | " not in page.split("Where each rank's time went")[1].split("Crossover")[0]
+    recorded = {r["label"]: r for r in json.loads((docs / "results/latency.json").read_text())}
+    assert recorded["astra G=32 hidden"]["per_rank_waited_s"] == [0.021, 0.401]
+    assert "per_rank_waited_s" not in recorded["astra G=1 hidden"]

@@ -25,6 +25,7 @@ from transformers_astra.attention import attend
 from transformers_astra.exchange import split_heads
 from transformers_astra.distributed import (
     DistributedRuntime,
+    Timings,
     code_receivers,
     code_sources,
     merge_partials,
@@ -78,6 +79,18 @@ def test_who_sends_codes_to_whom():
     assert code_receivers(4, 1, causal=True) == [2, 3] and code_sources(4, 1, causal=True) == [0]
     assert code_receivers(4, 3, causal=True) == [] and code_sources(4, 3, causal=True) == [0, 1, 2]
     assert code_receivers(3, 1, causal=False) == [0, 2] == code_sources(3, 1, causal=False)
+
+
+def test_timings_add_waits_by_kind_and_layer():
+    timings = Timings.of_layers(2)
+    timings.add("codes", 0.25, layer=1)
+    timings.add("codes", 0.125, layer=0)
+    timings.add("sends", 0.5)
+    timings.total_s = 1.0
+    assert timings.to_dict() == {"total_s": 1.0, "waited_s": 0.875, "compute_s": 0.125, "codes_per_layer": [0.125, 0.25],
+                                 "waited": {"codes": 0.375, "sends": 0.5, "pooling": 0.0, "control": 0.0}}  # fmt: skip
+    timings.add("codes", 0.5, layer=3)  # a layer past the ones announced: the list grows
+    assert timings.codes_per_layer == [0.125, 0.25, 0.0, 0.5] and timings.compute_s == 0.0  # never negative
 
 
 def test_runtime_without_a_process_group_is_a_clear_error():
@@ -143,6 +156,73 @@ def test_a_sender_is_not_held_by_a_slower_receiver(equivalence_results):
             assert held[True]["seconds"] >= sleeps, (rank, num_devices, held)
         if rank == 0:  # the control: the same wait fails the first assertion without posting ahead
             assert held[False]["seconds"] >= 0.9 * sleeps, (rank, num_devices, held)
+        checked.add((num_devices, rank))
+    assert checked == {(n, r) for n in (2, 3, 4) for r in range(n)}
+
+
+def assert_timings_add_up(timings: dict, num_layers: int, where) -> None:
+    """`Timings.to_dict`: per-layer code waits sum to the codes' total, the kinds to the waited total, within the wall time."""
+    assert len(timings["codes_per_layer"]) == num_layers, where
+    assert sum(timings["codes_per_layer"]) == pytest.approx(timings["waited"]["codes"], abs=1e-9), where
+    assert timings["waited_s"] == pytest.approx(sum(timings["waited"].values()), abs=1e-9), where
+    assert 0 <= timings["waited_s"] <= timings["total_s"], where
+    assert timings["compute_s"] == pytest.approx(timings["total_s"] - timings["waited_s"], abs=1e-9), where
+    assert timings["waited"]["control"] > 0, where  # every call's first exchange is waited for
+
+
+def test_every_wait_of_every_case_is_timed_by_kind(equivalence_results):
+    # Who waits for what: ViT's ranks all_gather codes at every layer and pool; a causal rank waits for codes
+    # at a layer only when it receives some (rank > 0) or, overlap off, waits there for its own sends too;
+    # only posted-ahead forwards (causal, gloo, overlap) wait for their sends at the end.
+    num_layers = 2
+    for rank, num_devices, name, overlap, result in all_runs(equivalence_results):
+        timings, where = result["timings"], (rank, num_devices, name, overlap, result["timings"])
+        assert_timings_add_up(timings, num_layers, where)
+        causal = not name.startswith("vit")
+        assert (timings["waited"]["pooling"] > 0) == (not causal), where
+        waits_for_codes = not causal or rank > 0 or not overlap
+        assert all((s > 0) == waits_for_codes for s in timings["codes_per_layer"]), where
+        if not (causal and overlap):
+            assert timings["waited"]["sends"] == 0, where
+
+
+WAIT_MARGIN_S = 0.2  # a rank's own work before it waits, and the barrier's skew, on a loaded machine
+
+
+def test_timings_tell_waiting_from_computing(equivalence_results):
+    # `runtime.timings` of the held runs: a rank held by a late peer records that wait at the layer it waited at,
+    # a rank that sleeps records its sleep as its own work (compute), and the parts add up.
+    sleep, num_layers = workers.HELD_SLEEP_S, 2
+    checked = set()
+    for rank, num_devices, name, overlap, result in all_runs(equivalence_results):
+        if "held" not in result:
+            continue
+        held, last = result["held"], num_devices - 1
+        runs = {"overlap": held[True]["timings"], "no overlap": held[False]["timings"], "late source": held["late_source"]}
+        for run, timings in runs.items():
+            where = (rank, num_devices, run, timings)
+            assert_timings_add_up(timings, num_layers, where)
+            assert timings["waited"]["pooling"] == 0, where  # GPT2 pools nothing
+            if run != "no overlap" and rank == 0:  # receives nothing (causal); its sends are waited for at the end
+                assert timings["waited"]["codes"] == 0, where
+        timings = runs["overlap"]
+        if rank == last:  # the sleeper: its sleeps are its own work, and its peers' codes came long before
+            assert timings["compute_s"] >= 2 * sleep, (rank, num_devices, timings)
+            assert timings["waited_s"] < sleep / 2, (rank, num_devices, timings)
+        else:  # posted ahead: not held by the sleeping receiver
+            assert timings["waited_s"] < sleep / 2, (rank, num_devices, timings)
+        if rank == 0:  # overlap off: every layer's sends wait for the last rank's receives, posted after its sleep
+            timings = runs["no overlap"]
+            assert all(s >= sleep - WAIT_MARGIN_S for s in timings["codes_per_layer"]), (num_devices, timings)
+            assert timings["waited"]["sends"] == 0, (num_devices, timings)
+        timings = runs["late source"]
+        late = workers.LATE_LAYER
+        if rank == 0:  # the late one: it slept, it did not wait
+            assert timings["compute_s"] >= sleep and timings["waited_s"] < sleep / 2, (num_devices, timings)
+        else:  # its receivers wait for its codes at that layer, and only there
+            assert timings["codes_per_layer"][late] >= sleep - WAIT_MARGIN_S, (rank, num_devices, timings)
+            others = timings["waited_s"] - timings["codes_per_layer"][late]
+            assert others < sleep / 2, (rank, num_devices, timings)
         checked.add((num_devices, rank))
     assert checked == {(n, r) for n in (2, 3, 4) for r in range(n)}
 

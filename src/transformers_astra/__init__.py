@@ -10,7 +10,7 @@ Importing it registers ``quant_method="astra"`` with transformers' quantization 
 from .callback import AstraNAQCallback
 from .calibration import calibrate, collect_activations
 from .config import AstraConfig
-from .distributed import DistributedRuntime, Traffic
+from .distributed import DistributedRuntime, Timings, Traffic
 from .generation import GenerationStats
 from .hf_quantizer import AstraHfQuantizer
 from .hf_quantizer import register as _register_quantizer
@@ -41,6 +41,7 @@ __all__ = [
     "Prediction",
     "RandomShardsCallback",
     "ShardLayout",
+    "Timings",
     "Traffic",
     "auxiliary_loss",
     "balanced_shard_sizes",

@@ -13,6 +13,7 @@ full precision and to the other shards' keys/values decoded from the codes it re
     out = runtime(input_ids=ids)  # this rank's logits (B, T_r, V); ids are the WHOLE batch on every rank
     ids = runtime.generate(ids, max_new_tokens=20, do_sample=True)  # causal LMs: prefill here, HF generate on the last rank
     runtime.traffic  # bytes sent/received by this rank in the latest call, by kind
+    runtime.timings  # seconds of the latest forward: its wall time, and how long this rank waited for peers
 
 API
 - ``DistributedRuntime(model, group=None, overlap=True, timeout=60.0, check_inputs=True, projection_table=True, secret=None)``. ``group``: the
@@ -58,6 +59,9 @@ API
 - ``runtime.traffic``: `Traffic` of the latest call: ``sent``/``received`` bytes by kind ("codes",
   "padding", "pooling", "control"), ``code_bytes_per_layer`` and ``full_precision_bytes`` (what
   full-precision sequence parallelism would have sent from this rank in the same exchanges).
+- ``runtime.timings``: `Timings` of the latest forward (generate's: its prefill): ``total_s`` (wall time),
+  ``waited`` (seconds blocked waiting for peers, by kind: "codes", "sends", "pooling", "control"),
+  ``codes_per_layer`` and ``compute_s`` = ``total_s`` - ``waited_s``: link-bound or compute-bound.
 - ``expected_code_bytes(config, layout, rank, batch_size, num_layers, causal)``: the formula the traffic obeys.
 
 What is family-specific (how inputs, padding and positions are sharded, how K/V are rebuilt, how
@@ -70,6 +74,7 @@ single-process simulation shares.
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any
 
 import torch
@@ -91,8 +96,10 @@ from .state import LayerState
 from .trust import verify_peers
 from .transport import (
     TRAFFIC_KINDS,
+    WAIT_KINDS,
     CodeTransport,
     PostedAhead,
+    Timings,
     Traffic,
     code_receivers,
     code_sources,
@@ -105,9 +112,11 @@ __all__ = [
     "DEFAULT_TIMEOUT_S",
     "PROJECTION_TABLE_MAX_BYTES",
     "TRAFFIC_KINDS",
+    "WAIT_KINDS",
     "DistributedRuntime",
     "PeerFailureError",
     "RankExchange",
+    "Timings",
     "Traffic",
     "code_receivers",
     "code_sources",
@@ -163,6 +172,7 @@ class DistributedRuntime:
         self._keep_cache = False  # generate's prefill: the last rank keeps its KV cache (all tokens but the last)
         self.generation_stats: generation.GenerationStats | None = None  # of the latest generate call
         check_same_model(self.transport, model, self.config, quantizers(model))
+        self.transport.timings = Timings()  # of forwards only, not of the handshake
         # Hidden mode: layer index -> precomputed codeword projections, where they fit (see projection_tables).
         self._tables = self._projection_tables() if self.config.quantize == "hidden" else {}
 
@@ -176,6 +186,11 @@ class DistributedRuntime:
         """Bytes of the latest call (see `transport.Traffic`)."""
         return self.transport.traffic
 
+    @property
+    def timings(self) -> Timings:
+        """Seconds of the latest forward: wall time and waits for peers (see `transport.Timings`)."""
+        return self.transport.timings
+
     def __call__(self, **inputs: Any):
         return self.forward(**inputs)
 
@@ -188,7 +203,14 @@ class DistributedRuntime:
             raise ValueError("output_attentions is not supported by DistributedRuntime")
         if self.state.full_precision:
             raise ValueError("DistributedRuntime always sends codes; leave the astra.full_precision context first")
-        self.transport.traffic = Traffic()
+        started = time.perf_counter()
+        self.transport.traffic, self.transport.timings = Traffic(), Timings.of_layers(self.num_layers)
+        try:
+            return self._forward(inputs)
+        finally:
+            self.transport.timings.total_s = time.perf_counter() - started
+
+    def _forward(self, inputs: dict[str, Any]):
         layout = self.adapter.rank_layout(self.model, self.state, inputs)
         # The first exchange, fixed-size, always: every rank agrees on the sizes of all later exchanges.
         check_same_call(self.transport, inputs, layout, self.check_inputs)

@@ -12,6 +12,9 @@ transport/tcp/pair.cc), so every receive of a forward is posted at its start, on
 a layer waits only for its own receives; the sends are waited for once, at the end of the forward.
 Elsewhere (NCCL, ``overlap=False``, bidirectional models) a layer's sends and receives are posted when
 the layer starts and waited for together.
+
+Every wait of a forward goes through `CodeTransport.wait`, which also times it (`Timings`): how long this
+rank was blocked on its peers, by kind and per layer, against the forward's wall time.
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ from .packing import pack, packed_size, unpack
 from .sharding import ShardLayout
 
 TRAFFIC_KINDS = ("codes", "padding", "pooling", "control")
+# What a rank waits for: a layer's codes ("codes"; the layer's own sends too where they are waited for with
+# its receives), the sends `PostedAhead` waits for once at the end of the forward ("sends"), the class tokens'
+# all_gather ("pooling") and the call's first exchange, the batch size and layout ("control").
+WAIT_KINDS = ("codes", "sends", "pooling", "control")
 
 
 @dataclass
@@ -56,6 +63,50 @@ class Traffic:
             "total_received": self.total_received,
             "code_bytes_per_layer": list(self.code_bytes_per_layer),
             "full_precision_bytes": self.full_precision_bytes,
+        }
+
+
+@dataclass
+class Timings:
+    """Seconds of one rank's latest forward: its wall time and how long it was blocked waiting for peers.
+
+    ``waited`` by kind (`WAIT_KINDS`), ``codes_per_layer[i]`` the part of ``waited["codes"]`` spent at
+    layer ``i``. ``compute_s`` = ``total_s`` - ``waited_s``: everything this rank did itself (the model,
+    encoding, packing, decoding) rather than wait. Host time: on NCCL a wait blocks the stream, not the
+    host, so there the waits are near zero and ``compute_s`` includes the stream's waiting.
+    """
+
+    total_s: float = 0.0
+    waited: dict[str, float] = field(default_factory=lambda: dict.fromkeys(WAIT_KINDS, 0.0))
+    codes_per_layer: list[float] = field(default_factory=list)
+
+    @classmethod
+    def of_layers(cls, num_layers: int) -> "Timings":
+        return cls(codes_per_layer=[0.0] * num_layers)
+
+    @property
+    def waited_s(self) -> float:
+        return sum(self.waited.values())
+
+    @property
+    def compute_s(self) -> float:
+        return max(self.total_s - self.waited_s, 0.0)
+
+    def add(self, kind: str, seconds: float, layer: int | None = None) -> None:
+        """Count ``seconds`` of waiting for ``kind`` (and, for codes, at ``layer``)."""
+        self.waited[kind] += seconds
+        if layer is not None:
+            if layer >= len(self.codes_per_layer):
+                self.codes_per_layer += [0.0] * (layer + 1 - len(self.codes_per_layer))
+            self.codes_per_layer[layer] += seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "total_s": self.total_s,
+            "waited_s": self.waited_s,
+            "compute_s": self.compute_s,
+            "waited": dict(self.waited),
+            "codes_per_layer": list(self.codes_per_layer),
         }
 
 
@@ -87,7 +138,7 @@ class CodeTransport:
         self.group, self.config, self.timeout = group, config, float(timeout)
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.comm_device, self.code_device = comm_device, code_device
-        self.traffic = Traffic()
+        self.traffic, self.timings = Traffic(), Timings()
         # What every wait needs, looked up once: the peers' global ranks, who waits, whether to slice.
         self._global = [dist.get_global_rank(group, r) for r in range(self.world_size)]
         self._peers = [g for r, g in enumerate(self._global) if r != self.rank]
@@ -127,9 +178,9 @@ class CodeTransport:
         if posted is not None:
             transfer = posted.start(layer_idx, payload)
         elif causal:
-            transfer = _PointToPointTransfer(self, payload, sizes, receivers, sources, shapes)
+            transfer = _PointToPointTransfer(self, payload, sizes, receivers, sources, shapes, layer_idx)
         else:
-            transfer = _AllGatherTransfer(self, payload, sizes, sources, shapes)
+            transfer = _AllGatherTransfer(self, payload, sizes, sources, shapes, layer_idx)
         self.traffic.code_bytes_per_layer.append(len(receivers) * payload.numel())
         self.traffic.full_precision_bytes += len(receivers) * batch * layout.sizes[self.rank] * sent.shape[-1] * element_size
         return transfer
@@ -142,13 +193,21 @@ class CodeTransport:
         self.traffic.sent[kind] += sent
         self.traffic.received[kind] += received
 
-    def wait(self, work, what: str, since: float | None = None) -> None:
+    def wait(self, work, what: str, since: float | None = None, kind: str | None = None, layer: int | None = None) -> None:
         """Wait for an async collective (or a list of works): `liveness.PeerFailureError` naming ``what`` when a peer is lost.
 
         A busy peer (its heartbeat advances) is waited for; one silent for ``timeout`` seconds is not
-        (counted from ``since`` at the earliest, default now: `liveness.wait`).
+        (counted from ``since`` at the earliest, default now: `liveness.wait`). ``kind`` (`WAIT_KINDS`):
+        the wait's seconds are added to ``timings`` (``layer``: at that layer), failed waits included.
         """
-        liveness.wait(work, what, self.timeout, self._peers, self._where, sliced=self._sliced, since=since)
+        if kind is not None and kind not in WAIT_KINDS:
+            raise ValueError(f"kind must be one of {WAIT_KINDS} or None, got {kind!r}")
+        started = time.perf_counter()
+        try:
+            liveness.wait(work, what, self.timeout, self._peers, self._where, sliced=self._sliced, since=since)
+        finally:
+            if kind is not None:
+                self.timings.add(kind, time.perf_counter() - started, layer)
 
     def post(self, ops: list, what: str) -> list:
         """``dist.batch_isend_irecv(ops)``; a peer already lost is a `liveness.PeerFailureError` naming ``what``."""
@@ -163,7 +222,7 @@ class CodeTransport:
         """Every rank's ``tensor`` (same shape everywhere), on ``tensor``'s device; counted as ``kind``."""
         own = tensor.contiguous().to(self.comm_device)
         gathered = [torch.zeros_like(own) for _ in range(self.world_size)]
-        self.wait(dist.all_gather(gathered, own, group=self.group, async_op=True), what)
+        self.wait(dist.all_gather(gathered, own, group=self.group, async_op=True), what, kind=kind)
         size = own.numel() * own.element_size()
         self.count(kind, (self.world_size - 1) * size, (self.world_size - 1) * size)
         return [g.to(tensor.device) for g in gathered]
@@ -178,8 +237,8 @@ class CodeTransfer:
 class _AllGatherTransfer(CodeTransfer):
     """Every rank needs every other rank's codes: one all_gather of payloads padded to the largest."""
 
-    def __init__(self, transport: CodeTransport, payload, sizes, sources, shapes):
-        self.transport, self.sizes, self.sources, self.shapes = transport, sizes, sources, shapes
+    def __init__(self, transport: CodeTransport, payload, sizes, sources, shapes, layer: int | None = None):
+        self.transport, self.sizes, self.sources, self.shapes, self.layer = transport, sizes, sources, shapes, layer
         largest = max(sizes)
         padded = torch.zeros(largest, dtype=torch.uint8, device=payload.device)
         padded[: payload.numel()] = payload
@@ -190,15 +249,15 @@ class _AllGatherTransfer(CodeTransfer):
         transport.count("padding", peers * (largest - own), sum(largest - sizes[s] for s in sources))
 
     def wait(self) -> list[torch.Tensor]:
-        self.transport.wait(self.work, "the code all_gather")
+        self.transport.wait(self.work, "the code all_gather", kind="codes", layer=self.layer)
         return [self.transport.unpack(self.buffers[s][: self.sizes[s]], self.shapes[s]) for s in self.sources]
 
 
 class _PointToPointTransfer(CodeTransfer):
     """Causal: a rank's codes go to the later ranks only, each payload at its exact size."""
 
-    def __init__(self, transport: CodeTransport, payload, sizes, receivers, sources, shapes):
-        self.transport, self.sources, self.shapes = transport, sources, shapes
+    def __init__(self, transport: CodeTransport, payload, sizes, receivers, sources, shapes, layer: int | None = None):
+        self.transport, self.sources, self.shapes, self.layer = transport, sources, shapes, layer
         group, global_rank = transport.group, transport._global.__getitem__
         self.buffers = {s: torch.zeros(sizes[s], dtype=torch.uint8, device=payload.device) for s in sources}
         ops = [dist.P2POp(dist.isend, payload, global_rank(r), group) for r in receivers]
@@ -207,7 +266,7 @@ class _PointToPointTransfer(CodeTransfer):
         transport.count("codes", len(receivers) * sizes[transport.rank], sum(sizes[s] for s in sources))
 
     def wait(self) -> list[torch.Tensor]:
-        self.transport.wait(self.works, f"the code exchange with ranks {self.sources}")
+        self.transport.wait(self.works, f"the code exchange with ranks {self.sources}", kind="codes", layer=self.layer)
         return [self.transport.unpack(self.buffers[s], self.shapes[s]) for s in self.sources]
 
 
@@ -275,7 +334,7 @@ class PostedAhead:
             return []
         what = f"the code exchange with ranks {self.sources}"
         started = time.monotonic()
-        transport.wait([work for _, work in pending.values()], what)
+        transport.wait([work for _, work in pending.values()], what, kind="codes", layer=layer)
         gave_up = [source for source, (buffer, _) in pending.items() if self._filler(source, buffer)]
         if gave_up:
             transport.count("control", 0, sum(self.sizes[s] + 1 for s in gave_up))
@@ -306,7 +365,7 @@ class PostedAhead:
         pending += [work for receives in self.receives.values() for _, work in receives.values()]
         peers = sorted(set(self.receivers) | set(self.sources))
         try:
-            transport.wait(pending, f"the code exchange with ranks {peers}", since=self.started if drained else None)
+            transport.wait(pending, f"the code exchange with ranks {peers}", since=self.started if drained else None, kind="sends")
         finally:
             for receives in self.receives.values():
                 for source, (buffer, work) in receives.items():
