@@ -29,24 +29,6 @@ MARKDOWN_START = "<!-- train-encode-speed:start -->"
 MARKDOWN_END = "<!-- train-encode-speed:end -->"
 
 
-def device_seconds(fn, device: str, repeats: int) -> list[float]:
-    """Seconds of ``repeats`` calls of ``fn`` after one untimed call, the device synchronised around each."""
-
-    def synchronize():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    fn()
-    times = []
-    for _ in range(repeats):
-        synchronize()
-        start = time.perf_counter()
-        fn()
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def step_seconds(vq: GroupedVQ, x: torch.Tensor, exact: bool, repeats: int) -> list[float]:
     """Seconds of forward + backward of the quantizer in training mode, ``exact``: with the exact encoder."""
 
@@ -57,7 +39,19 @@ def step_seconds(vq: GroupedVQ, x: torch.Tensor, exact: bool, repeats: int) -> l
         out = decoded + (source - source.detach())
         out.square().mean().backward()
 
-    return device_seconds(once, x.device.type, repeats)
+    def synchronize():
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    once()
+    times = []
+    for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
+        once()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def measure(device: str, repeats: int) -> list[dict]:

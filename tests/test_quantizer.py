@@ -162,22 +162,8 @@ def test_exact_ties_infinities_and_nan_resolve_as_the_reference(size):
     points[1, 3, 0] = 1e30  # its squared norm overflows float32
     expected = quantizer_module.reference_nearest_codewords(points, centres)
     for max_elements in (1 << 20, 2 * size * 7):  # one chunk, or chunks of 7 points
-        for rows in (False, True):  # per-group recheck (CPU's), every marked point at once (accelerators')
-            assert torch.equal(quantizer_module.nearest_codewords(points, centres, max_elements, recheck_rows=rows), expected)
+        assert torch.equal(quantizer_module.nearest_codewords(points, centres, max_elements), expected)
     assert int(expected[0, 1]) == 0  # NaN distances: argmin's rule, the first one
-
-
-@pytest.mark.parametrize("groups", [1, 8, 32])
-def test_recheck_of_all_marked_points_at_once_gives_the_reference_codes(groups):
-    """The accelerators' recheck, run here: duplicate codewords (every point rechecked), near-ties, far points."""
-    generator = torch.Generator().manual_seed(groups + 10)
-    centres = _tie_heavy_codebook(groups, 256, 256 // groups, generator)
-    for points in (_adversarial_points(centres, 150, generator), torch.randn(150, 256, generator=generator)):
-        points = points.reshape(-1, groups, 256 // groups).transpose(0, 1)
-        expected = quantizer_module.reference_nearest_codewords(points, centres)
-        for max_elements in (1 << 22, 5 * 256 * (256 // groups)):  # one step, or steps of 5 rechecked points
-            codes = quantizer_module.nearest_codewords(points, centres, max_elements, recheck_rows=True)
-            assert torch.equal(codes, expected)
 
 
 def test_encode_follows_every_codebook_update():

@@ -205,7 +205,6 @@ def nearest_codewords(
     centres: torch.Tensor,
     max_elements: int,
     summary: tuple[torch.Tensor, torch.Tensor] | None = None,
-    recheck_rows: bool | None = None,
 ) -> torch.Tensor:
     """`reference_nearest_codewords`, bit for bit, at matmul speed. (G, n, d), (G, K, d) -> int64 (G, n).
 
@@ -222,10 +221,6 @@ def nearest_codewords(
     few in a hundred at d = 768, all those at duplicate codewords) and non-finite points go to
     `_recheck`: the reference's float64 distances to their candidates. So the codes depend neither on
     the chunking nor on the other points. ``summary``: `codebook_summary(centres)`, if kept.
-    ``recheck_rows`` (default: on accelerators): recheck every marked point of every group at once by the
-    reference itself (`_reference_rows`: float64 distances to all K codewords) instead of group by group;
-    the same codes, one host synchronisation instead of a few per group (on CPU the per-group recheck,
-    which computes float64 distances to the candidates only, is cheaper).
     """
     groups, n, dim = points.shape
     size = centres.shape[1]
@@ -268,9 +263,7 @@ def nearest_codewords(
             parts.append((index, limit, (scores <= limit[..., None]).sum(-1) != 1))
     nearest, limit, unsure = parts[0] if len(parts) == 1 else (torch.cat(part, dim=1) for part in zip(*parts))
     recheck = unsure | ~torch.isfinite(limit)
-    if recheck_rows if recheck_rows is not None else points.device.type != "cpu":
-        _reference_rows(points, centres, recheck.nonzero(as_tuple=True), nearest, max_elements)
-    elif recheck.any():
+    if recheck.any():
         kept = scores if chunk >= n else None  # one chunk: its scores are still here
         _recheck(points, centres, centres_t, squared_norms, tolerance, recheck, nearest, max_elements, kept)
     return nearest
@@ -320,20 +313,6 @@ def _recheck(points, centres, centres_t, squared_norms, tolerance, recheck, near
                 r, c = row[pair : pair + pairs_per_step], code[pair : pair + pairs_per_step]
                 distances[r, c] = _exact_distances(points[group, rows[r]], centres[group, c])
             nearest[group, rows] = distances.argmin(-1)
-
-
-def _reference_rows(points, centres, rows: tuple[torch.Tensor, torch.Tensor], nearest, max_elements: int) -> None:
-    """Write `reference_nearest_codewords`'s codes of the points at ``rows`` = (groups, tokens) into ``nearest``:
-    float64 distances to every codeword of their group (`_exact_distances`, pair by pair as the reference),
-    then argmin; in steps of at most ``max_elements`` differences."""
-    groups, tokens = rows
-    size, dim = centres.shape[1], centres.shape[2]
-    step = max(1, max_elements // (size * max(dim, 1)))
-    for first in range(0, groups.numel(), step):
-        group, token = groups[first : first + step], tokens[first : first + step]
-        own = points[group, token][:, None, :].expand(-1, size, -1)  # (r, K, d)
-        distances = _exact_distances(own.reshape(-1, dim), centres[group].reshape(-1, dim))
-        nearest[group, token] = distances.view(-1, size).argmin(-1)
 
 
 @functools.lru_cache(maxsize=32)
