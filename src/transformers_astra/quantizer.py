@@ -244,7 +244,8 @@ def nearest_codewords(
     parts = []
     chunk = max(1, max_elements // (groups * size))
     for start in range(0, n, chunk):
-        scores = torch.baddbmm(squared_norms, points[:, start : start + chunk].to(score_dtype), centres_t, alpha=-2.0)
+        part = points[:, start : start + chunk]
+        scores = torch.baddbmm(squared_norms, part.to(score_dtype), centres_t, alpha=-2.0)
         limit = tolerance[:, start : start + chunk]
         if blocked:
             # Vectorised: each block's minimum, the smallest, the blocks within the limit of it; where
@@ -256,16 +257,14 @@ def nearest_codewords(
             rows = torch.arange(block.numel(), device=block.device).view_as(block) * block_minima.shape[-1] + block
             within = scores.reshape(-1, _ARGMIN_BLOCK).index_select(0, rows.flatten()).view(*block.shape, -1)
             scores_in, offset = (within <= limit[..., None]).to(score_dtype).matmul(count_and_offset).unbind(-1)
-            parts.append((block * _ARGMIN_BLOCK + offset.long(), limit, (blocks_in != 1) | (scores_in != 1)))
+            nearest, unsure = block * _ARGMIN_BLOCK + offset.long(), (blocks_in != 1) | (scores_in != 1)
         else:
-            smallest, index = scores.min(-1)
+            smallest, nearest = scores.min(-1)
             limit = smallest + limit
-            parts.append((index, limit, (scores <= limit[..., None]).sum(-1) != 1))
-    nearest, limit, unsure = parts[0] if len(parts) == 1 else (torch.cat(part, dim=1) for part in zip(*parts))
-    recheck = unsure | ~torch.isfinite(limit)
-    if recheck.any():
-        kept = scores if chunk >= n else None  # one chunk: its scores are still here
-        _recheck(points, centres, centres_t, squared_norms, tolerance, recheck, nearest, max_elements, kept)
+            unsure = (scores <= limit[..., None]).sum(-1) != 1
+        _recheck(part, centres, scores, limit, unsure | ~torch.isfinite(limit), nearest, max_elements)
+        parts.append(nearest)
+    nearest = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     return nearest
 
 
@@ -287,32 +286,25 @@ def fast_nearest_codewords(points: torch.Tensor, centres: torch.Tensor, max_elem
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-def _recheck(points, centres, centres_t, squared_norms, tolerance, recheck, nearest, max_elements, all_scores=None) -> None:
-    """Write the reference codes of the points marked in ``recheck`` (G, n) into ``nearest``.
+def _recheck(points, centres, scores, limit, recheck, nearest, max_elements: int) -> None:
+    """Write the reference codes of the points marked in ``recheck`` (G, m) into ``nearest`` (G, m).
 
-    Per group: the scores of those points (``all_scores`` (G, n, K) where given, else computed again),
-    their candidates (score within ``tolerance`` of the smallest; every codeword where that limit is
-    not finite), the exact float64 distances to the candidates (`_exact_distances`, as the
-    reference), argmin over those (lowest index on equal distances, NaN first, as the reference).
+    All groups at once (one ``nonzero`` for the points, one for their candidates): a marked point's
+    candidates are the codewords whose ``scores`` (G, m, K) lie within its ``limit`` (G, m) (every codeword
+    where that limit is not finite); the exact float64 distances to those (`_exact_distances`, as the
+    reference), argmin over them (lowest index on equal distances, NaN first, as the reference).
     """
-    size, dim = centres.shape[1], centres.shape[2]
-    rows_per_step = max(1, max_elements // size)
-    pairs_per_step = max(1, max_elements // max(dim, 1))  # bounded memory even where every codeword ties
-    for group in recheck.any(-1).nonzero().flatten().tolist():
-        tokens = recheck[group].nonzero().flatten()
-        for first in range(0, tokens.numel(), rows_per_step):
-            rows = tokens[first : first + rows_per_step]
-            if all_scores is not None:
-                scores = all_scores[group, rows]
-            else:
-                scores = torch.addmm(squared_norms[group, 0], points[group, rows].to(centres_t.dtype), centres_t[group], alpha=-2.0)
-            limit = scores.amin(-1, keepdim=True) + tolerance[group, rows, None]
-            row, code = ((scores <= limit) | ~torch.isfinite(limit)).nonzero(as_tuple=True)
-            distances = torch.full(scores.shape, float("inf"), dtype=torch.float64, device=scores.device)
-            for pair in range(0, row.numel(), pairs_per_step):
-                r, c = row[pair : pair + pairs_per_step], code[pair : pair + pairs_per_step]
-                distances[r, c] = _exact_distances(points[group, rows[r]], centres[group, c])
-            nearest[group, rows] = distances.argmin(-1)
+    group, token = recheck.nonzero(as_tuple=True)
+    if group.numel() == 0:
+        return
+    marked_limit = limit[group, token, None]
+    row, code = ((scores[group, token] <= marked_limit) | ~torch.isfinite(marked_limit)).nonzero(as_tuple=True)
+    distances = torch.full((group.numel(), centres.shape[1]), float("inf"), dtype=torch.float64, device=scores.device)
+    pairs_per_step = max(1, max_elements // max(centres.shape[2], 1))  # bounded memory even where every codeword ties
+    for first in range(0, row.numel(), pairs_per_step):
+        r, c = row[first : first + pairs_per_step], code[first : first + pairs_per_step]
+        distances[r, c] = _exact_distances(points[group[r], token[r]], centres[group[r], c])
+    nearest[group, token] = distances.argmin(-1)
 
 
 @functools.lru_cache(maxsize=32)
