@@ -209,8 +209,8 @@ def nearest_codewords(
     """`reference_nearest_codewords`, bit for bit, at matmul speed. (G, n, d), (G, K, d) -> int64 (G, n).
 
     Scores ``|c|^2 - 2 x.c`` come from one ``baddbmm`` per chunk of points (float32 for float32 and
-    half-precision inputs, float64 for float64), chunked so that the (G, m, K) score block holds at most
-    about ``max_elements`` entries (on CPU ~4 MiB: it is reread from cache). Where K is a multiple of
+    half-precision inputs, float64 for float64), in steps whose (groups, tokens, K) score block holds at
+    most about ``max_elements`` entries (on CPU ~4 MiB: it is reread from cache; `score_block`). Where K is a multiple of
     `_ARGMIN_BLOCK`, no argmin runs over the scores: the block minima (``amin``, vectorised), the
     smallest, and the blocks and scores within the limit below, counted and located by small matmuls.
     Each score is within ``E = (d + 2) u (C^2 + 2 |x| C)`` of its exact value (``u``: the unit roundoff
@@ -241,32 +241,57 @@ def nearest_codewords(
     if blocked:  # [count, sum of positions] of the entries within the limit, by one small matmul
         count_and_block = _count_and_position(size // _ARGMIN_BLOCK, points.device, score_dtype)
         count_and_offset = _count_and_position(_ARGMIN_BLOCK, points.device, score_dtype)
-    parts = []
-    chunk = max(1, max_elements // (groups * size))
-    for start in range(0, n, chunk):
-        scores = torch.baddbmm(squared_norms, points[:, start : start + chunk].to(score_dtype), centres_t, alpha=-2.0)
-        limit = tolerance[:, start : start + chunk]
-        if blocked:
-            # Vectorised: each block's minimum, the smallest, the blocks within the limit of it; where
-            # exactly one block and one score in it are within, that score is the unique minimum.
-            block_minima = scores.unflatten(-1, (-1, _ARGMIN_BLOCK)).amin(-1)  # (G, m, K / block)
-            limit = block_minima.amin(-1) + limit
-            blocks_in, block = (block_minima <= limit[..., None]).to(score_dtype).matmul(count_and_block).unbind(-1)
-            block = block.long().clamp_(max=block_minima.shape[-1] - 1)  # where blocks_in > 1: any block, rechecked
-            rows = torch.arange(block.numel(), device=block.device).view_as(block) * block_minima.shape[-1] + block
-            within = scores.reshape(-1, _ARGMIN_BLOCK).index_select(0, rows.flatten()).view(*block.shape, -1)
-            scores_in, offset = (within <= limit[..., None]).to(score_dtype).matmul(count_and_offset).unbind(-1)
-            parts.append((block * _ARGMIN_BLOCK + offset.long(), limit, (blocks_in != 1) | (scores_in != 1)))
-        else:
-            smallest, index = scores.min(-1)
-            limit = smallest + limit
-            parts.append((index, limit, (scores <= limit[..., None]).sum(-1) != 1))
-    nearest, limit, unsure = parts[0] if len(parts) == 1 else (torch.cat(part, dim=1) for part in zip(*parts))
-    recheck = unsure | ~torch.isfinite(limit)
+    group_step, token_step = score_block(groups, n, size, max_elements)
+    single = group_step >= groups and token_step >= n
+    if not single:  # filled step by step
+        nearest = torch.empty(groups, n, dtype=torch.long, device=points.device)
+        limits = torch.empty(groups, n, dtype=score_dtype, device=points.device)
+        unsure = torch.empty(groups, n, dtype=torch.bool, device=points.device)
+    for g in range(0, groups, group_step):
+        gs = slice(g, g + group_step)
+        for start in range(0, n, token_step):
+            ts = slice(start, start + token_step)
+            scores = torch.baddbmm(squared_norms[gs], points[gs, ts].to(score_dtype), centres_t[gs], alpha=-2.0)
+            limit = tolerance[gs, ts]
+            if blocked:
+                # Vectorised: each block's minimum, the smallest, the blocks within the limit of it; where
+                # exactly one block and one score in it are within, that score is the unique minimum.
+                block_minima = scores.unflatten(-1, (-1, _ARGMIN_BLOCK)).amin(-1)  # (g, m, K / block)
+                limit = block_minima.amin(-1) + limit
+                blocks_in, block = (block_minima <= limit[..., None]).to(score_dtype).matmul(count_and_block).unbind(-1)
+                block = block.long().clamp_(max=block_minima.shape[-1] - 1)  # where blocks_in > 1: any block, rechecked
+                rows = torch.arange(block.numel(), device=block.device).view_as(block) * block_minima.shape[-1] + block
+                within = scores.reshape(-1, _ARGMIN_BLOCK).index_select(0, rows.flatten()).view(*block.shape, -1)
+                scores_in, offset = (within <= limit[..., None]).to(score_dtype).matmul(count_and_offset).unbind(-1)
+                part = (block * _ARGMIN_BLOCK + offset.long(), limit, (blocks_in != 1) | (scores_in != 1))
+            else:
+                smallest, index = scores.min(-1)
+                limit = smallest + limit
+                part = (index, limit, (scores <= limit[..., None]).sum(-1) != 1)
+            if single:
+                nearest, limits, unsure = part
+            else:
+                nearest[gs, ts], limits[gs, ts], unsure[gs, ts] = part
+    recheck = unsure | ~torch.isfinite(limits)
     if recheck.any():
-        kept = scores if chunk >= n else None  # one chunk: its scores are still here
+        kept = scores if single else None  # one step: its scores are still here
         _recheck(points, centres, centres_t, squared_norms, tolerance, recheck, nearest, max_elements, kept)
     return nearest
+
+
+def score_block(groups: int, n: int, size: int, max_elements: int) -> tuple[int, int]:
+    """(groups, tokens) of one step of `nearest_codewords`: a (groups, tokens, K) score block of at most about
+    ``max_elements`` entries (at least one group and one token). Every token of as many groups as fit where
+    one group's scores fit (each group's matmul then has all n rows: a ViT rank's ~50 tokens are one matmul
+    per group, not four of 16 rows), else a group at a time in steps of tokens."""
+    tokens = _even_step(n, max(1, max_elements // size))
+    return _even_step(groups, max(1, max_elements // (tokens * size))), tokens
+
+
+def _even_step(total: int, most: int) -> int:
+    """The step that covers ``total`` in as few steps of at most ``most`` as possible, all about equal."""
+    steps = -(-total // most)
+    return -(-total // steps)
 
 
 def fast_nearest_codewords(points: torch.Tensor, centres: torch.Tensor, max_elements: int) -> torch.Tensor:
