@@ -26,6 +26,10 @@ from torch import nn
 # same codes (`python -m benchmarks.profile_astra`, docs/benchmarks.md).
 _ENCODE_CHUNK_ELEMENTS = 1 << 24
 _ENCODE_CHUNK_ELEMENTS_CPU = 1 << 20
+# A score block up to this many times the step's budget is done in one step: a ViT rank's 50 tokens at G=32 kv
+# (64 groups, 13 MiB of scores) in one step took 1.5 ms against 2.1 ms in four steps of 16 groups (2 threads,
+# `python -m benchmarks.per_layer_costs`, docs/benchmarks.md), and its recheck reuses the scores.
+_ONE_STEP_FACTOR = 4
 # The smallest score is found block by block (blocks of this many consecutive codewords): CPU argmin is
 # a scalar loop, amin is vectorised (`nearest_codewords`; benchmarks/encoder_speed.py).
 _ARGMIN_BLOCK = 32
@@ -280,10 +284,12 @@ def nearest_codewords(
 
 
 def score_block(groups: int, n: int, size: int, max_elements: int) -> tuple[int, int]:
-    """(groups, tokens) of one step of `nearest_codewords`: a (groups, tokens, K) score block of at most about
-    ``max_elements`` entries (at least one group and one token). Every token of as many groups as fit where
-    one group's scores fit (each group's matmul then has all n rows: a ViT rank's ~50 tokens are one matmul
-    per group, not four of 16 rows), else a group at a time in steps of tokens."""
+    """(groups, tokens) of one step of `nearest_codewords`: a (groups, tokens, K) score block of about
+    ``max_elements`` entries at most (at least one group and one token), or all in one step where the whole
+    block is at most `_ONE_STEP_FACTOR` times that. Otherwise every token of as many groups as fit where one
+    group's scores fit (each group's matmul keeps all n rows), else a group at a time in steps of tokens."""
+    if groups * n * size <= _ONE_STEP_FACTOR * max_elements:
+        return groups, n
     tokens = _even_step(n, max(1, max_elements // size))
     return _even_step(groups, max(1, max_elements // (tokens * size))), tokens
 
