@@ -15,7 +15,9 @@ Each rank r of N is emulated in one process (`links` compute mode: collectives r
 ``--threads``: torch threads of the timed process (1 by default; 2 as a rank of the GPU host's latency runs).
 ``--steps``: also the wall time of the runtime's steps per forward (``steps_ms``, the "after" tree only:
 encoding, recheck, packing, unpacking, decoding and rebuilding the received K/V, the two partial attentions
-and their merge, the masks, the pooling exchange), timed by wrapping those functions in the worker process.
+and their merge, the masks, the pooling exchange), timed by wrapping those functions in the worker process;
+for the ViT cases also one layer's kernels alone (`vit_kernels`: the encoder's score matmul, the partial
+attentions and merge against one SDPA over all 197 keys), as "kernel ..." medians.
 
 ``--before SRC``: also time another source tree (e.g. ``git archive <commit> src | tar -x -C /tmp/before``),
 alternating the two trees run by run (each run is a fresh process timing ``--repeats`` forwards), and write
@@ -116,6 +118,8 @@ def worker(case: str, repeats: int, threads: int = 1, steps: bool = False) -> di
 
         with torch.inference_mode():
             out["plain layers, 50 tokens"] = timed_runs(plain, repeats)
+    if steps and name == "vit":
+        out.update(vit_kernels(workload.model, groups, quantize, repeats))
     extra = {"logits_to_keep": 1} if workload.causal else {}
     layouts = {"even": None, "balanced": "balanced"} if case == "gpt2-balance" else {"": None}
     for _ in range(repeats):  # the layouts alternate forward by forward
@@ -137,6 +141,42 @@ def worker(case: str, repeats: int, threads: int = 1, steps: bool = False) -> di
             astra.unpatch(workload.model)
     dist.destroy_process_group()
     return out
+
+
+def vit_kernels(model, groups: int, quantize: str, repeats: int) -> dict[str, list[float]]:
+    """Seconds of one layer's kernels alone, operands in cache (``--steps``): the encoder's score matmul on 50
+    tokens against K=1024 codewords, the two partial attentions of a rank (50 own keys, 147 received) and
+    their merge, against one attention over all 197 keys."""
+    import torch
+
+    from transformers_astra.kernels import KeyMask, merge_partials, partial_attention
+    from transformers_astra.quantizer import GroupedVQ
+
+    from .profile_astra import timed_runs
+
+    width = model.config.hidden_size * (2 if quantize == "kv" else 1)
+    groups = groups * (2 if quantize == "kv" else 1)
+    codebook = GroupedVQ(width, groups, 1024).codebook.detach().transpose(1, 2)  # (G, d, K)
+    points = torch.randn(50, groups, width // groups).transpose(0, 1)
+    heads, dim = model.config.num_attention_heads, model.config.hidden_size // model.config.num_attention_heads
+    query = torch.randn(1, heads, 50, dim)
+    keys, values = torch.randn(1, heads, 197, dim), torch.randn(1, heads, 197, dim)
+    own, received = (KeyMask.of(torch.ones(1, 1, 50, n, dtype=torch.bool), query.dtype) for n in (50, 147))
+    scale = dim**-0.5
+
+    def partials():
+        local = partial_attention(query, keys[:, :, :50], values[:, :, :50], own, scale)
+        merge_partials(local, partial_attention(query, keys[:, :, 50:], values[:, :, 50:], received, scale))
+
+    repeats = 10 * repeats
+    with torch.inference_mode():
+        return {
+            "kernel encoder score matmul, a layer": timed_runs(lambda: torch.bmm(points, codebook), repeats),
+            "kernel two partial attentions + merge, a layer": timed_runs(partials, repeats),
+            "kernel one SDPA over 197 keys, a layer": timed_runs(
+                lambda: torch.nn.functional.scaled_dot_product_attention(query, keys, values, scale=scale), repeats
+            ),
+        }
 
 
 def run_tree(src: str, case: str, repeats: int, threads: int = 1, steps: bool = False) -> dict:
