@@ -17,7 +17,9 @@ Each rank r of N is emulated in one process (`links` compute mode: collectives r
 encoding, recheck, packing, unpacking, decoding and rebuilding the received K/V, the two partial attentions
 and their merge, the masks, the pooling exchange), timed by wrapping those functions in the worker process;
 for the ViT cases also one layer's kernels alone (`vit_kernels`: the encoder's score matmul, the partial
-attentions and merge against one SDPA over all 197 keys), as "kernel ..." medians.
+attentions and merge against one SDPA over all 197 keys), as "kernel ..." medians; and torch.profiler's
+top aten ops by self CPU time of one forward of the last rank timed (``ops_ms``, with the count of aten ops
+called from Python, "calls from Python"; the plain floor's count beside it).
 
 ``--before SRC``: also time another source tree (e.g. ``git archive <commit> src | tar -x -C /tmp/before``),
 alternating the two trees run by run (each run is a fresh process timing ``--repeats`` forwards), and write
@@ -118,6 +120,8 @@ def worker(case: str, repeats: int, threads: int = 1, steps: bool = False) -> di
 
         with torch.inference_mode():
             out["plain layers, 50 tokens"] = timed_runs(plain, repeats)
+            if steps:
+                out["op calls from Python, plain layers"] = [profiled_ops(plain)["calls from Python"]]
     if steps and name == "vit":
         out.update(vit_kernels(workload.model, groups, quantize, repeats))
     extra = {"logits_to_keep": 1} if workload.causal else {}
@@ -138,9 +142,26 @@ def worker(case: str, repeats: int, threads: int = 1, steps: bool = False) -> di
                             out.setdefault(f"step {step}", []).append(seconds / 2)
                     if layout:
                         out[f"{layout} sizes"] = list(runtime.layout.sizes)
+                if spent is not None and rank == ranks[-1]:  # torch.profiler: one forward of the last rank, per op
+                    with as_rank(rank, 4), torch.inference_mode():
+                        for op, milliseconds in profiled_ops(lambda: runtime(**workload.inputs, **extra)).items():
+                            out.setdefault(f"op {op}", []).append(milliseconds)
             astra.unpatch(workload.model)
     dist.destroy_process_group()
     return out
+
+
+def profiled_ops(forward, top: int = 12) -> dict[str, float]:
+    """torch.profiler over one call of ``forward``: the ``top`` aten ops by self CPU time (ms), and the number of
+    aten ops called from Python (not from other ops) as "calls from Python"."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        forward()
+    events = [event for event in prof.events() if event.name.startswith("aten::")]
+    outer = sum(1 for event in events if event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::"))
+    ops = sorted(prof.key_averages(), key=lambda event: -event.self_cpu_time_total)
+    return {**{event.key: event.self_cpu_time_total / 1e3 for event in ops[:top]}, "calls from Python": float(outer)}
 
 
 def vit_kernels(model, groups: int, quantize: str, repeats: int) -> dict[str, list[float]]:
@@ -218,13 +239,14 @@ def main(argv: list[str] | None = None) -> None:
         row = {
             "case": case, "N": 4, "G": CASES[case][1], "quantize": CASES[case][2], "threads": args.threads,
             "shard_sizes": "even and balanced" if case == "gpt2-balance" else "even",
-            "median_s": {tree: {k: statistics.median(v) for k, v in s.items() if "sizes" not in k and not k.startswith("step ")}
+            "median_s": {tree: {k: statistics.median(v) for k, v in s.items() if "sizes" not in k and not k.startswith(("step ", "op "))}
                          for tree, s in samples.items()},
-            "spread_s": {tree: {k: [min(v), max(v)] for k, v in s.items() if "sizes" not in k and not k.startswith("step ")}
+            "spread_s": {tree: {k: [min(v), max(v)] for k, v in s.items() if "sizes" not in k and not k.startswith(("step ", "op "))}
                          for tree, s in samples.items()},
             "steps_ms": {k[5:]: 1e3 * statistics.median(v) for k, v in samples["after"].items() if k.startswith("step ")},
+            "ops_ms": {k[3:]: statistics.median(v) for k, v in samples["after"].items() if k.startswith("op ")},
             "sizes": {tree: {k: v for k, v in s.items() if "sizes" in k} for tree, s in samples.items()},
-            "samples": {tree: {k: len(v) for k, v in s.items() if "sizes" not in k and not k.startswith("step ")} for tree, s in samples.items()},
+            "samples": {tree: {k: len(v) for k, v in s.items() if "sizes" not in k and not k.startswith(("step ", "op "))} for tree, s in samples.items()},
             "machine": args.machine, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "load_average_1m": os.getloadavg()[0],
             "command": "python -m benchmarks.per_layer_costs " + " ".join(argv if argv is not None else sys.argv[1:]),
