@@ -331,6 +331,8 @@ def test_score_block_covers_every_group_and_token_in_even_steps():
     assert quantizer_module.score_block(8, 10, 16, 1 << 20) == (8, 10)  # all in one step
     assert quantizer_module.score_block(8, 10, 16, 1) == (1, 1)  # at least one group and one token
     assert quantizer_module.score_block(16, 49, 128, 3 * 49 * 128) == (3, 49)  # the test below's group steps
+    # Accelerators' 16 M-entry budget is not multiplied: GPT2's 1024 tokens at G=32 in two steps of 64 MiB.
+    assert quantizer_module.score_block(32, 1024, 1024, 1 << 24) == (16, 1024)
 
 
 @pytest.mark.parametrize("max_elements", [1 << 20, 3 * 49 * 128, 49 * 128, 20 * 128])  # 1 step; 3 or 1 groups; token steps

@@ -26,7 +26,7 @@ from torch import nn
 # same codes (`python -m benchmarks.profile_astra`, docs/benchmarks.md).
 _ENCODE_CHUNK_ELEMENTS = 1 << 24
 _ENCODE_CHUNK_ELEMENTS_CPU = 1 << 20
-# A score block up to this many times the step's budget is done in one step: a ViT rank's 50 tokens at G=32 kv
+# A score block up to this many times the step's budget (at most the CPU budget's) is done in one step: a ViT rank's 50 tokens at G=32 kv
 # (64 groups, 13 MiB of scores) in one step took 1.5 ms against 2.1 ms in four steps of 16 groups (2 threads,
 # `python -m benchmarks.per_layer_costs`, docs/benchmarks.md), and its recheck reuses the scores.
 _ONE_STEP_FACTOR = 4
@@ -286,9 +286,10 @@ def nearest_codewords(
 def score_block(groups: int, n: int, size: int, max_elements: int) -> tuple[int, int]:
     """(groups, tokens) of one step of `nearest_codewords`: a (groups, tokens, K) score block of about
     ``max_elements`` entries at most (at least one group and one token), or all in one step where the whole
-    block is at most `_ONE_STEP_FACTOR` times that. Otherwise every token of as many groups as fit where one
+    block is at most `_ONE_STEP_FACTOR` times that and than the CPU budget (accelerators' larger budget is not
+    multiplied). Otherwise every token of as many groups as fit where one
     group's scores fit (each group's matmul keeps all n rows), else a group at a time in steps of tokens."""
-    if groups * n * size <= _ONE_STEP_FACTOR * max_elements:
+    if groups * n * size <= _ONE_STEP_FACTOR * min(max_elements, _ENCODE_CHUNK_ELEMENTS_CPU):  # 16 MiB at most
         return groups, n
     tokens = _even_step(n, max(1, max_elements // size))
     return _even_step(groups, max(1, max_elements // (tokens * size))), tokens
