@@ -133,8 +133,8 @@ step vit-n4 40 bench --workload vit --n 4 --methods astra --groups "${vit_groups
 # against the plain layers on its 50 tokens, G=8 kv, G=32 kv, G=32 hidden, the three at once on cores 0-5, with the
 # wall time of the runtime's steps; with BEFORE_SRC (another tree's src/, e.g. main's before a merge:
 #   mkdir -p wheels/before && git archive <commit> src | tar -x -C wheels/before   and carry wheels/before)
-# that tree's rank alternating process by process. ~90 s (5 runs x 2 trees x ~8 s per case; estimated).
-#   STEPS=vit-costs BEFORE_SRC=wheels/before/src BUDGET_S=170 bash benchmarks/gpu_host.sh OUT
+# that tree's rank alternating process by process. ~100 s (5 runs x 2 trees x ~10 s per case; estimated, not measured).
+#   STEPS=vit-costs BEFORE_SRC=wheels/before/src BUDGET_S=240 bash benchmarks/gpu_host.sh OUT
 vit_costs() {
     local before=() pids=() i=0 failed=0 n; n=$(nproc)
     [ -n "${BEFORE_SRC:-}" ] && before=(--before "$BEFORE_SRC")
