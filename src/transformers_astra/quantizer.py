@@ -26,9 +26,10 @@ from torch import nn
 # same codes (`python -m benchmarks.profile_astra`, docs/benchmarks.md).
 _ENCODE_CHUNK_ELEMENTS = 1 << 24
 _ENCODE_CHUNK_ELEMENTS_CPU = 1 << 20
-# A score block up to this many times the step's budget (at most the CPU budget's) is done in one step: a ViT rank's 50 tokens at G=32 kv
-# (64 groups, 13 MiB of scores) in one step took 1.5 ms against 2.1 ms in four steps of 16 groups (2 threads,
-# `python -m benchmarks.per_layer_costs`, docs/benchmarks.md), and its recheck reuses the scores.
+# A score block up to this many times the step's budget (at most the CPU budget's) is done in one step: a ViT
+# rank's 50 tokens at G=32 kv (64 groups, 13 MiB of scores) in one step instead of four steps of 16 tokens, whose
+# recheck then reuses the scores: the rank 0.147 -> 0.133 s at 2 threads, 0.198 -> 0.178 s at 1 (with the
+# (groups, tokens) steps; `python -m benchmarks.per_layer_costs --case vit-kv32`, docs/benchmarks.md).
 _ONE_STEP_FACTOR = 4
 # The smallest score is found block by block (blocks of this many consecutive codewords): CPU argmin is
 # a scalar loop, amin is vectorised (`nearest_codewords`; benchmarks/encoder_speed.py).
