@@ -139,6 +139,25 @@ vit=(--workload vit --n 4 --methods astra --links real compute --bandwidths 10) 
 step vit-n4-g8-kv 20 bench "${vit[@]}" --groups 8 --quantize kv
 step vit-n4-g8-hidden 20 bench "${vit[@]}" --groups 8 --quantize hidden
 [ "$smoke" = "--smoke" ] || step vit-n4-g32 30 bench "${vit[@]}" --groups 32 --quantize kv hidden
+# Goal 2's per-rank work (benchmarks/per_layer_costs.py): a ViT rank (rank 0 and 3 of N=4, no network) at 2 threads
+# against the plain layers on its 50 tokens, G=8 kv, G=32 kv, G=32 hidden, the three at once on cores 0-5, with the
+# wall time of the runtime's steps; with BEFORE_SRC (another tree's src/, e.g. main's before a merge:
+#   mkdir -p wheels/before && git archive <commit> src | tar -x -C wheels/before   and carry wheels/before)
+# that tree's rank alternating process by process. ~100 s (5 runs x 2 trees x ~10 s per case; estimated, not measured).
+#   STEPS=vit-costs BEFORE_SRC=wheels/before/src BUDGET_S=240 bash benchmarks/gpu_host.sh OUT
+vit_costs() {
+    local before=() pids=() i=0 failed=0 n; n=$(nproc)
+    [ -n "${BEFORE_SRC:-}" ] && before=(--before "$BEFORE_SRC")
+    for case in vit-kv8 vit-kv32 vit-hidden32; do  # cores wrap around on a smaller machine (--smoke)
+        taskset -c $(( 2 * i % n )),$(( (2 * i + 1) % n )) python3 -m benchmarks.per_layer_costs --case "$case" --threads 2 --runs "$runs" \
+            --repeats 3 --steps "${before[@]}" --machine "$machine" --out "$out/per_layer_costs-$case.json" &
+        pids+=($!); i=$(( i + 1 ))
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+    return $failed
+}
+export -f vit_costs
+step vit-costs 100 vit_costs
 # Goal 3: GPT2, N=8 (16 cores), 10 Mbps: G=1 hidden (fastest), G=8 kv and G=32 kv (the accurate ones).
 step gpt2-n8-g1 30 bench --workload gpt2 "${tokens[@]}" --n 8 --methods astra --groups 1 --quantize hidden --links real --bandwidths 10
 step gpt2-n8-kv 50 bench --workload gpt2 "${tokens[@]}" --n 8 --methods astra --groups 8 32 --quantize kv --links real --bandwidths 10

@@ -9,6 +9,17 @@ Each rank r of N is emulated in one process (`links` compute mode: collectives r
 - GPT2, 1024 tokens, N=4, G=32 hidden: ranks 1 and 3 (256-token shards).
 - ``gpt2-balance``: GPT2 as above, all four ranks, even shards against the default balanced ones
   (alternating forward by forward in one process); the slowest rank sets the latency.
+- ``vit-kv8``, ``vit-kv32``, ``vit-hidden32``: ViT-B/16, N=4, the settings of issue 12's goal 2 that keep the
+  accuracy (G=8 kv, G=32 kv, G=32 hidden), ranks 0 and 3, with the plain 50-token floor.
+
+``--threads``: torch threads of the timed process (1 by default; 2 as a rank of the GPU host's latency runs).
+``--steps``: also the wall time of the runtime's steps per forward (``steps_ms``, the "after" tree only:
+encoding, recheck, packing, unpacking, decoding and rebuilding the received K/V, the two partial attentions
+and their merge, the masks, the pooling exchange), timed by wrapping those functions in the worker process;
+for the ViT cases also one layer's kernels alone (`vit_kernels`: the encoder's score matmul, the partial
+attentions and merge against one SDPA over all 197 keys), as "kernel ..." medians; and torch.profiler's
+top aten ops by self CPU time of one forward of the last rank timed (``ops_ms``, with the count of aten ops
+called from Python, "calls from Python"; the plain floor's count beside it).
 
 ``--before SRC``: also time another source tree (e.g. ``git archive <commit> src | tar -x -C /tmp/before``),
 alternating the two trees run by run (each run is a fresh process timing ``--repeats`` forwards), and write
@@ -28,10 +39,55 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = {"vit": ("vit", 8, [0, 1, 2, 3]), "gpt2": ("gpt2", 32, [1, 3]), "gpt2-g1": ("gpt2", 1, [1, 3]), "gpt2-balance": ("gpt2", 32, [0, 1, 2, 3])}
+# case -> (workload, G, quantize, ranks timed)
+CASES = {
+    "vit": ("vit", 8, "hidden", [0, 1, 2, 3]), "gpt2": ("gpt2", 32, "hidden", [1, 3]), "gpt2-g1": ("gpt2", 1, "hidden", [1, 3]),
+    "gpt2-balance": ("gpt2", 32, "hidden", [0, 1, 2, 3]), "vit-kv8": ("vit", 8, "kv", [0, 3]),
+    "vit-kv32": ("vit", 32, "kv", [0, 3]), "vit-hidden32": ("vit", 32, "hidden", [0, 3]),
+}  # fmt: skip
+# (module, attribute, label) of the runtime steps `--steps` times; labels with "(all)" include others.
+STEPS = [
+    ("transformers_astra.quantizer", "GroupedVQ.encode", "encode (with recheck)"),
+    ("transformers_astra.quantizer", "_recheck", "encode's recheck"),
+    ("transformers_astra.transport", "pack", "pack"),
+    ("transformers_astra.transport", "unpack", "unpack"),
+    ("transformers_astra.distributed", "RankExchange.remote_keys_values", "received K/V (decode, projection)"),
+    ("transformers_astra.distributed", "partial_attention", "partial attentions"),
+    ("transformers_astra.distributed", "merge_partials", "merge_partials"),
+    ("transformers_astra.distributed", "RankExchange.masks", "masks"),
+    ("transformers_astra.distributed", "sent_vectors", "sent_vectors"),
+    ("transformers_astra.distributed", "RankExchange.mean_across_shards", "pooling exchange"),
+    ("transformers_astra.distributed", "RankExchange.attention", "RankExchange.attention (all)"),
+    ("transformers_astra.distributed", "RankExchange.layer_input", "pre-hook send (all)"),
+]
 
 
-def worker(case: str, repeats: int) -> dict:
+def time_steps() -> dict[str, float]:
+    """Wrap the `STEPS` functions in this process so that each call adds its wall time to the returned dict."""
+    import functools
+    import importlib
+
+    spent: dict[str, float] = {}
+    for module_name, attribute, label in STEPS:
+        owner = importlib.import_module(module_name)
+        *path, name = attribute.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def timed(*args, _original=original, _label=label, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                spent[_label] = spent.get(_label, 0.0) + time.perf_counter() - start
+
+        setattr(owner, name, timed)
+    return spent
+
+
+def worker(case: str, repeats: int, threads: int = 1, steps: bool = False) -> dict:
     """Time this tree's rank forwards (and the ViT floor) in this process; returns {label: [seconds]}."""
     import torch
     import torch.distributed as dist
@@ -43,12 +99,13 @@ def worker(case: str, repeats: int) -> dict:
     from .profile_astra import as_rank, timed_runs
     from .workloads import build
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
+    spent = time_steps() if steps else None
     port = 29500 + os.getpid() % 1000
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     links.install()
     links.set_mode("compute", None)
-    name, groups, ranks = CASES[case]
+    name, groups, quantize, ranks = CASES[case]
     out: dict[str, list[float]] = {}
     workload = build(name)
     if name == "vit":  # the floor: the plain layers on one rank's 50 tokens
@@ -63,26 +120,90 @@ def worker(case: str, repeats: int) -> dict:
 
         with torch.inference_mode():
             out["plain layers, 50 tokens"] = timed_runs(plain, repeats)
+            if steps:
+                out["op calls from Python, plain layers"] = [profiled_ops(plain)["calls from Python"]]
+    if steps and name == "vit":
+        out.update(vit_kernels(workload.model, groups, quantize, repeats))
     extra = {"logits_to_keep": 1} if workload.causal else {}
     layouts = {"even": None, "balanced": "balanced"} if case == "gpt2-balance" else {"": None}
     for _ in range(repeats):  # the layouts alternate forward by forward
         for layout, sizes in layouts.items():
-            astra.patch(workload.model, astra.AstraConfig(num_devices=4, groups=groups, shard_sizes=sizes))
+            astra.patch(workload.model, astra.AstraConfig(num_devices=4, groups=groups, quantize=quantize, shard_sizes=sizes))
             for rank in ranks:
                 with as_rank(rank, 4), torch.inference_mode():
                     runtime = DistributedRuntime(workload.model, check_inputs=False)
                     label = " ".join(filter(None, [layout, f"rank {rank}"]))
+                    runtime(**workload.inputs, **extra)  # the warm-up, not in the steps' times
+                    if spent is not None:
+                        spent.clear()
                     out.setdefault(label, []).extend(timed_runs(lambda: runtime(**workload.inputs, **extra), 1))
+                    if spent is not None:  # per timed forward (timed_runs also runs one untimed warm-up)
+                        for step, seconds in spent.items():
+                            out.setdefault(f"step {step}", []).append(seconds / 2)
                     if layout:
                         out[f"{layout} sizes"] = list(runtime.layout.sizes)
+                if spent is not None and rank == ranks[-1]:  # torch.profiler: one forward of the last rank, per op
+                    with as_rank(rank, 4), torch.inference_mode():
+                        for op, milliseconds in profiled_ops(lambda: runtime(**workload.inputs, **extra)).items():
+                            out.setdefault(f"op {op}", []).append(milliseconds)
             astra.unpatch(workload.model)
     dist.destroy_process_group()
     return out
 
 
-def run_tree(src: str, case: str, repeats: int) -> dict:
+def profiled_ops(forward, top: int = 12) -> dict[str, float]:
+    """torch.profiler over one call of ``forward``: the ``top`` aten ops by self CPU time (ms), and the number of
+    aten ops called from Python (not from other ops) as "calls from Python"."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        forward()
+    events = [event for event in prof.events() if event.name.startswith("aten::")]
+    outer = sum(1 for event in events if event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::"))
+    ops = sorted(prof.key_averages(), key=lambda event: -event.self_cpu_time_total)
+    return {**{event.key: event.self_cpu_time_total / 1e3 for event in ops[:top]}, "calls from Python": float(outer)}
+
+
+def vit_kernels(model, groups: int, quantize: str, repeats: int) -> dict[str, list[float]]:
+    """Seconds of one layer's kernels alone, operands in cache (``--steps``): the encoder's score matmul on 50
+    tokens against K=1024 codewords, the two partial attentions of a rank (50 own keys, 147 received) and
+    their merge, against one attention over all 197 keys."""
+    import torch
+
+    from transformers_astra.kernels import KeyMask, merge_partials, partial_attention
+    from transformers_astra.quantizer import GroupedVQ
+
+    from .profile_astra import timed_runs
+
+    width = model.config.hidden_size * (2 if quantize == "kv" else 1)
+    groups = groups * (2 if quantize == "kv" else 1)
+    codebook = GroupedVQ(width, groups, 1024).codebook.detach().transpose(1, 2)  # (G, d, K)
+    points = torch.randn(50, groups, width // groups).transpose(0, 1)
+    heads, dim = model.config.num_attention_heads, model.config.hidden_size // model.config.num_attention_heads
+    query = torch.randn(1, heads, 50, dim)
+    keys, values = torch.randn(1, heads, 197, dim), torch.randn(1, heads, 197, dim)
+    own, received = (KeyMask.of(torch.ones(1, 1, 50, n, dtype=torch.bool), query.dtype) for n in (50, 147))
+    scale = dim**-0.5
+
+    def partials():
+        local = partial_attention(query, keys[:, :, :50], values[:, :, :50], own, scale)
+        merge_partials(local, partial_attention(query, keys[:, :, 50:], values[:, :, 50:], received, scale))
+
+    repeats = 10 * repeats
+    with torch.inference_mode():
+        return {
+            "kernel encoder score matmul, a layer": timed_runs(lambda: torch.bmm(points, codebook), repeats),
+            "kernel two partial attentions + merge, a layer": timed_runs(partials, repeats),
+            "kernel one SDPA over 197 keys, a layer": timed_runs(
+                lambda: torch.nn.functional.scaled_dot_product_attention(query, keys, values, scale=scale), repeats
+            ),
+        }
+
+
+def run_tree(src: str, case: str, repeats: int, threads: int = 1, steps: bool = False) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{src}:{ROOT}"}
-    command = [sys.executable, "-m", "benchmarks.per_layer_costs", "--worker", case, "--repeats", str(repeats)]
+    command = [sys.executable, "-m", "benchmarks.per_layer_costs", "--worker", case, "--repeats", str(repeats), "--threads", str(threads)]
+    command += ["--steps"] if steps else []
     result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -93,12 +214,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=5, help="fresh processes per tree (alternating with --before)")
     parser.add_argument("--repeats", type=int, default=2, help="timed forwards per process")
     parser.add_argument("--before", help="another source tree (its src/ directory) to time alternately")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the timed processes")
+    parser.add_argument("--steps", action="store_true", help="also time the runtime's steps (the 'after' tree)")
     parser.add_argument("--machine", default=platform.node())
     parser.add_argument("--out", help="append the row to this JSON list")
     parser.add_argument("--worker", choices=sorted(CASES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.repeats)))
+        print(json.dumps(worker(args.worker, args.repeats, args.threads, args.steps)))
         return
     trees = {"after": str(ROOT / "src")}
     if args.before:
@@ -108,17 +231,22 @@ def main(argv: list[str] | None = None) -> None:
         samples: dict[str, dict[str, list[float]]] = {tree: {} for tree in trees}
         for _ in range(args.runs):
             for tree, src in trees.items():  # alternate the trees run by run
-                for label, times in run_tree(src, case, args.repeats).items():
+                for label, times in run_tree(src, case, args.repeats, args.threads, args.steps and tree == "after").items():
                     if "sizes" in label:
                         samples[tree][label] = times
                     else:
                         samples[tree].setdefault(label, []).extend(times)
         row = {
-            "case": case, "N": 4, "G": CASES[case][1], "quantize": "hidden", "threads": 1,
+            "case": case, "N": 4, "G": CASES[case][1], "quantize": CASES[case][2], "threads": args.threads,
             "shard_sizes": "even and balanced" if case == "gpt2-balance" else "even",
-            "median_s": {tree: {k: statistics.median(v) for k, v in s.items() if "sizes" not in k} for tree, s in samples.items()},
+            "median_s": {tree: {k: statistics.median(v) for k, v in s.items() if "sizes" not in k and not k.startswith(("step ", "op "))}
+                         for tree, s in samples.items()},
+            "spread_s": {tree: {k: [min(v), max(v)] for k, v in s.items() if "sizes" not in k and not k.startswith(("step ", "op "))}
+                         for tree, s in samples.items()},
+            "steps_ms": {k[5:]: 1e3 * statistics.median(v) for k, v in samples["after"].items() if k.startswith("step ")},
+            "ops_ms": {k[3:]: statistics.median(v) for k, v in samples["after"].items() if k.startswith("op ")},
             "sizes": {tree: {k: v for k, v in s.items() if "sizes" in k} for tree, s in samples.items()},
-            "samples": {tree: {k: len(v) for k, v in s.items() if "sizes" not in k} for tree, s in samples.items()},
+            "samples": {tree: {k: len(v) for k, v in s.items() if "sizes" not in k and not k.startswith(("step ", "op "))} for tree, s in samples.items()},
             "machine": args.machine, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "load_average_1m": os.getloadavg()[0],
             "command": "python -m benchmarks.per_layer_costs " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -319,3 +319,28 @@ def test_training_forward_on_cuda_skips_the_exact_recheck(monkeypatch):
     assert torch.all(chosen <= best + 1e-4 * (1 + best))
     _, eval_codes, _ = vq.eval()(x)
     assert calls and torch.equal(eval_codes, expected)
+
+
+def test_score_block_covers_every_group_and_token_in_even_steps():
+    # A ViT rank's 50 tokens: one step up to 4x the budget; beyond, every token of a few groups per step.
+    assert quantizer_module.score_block(64, 50, 1024, 1 << 20) == (64, 50)
+    assert quantizer_module.score_block(64, 100, 1024, 1 << 20) == (10, 100)
+    assert quantizer_module.score_block(32, 256, 1024, 1 << 20) == (4, 256)
+    assert quantizer_module.score_block(32, 1024, 1024, 1 << 20) == (1, 1024)
+    assert quantizer_module.score_block(32, 3000, 1024, 1 << 20) == (1, 1000)
+    assert quantizer_module.score_block(8, 10, 16, 1 << 20) == (8, 10)  # all in one step
+    assert quantizer_module.score_block(8, 10, 16, 1) == (1, 1)  # at least one group and one token
+    assert quantizer_module.score_block(16, 49, 128, 3 * 49 * 128) == (3, 49)  # the test below's group steps
+    # Accelerators' 16 M-entry budget is not multiplied: GPT2's 1024 tokens at G=32 in two steps of 64 MiB.
+    assert quantizer_module.score_block(32, 1024, 1024, 1 << 24) == (16, 1024)
+
+
+@pytest.mark.parametrize("max_elements", [1 << 20, 3 * 49 * 128, 49 * 128, 20 * 128])  # 1 step; 3 or 1 groups; token steps
+def test_group_steps_give_the_reference_codes(max_elements):
+    """Steps over groups (all tokens) and over tokens give the codes of the reference, ties and duplicates included."""
+    generator = torch.Generator().manual_seed(3)
+    centres = _tie_heavy_codebook(16, 128, 4, generator)
+    points = _adversarial_points(centres, 49, generator).reshape(49, 16, 4).transpose(0, 1)
+    expected = quantizer_module.reference_nearest_codewords(points, centres)
+    assert torch.equal(quantizer_module.nearest_codewords(points, centres, max_elements), expected)
+    assert torch.equal(quantizer_module.nearest_codewords(points.contiguous(), centres, max_elements), expected)

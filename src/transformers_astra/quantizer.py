@@ -26,6 +26,11 @@ from torch import nn
 # same codes (`python -m benchmarks.profile_astra`, docs/benchmarks.md).
 _ENCODE_CHUNK_ELEMENTS = 1 << 24
 _ENCODE_CHUNK_ELEMENTS_CPU = 1 << 20
+# A score block up to this many times the step's budget (at most the CPU budget's) is done in one step: a ViT
+# rank's 50 tokens at G=32 kv (64 groups, 13 MiB of scores) in one step instead of four steps of 16 tokens, whose
+# recheck then reuses the scores: the rank 0.147 -> 0.133 s at 2 threads, 0.198 -> 0.178 s at 1 (with the
+# (groups, tokens) steps; `python -m benchmarks.per_layer_costs --case vit-kv32`, docs/benchmarks.md).
+_ONE_STEP_FACTOR = 4
 # The smallest score is found block by block (blocks of this many consecutive codewords): CPU argmin is
 # a scalar loop, amin is vectorised (`nearest_codewords`; benchmarks/encoder_speed.py).
 _ARGMIN_BLOCK = 32
@@ -209,8 +214,8 @@ def nearest_codewords(
     """`reference_nearest_codewords`, bit for bit, at matmul speed. (G, n, d), (G, K, d) -> int64 (G, n).
 
     Scores ``|c|^2 - 2 x.c`` come from one ``baddbmm`` per chunk of points (float32 for float32 and
-    half-precision inputs, float64 for float64), chunked so that the (G, m, K) score block holds at most
-    about ``max_elements`` entries (on CPU ~4 MiB: it is reread from cache). Where K is a multiple of
+    half-precision inputs, float64 for float64), in steps whose (groups, tokens, K) score block holds at
+    most about ``max_elements`` entries (on CPU ~4 MiB: it is reread from cache; `score_block`). Where K is a multiple of
     `_ARGMIN_BLOCK`, no argmin runs over the scores: the block minima (``amin``, vectorised), the
     smallest, and the blocks and scores within the limit below, counted and located by small matmuls.
     Each score is within ``E = (d + 2) u (C^2 + 2 |x| C)`` of its exact value (``u``: the unit roundoff
@@ -219,7 +224,8 @@ def nearest_codewords(
     the float64 reference's own error bound has exactly the reference's nearest codeword (any other
     is farther than the reference can err). The others (a few in a thousand on real activations, a
     few in a hundred at d = 768, all those at duplicate codewords) and non-finite points go to
-    `_recheck`: the reference's float64 distances to their candidates. So the codes depend neither on
+    `_recheck` (per step, all its groups at once, from the step's scores): the reference's float64 distances
+    to their candidates. So the codes depend neither on
     the chunking nor on the other points. ``summary``: `codebook_summary(centres)`, if kept.
     """
     groups, n, dim = points.shape
@@ -241,31 +247,51 @@ def nearest_codewords(
     if blocked:  # [count, sum of positions] of the entries within the limit, by one small matmul
         count_and_block = _count_and_position(size // _ARGMIN_BLOCK, points.device, score_dtype)
         count_and_offset = _count_and_position(_ARGMIN_BLOCK, points.device, score_dtype)
-    parts = []
-    chunk = max(1, max_elements // (groups * size))
-    for start in range(0, n, chunk):
-        part = points[:, start : start + chunk]
-        scores = torch.baddbmm(squared_norms, part.to(score_dtype), centres_t, alpha=-2.0)
-        limit = tolerance[:, start : start + chunk]
-        if blocked:
-            # Vectorised: each block's minimum, the smallest, the blocks within the limit of it; where
-            # exactly one block and one score in it are within, that score is the unique minimum.
-            block_minima = scores.unflatten(-1, (-1, _ARGMIN_BLOCK)).amin(-1)  # (G, m, K / block)
-            limit = block_minima.amin(-1) + limit
-            blocks_in, block = (block_minima <= limit[..., None]).to(score_dtype).matmul(count_and_block).unbind(-1)
-            block = block.long().clamp_(max=block_minima.shape[-1] - 1)  # where blocks_in > 1: any block, rechecked
-            rows = torch.arange(block.numel(), device=block.device).view_as(block) * block_minima.shape[-1] + block
-            within = scores.reshape(-1, _ARGMIN_BLOCK).index_select(0, rows.flatten()).view(*block.shape, -1)
-            scores_in, offset = (within <= limit[..., None]).to(score_dtype).matmul(count_and_offset).unbind(-1)
-            nearest, unsure = block * _ARGMIN_BLOCK + offset.long(), (blocks_in != 1) | (scores_in != 1)
-        else:
-            smallest, nearest = scores.min(-1)
-            limit = smallest + limit
-            unsure = (scores <= limit[..., None]).sum(-1) != 1
-        _recheck(part, centres, scores, limit, unsure | ~torch.isfinite(limit), nearest, max_elements)
-        parts.append(nearest)
-    nearest = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    group_step, token_step = score_block(groups, n, size, max_elements)
+    nearest = torch.empty(groups, n, dtype=torch.long, device=points.device)
+    for g in range(0, groups, group_step):
+        gs = slice(g, g + group_step)
+        for start in range(0, n, token_step):
+            ts = slice(start, start + token_step)
+            part = points[gs, ts]
+            scores = torch.baddbmm(squared_norms[gs], part.to(score_dtype), centres_t[gs], alpha=-2.0)
+            limit = tolerance[gs, ts]
+            if blocked:
+                # Vectorised: each block's minimum, the smallest, the blocks within the limit of it; where
+                # exactly one block and one score in it are within, that score is the unique minimum.
+                block_minima = scores.unflatten(-1, (-1, _ARGMIN_BLOCK)).amin(-1)  # (g, m, K / block)
+                limit = block_minima.amin(-1) + limit
+                blocks_in, block = (block_minima <= limit[..., None]).to(score_dtype).matmul(count_and_block).unbind(-1)
+                block = block.long().clamp_(max=block_minima.shape[-1] - 1)  # where blocks_in > 1: any block, rechecked
+                rows = torch.arange(block.numel(), device=block.device).view_as(block) * block_minima.shape[-1] + block
+                within = scores.reshape(-1, _ARGMIN_BLOCK).index_select(0, rows.flatten()).view(*block.shape, -1)
+                scores_in, offset = (within <= limit[..., None]).to(score_dtype).matmul(count_and_offset).unbind(-1)
+                index, unsure = block * _ARGMIN_BLOCK + offset.long(), (blocks_in != 1) | (scores_in != 1)
+            else:
+                smallest, index = scores.min(-1)
+                limit = smallest + limit
+                unsure = (scores <= limit[..., None]).sum(-1) != 1
+            _recheck(part, centres[gs], scores, limit, unsure | ~torch.isfinite(limit), index, max_elements)
+            nearest[gs, ts] = index
     return nearest
+
+
+def score_block(groups: int, n: int, size: int, max_elements: int) -> tuple[int, int]:
+    """(groups, tokens) of one step of `nearest_codewords`: a (groups, tokens, K) score block of about
+    ``max_elements`` entries at most (at least one group and one token), or all in one step where the whole
+    block is at most `_ONE_STEP_FACTOR` times that and than the CPU budget (accelerators' larger budget is not
+    multiplied). Otherwise every token of as many groups as fit where one
+    group's scores fit (each group's matmul keeps all n rows), else a group at a time in steps of tokens."""
+    if groups * n * size <= _ONE_STEP_FACTOR * min(max_elements, _ENCODE_CHUNK_ELEMENTS_CPU):  # 16 MiB at most
+        return groups, n
+    tokens = _even_step(n, max(1, max_elements // size))
+    return _even_step(groups, max(1, max_elements // (tokens * size))), tokens
+
+
+def _even_step(total: int, most: int) -> int:
+    """The step that covers ``total`` in as few steps of at most ``most`` as possible, all about equal."""
+    steps = -(-total // most)
+    return -(-total // steps)
 
 
 def fast_nearest_codewords(points: torch.Tensor, centres: torch.Tensor, max_elements: int) -> torch.Tensor:

@@ -1,0 +1,48 @@
+"""benchmarks.per_layer_costs: the runtime steps it times exist, and its wrappers time them without changing them."""
+
+import importlib
+
+import torch
+
+from benchmarks import per_layer_costs
+
+
+def _owner(module_name: str, attribute: str):
+    owner = importlib.import_module(module_name)
+    *path, name = attribute.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    return owner, name
+
+
+def test_every_timed_step_exists():
+    for module_name, attribute, _ in per_layer_costs.STEPS:
+        owner, name = _owner(module_name, attribute)
+        assert callable(getattr(owner, name)), f"{module_name}.{attribute}"
+
+
+def test_time_steps_adds_each_call_and_keeps_the_result(monkeypatch):
+    for module_name, attribute, _ in per_layer_costs.STEPS:  # undone after the test
+        owner, name = _owner(module_name, attribute)
+        monkeypatch.setattr(owner, name, getattr(owner, name))
+    from transformers_astra import packing, transport
+
+    spent = per_layer_costs.time_steps()
+    codes = torch.randint(0, 1024, (3, 7))
+    packed = transport.pack(codes, 10)
+    assert torch.equal(packed, packing.pack(codes, 10))
+    assert torch.equal(transport.unpack(packed, 10, 21), codes.reshape(-1))
+    assert set(spent) == {"pack", "unpack"} and all(seconds > 0 for seconds in spent.values())
+
+
+def test_vit_kernels_time_each_kernel():
+    from benchmarks.workloads import build
+
+    model = build("vit", small=True).model
+    times = per_layer_costs.vit_kernels(model, groups=4, quantize="kv", repeats=1)
+    assert set(times) == {
+        "kernel encoder score matmul, a layer",
+        "kernel two partial attentions + merge, a layer",
+        "kernel one SDPA over 197 keys, a layer",
+    }
+    assert all(len(seconds) == 10 and min(seconds) > 0 for seconds in times.values())
