@@ -1,7 +1,7 @@
 """`GroupedVQ.encode` of this tree against another tree's (``--before``: its ``src/``), per layer, on CPU.
 
-Each shape: one layer's encode of a shard's tokens, the two trees' encoders timed alternately (3 rounds of
-``--reps`` calls each, median of the round medians), their codes asserted equal (both must give the float64
+Each shape: one layer's encode of a shard's tokens, the two trees' encoders called in turn ``--reps`` times
+(`encoder_speed.interleaved`: median, p10, p90), their codes asserted equal (both must give the float64
 reference's codes). Shapes: GPT2/ViT width 768 (hidden) and 1536 (kv), 256 tokens (GPT2's shard at N=4) and 50
 (ViT's), codebooks drawn from points near the data:
 
@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from .encoder_speed import interleaved, save_rows
 
 SHAPES = [  # (width, groups, codebook size, tokens)
     (1536, 32, 256, 256), (768, 32, 1024, 256), (768, 1, 1024, 256), (768, 8, 1024, 256),
@@ -37,16 +37,6 @@ def load_quantizer(src: str):
         return importlib.import_module("transformers_astra.quantizer")
     finally:
         sys.path.remove(src)
-
-
-def median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def measure(before_src: str, threads: int, reps: int) -> list[dict]:
@@ -67,13 +57,10 @@ def measure(before_src: str, threads: int, reps: int) -> list[dict]:
         same = torch.equal(encoders["before"].encode(x), encoders["after"].encode(x))
         if not same:
             raise AssertionError(f"codes differ at width {width} G={groups} K={size} tokens {tokens}")
-        rounds = {name: [] for name in encoders}
-        for _ in range(3):
-            for name, vq in encoders.items():
-                rounds[name].append(median_ms(lambda: vq.encode(x), reps))
-        before, after = (statistics.median(rounds[name]) for name in ("before", "after"))
+        timed = interleaved({name: (lambda vq=vq: vq.encode(x)) for name, vq in encoders.items()}, reps)
+        before, after = timed["before"]["median_ms"], timed["after"]["median_ms"]
         rows.append({"width": width, "groups": groups, "codebook_size": size, "tokens": tokens, "threads": threads,
-                     "before_ms": before, "after_ms": after, "speedup": before / after, "same_codes": same})
+                     "before": timed["before"], "after": timed["after"], "speedup": before / after, "same_codes": same})
         print(f"threads {threads} width {width} G={groups} K={size} tokens {tokens}: before {before:.2f} ms, "
               f"after {after:.2f} ms ({before / after:.2f}x)", flush=True)
     return rows
@@ -83,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", required=True, help="the other tree's src/ directory")
     parser.add_argument("--threads", type=int, nargs="+", default=[1])
-    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--reps", type=int, default=60)
     parser.add_argument("--machine", default="unnamed")
     parser.add_argument("--out", help="JSON list the rows are appended to")
     args = parser.parse_args(argv)
@@ -92,9 +79,7 @@ def main(argv: list[str] | None = None) -> None:
              "command": "python -m benchmarks.encoder_ab " + " ".join(sys.argv[1:] if argv is None else argv)}
     rows = [row | stamp for threads in args.threads for row in measure(args.before, threads, args.reps)]
     if args.out:
-        target = Path(args.out)
-        previous = json.loads(target.read_text()) if target.exists() else []
-        target.write_text(json.dumps(previous + rows, indent=1) + "\n")
+        save_rows(args.out, rows, None, None, "", "")
 
 
 if __name__ == "__main__":
