@@ -325,11 +325,12 @@ def classify(runtime: DistributedRuntime, demo: Demo, batch_size: int = 100) -> 
 
 
 # Per rank, one float64 vector of fixed layout (byte counts are integers far below 2**53: exact).
-def rank_numbers(traffic, expected: int, difference: float, num_layers: int) -> torch.Tensor:
+def rank_numbers(traffic, timings, expected: int, difference: float, num_layers: int) -> torch.Tensor:
     if len(traffic.code_bytes_per_layer) != num_layers:
         raise RuntimeError(f"traffic lists {len(traffic.code_bytes_per_layer)} layers, the model has {num_layers}")
     values = [*(traffic.sent[k] for k in TRAFFIC_KINDS), *(traffic.received[k] for k in TRAFFIC_KINDS),
-              traffic.full_precision_bytes, expected, difference, *traffic.code_bytes_per_layer]
+              traffic.full_precision_bytes, expected, difference, timings.total_s, timings.waited_s,
+              *traffic.code_bytes_per_layer]
     return torch.tensor(values, dtype=torch.float64)
 
 
@@ -337,10 +338,11 @@ def from_rank_numbers(values: torch.Tensor) -> dict:
     kinds = len(TRAFFIC_KINDS)
     sent = {k: int(v) for k, v in zip(TRAFFIC_KINDS, values[:kinds].tolist())}
     received = {k: int(v) for k, v in zip(TRAFFIC_KINDS, values[kinds : 2 * kinds].tolist())}
-    full, expected, difference = values[2 * kinds : 2 * kinds + 3].tolist()
+    full, expected, difference, total_s, waited_s = values[2 * kinds : 2 * kinds + 5].tolist()
     traffic = {"sent": sent, "received": received, "total_sent": sum(sent.values()), "total_received": sum(received.values()),
-               "code_bytes_per_layer": [int(v) for v in values[2 * kinds + 3 :].tolist()], "full_precision_bytes": int(full)}
-    return {"traffic": traffic, "expected_code_bytes": int(expected), "diff": difference}
+               "code_bytes_per_layer": [int(v) for v in values[2 * kinds + 5 :].tolist()], "full_precision_bytes": int(full)}
+    return {"traffic": traffic, "expected_code_bytes": int(expected), "diff": difference, "total_s": total_s,
+            "waited_s": waited_s}
 
 
 def gather_rank_numbers(runtime: DistributedRuntime, mine: torch.Tensor) -> list[dict]:
@@ -383,7 +385,7 @@ def run(args: argparse.Namespace) -> None:
     layout, batch = runtime.layout, next(iter(inputs.values())).shape[0]
     config = astra_state(model).config
     expected = expected_code_bytes(config, layout, rank, batch, runtime.num_layers, runtime.causal)
-    everyone = gather_rank_numbers(runtime, rank_numbers(traffic, expected, difference, runtime.num_layers))
+    everyone = gather_rank_numbers(runtime, rank_numbers(traffic, runtime.timings, expected, difference, runtime.num_layers))
 
     if args.task == "gpt2":
         prediction = generate(runtime, demo, args, device)
@@ -405,6 +407,9 @@ def run(args: argparse.Namespace) -> None:
             "full_precision_sp_bytes_per_rank": [r["traffic"]["full_precision_bytes"] for r in everyone],
             "traffic_per_rank": [r["traffic"] for r in everyone],
             "latency_s": latencies[True], "latency_no_overlap_s": latencies[False], "repeats": args.repeats,
+            # the last forward's `runtime.timings`: seconds each rank waited for its peers, and the rest (its own work)
+            "waited_s_per_rank": [r["waited_s"] for r in everyone],
+            "compute_s_per_rank": [max(r["total_s"] - r["waited_s"], 0.0) for r in everyone],
         }
         report(result)
         if args.plan:  # what the planner predicts for this model and N on a 10 Mbit/s link
@@ -424,6 +429,11 @@ def report(result: dict) -> None:
           f"{result['device']}), G={result['G']}, K={result['K']} ({bits}-bit codes), quantize={result['quantize']}")
     print(f"model: {result['model']}")
     print(f"input: {result['batch_size']} x {result['tokens']} tokens, shards {result['shard_sizes']}")
+    waited, compute = result["waited_s_per_rank"], result["compute_s_per_rank"]
+    slowest = max(range(len(waited)), key=lambda r: waited[r] + compute[r])
+    bound = "the link or a slower peer" if waited[slowest] > compute[slowest] else "its own compute"
+    print("one forward, per rank: waited for peers " + " / ".join(f"{w * 1e3:.1f}" for w in waited) + " ms, computed "
+          + " / ".join(f"{c * 1e3:.1f}" for c in compute) + f" ms; the slowest rank ({slowest}) is held by {bound}")
     prediction = result["prediction"]
     if "text" in prediction:
         print(f"prompt:    {prediction['prompt']!r}\ngenerated: {prediction['text']!r}")

@@ -408,6 +408,8 @@ def test_example_runs_under_a_launcher_and_reports_json(tmp_path, launcher, task
     assert result["code_bytes_sent_per_rank"][0] > 0 and (sent_by_last_rank == 0) == (task == "gpt2")  # causal
     assert all(sent >= codes for sent, codes in zip(result["bytes_sent_per_rank"], result["code_bytes_sent_per_rank"]))
     assert result["latency_s"] > 0 and result["latency_no_overlap_s"] > 0
+    assert len(result["waited_s_per_rank"]) == len(result["compute_s_per_rank"]) == 2
+    assert all(w >= 0 for w in result["waited_s_per_rank"]) and all(c > 0 for c in result["compute_s_per_rank"])
     if task == "gpt2":
         assert result["prediction"]["generation_stats"]["time_to_first_token_s"] > 0
         assert "time to first token" in completed.stdout
