@@ -241,6 +241,7 @@ N_AGNOSTIC_RECIPES = {  # issue 13 item 2: what might bring one G = 1 checkpoint
     "ep3-even": ["--epochs", "3", "--uneven-probability", "0"],
     # the two N the 6-epoch recipes missed (N = 2: +2.4 %, N = 8: +1.8 %, call 7) drawn twice as often as the others
     "ep6-ends": ["--epochs", "6", "--random-shards", "2,2,3,4,6,8,8"],
+    "ep2": ["--epochs", "2"],
 }
 
 
@@ -329,6 +330,27 @@ def call8() -> list[Job]:
     return jobs
 
 
+def call9() -> list[Job]:
+    """ViT (carry: wheels, gpu_data/fashion-mnist, outputs/vit-base): the lever issue 12's goal 2 needs, a 4x cheaper
+    encoder and 20 % fewer bits, K = 256 at the kv settings that keep the accuracy at K = 1024 (G = 8 kv -0.41
+    points, G = 32 kv -0.00), 3 seeds each, evaluated at N = 4 (~110-160 s each, call 3's 1-epoch ViT runs)."""
+    return estimated([finetune_job("vit", f"vit-g{groups}-kv-k256", seed, ["--groups", groups, "--quantize", "kv",
+                                                                            "--codebook-size", "256"])
+                      for groups in ("8", "32") for seed in SEEDS], 160)
+
+
+def call10() -> list[Job]:
+    """ViT (carry: wheels, gpu_data/fashion-mnist, outputs/vit-base): issue 13 item 2 at G = 1 with twice the per-N
+    budget (2 epochs; call 6's 3-epoch wave of 13 did not fit a call): the N-agnostic recipe, 3 seeds, against
+    per-N checkpoints of the same budget at N = 2, 3, 6, 8 (one seed, like the other per-N references) and at
+    N = 4 (3 seeds). 10 runs, ~2 x 205 s each (call 6: 2.34 epochs in ~480 s with 13 sharing), plus evaluations."""
+    g1 = ["--groups", "1", "--quantize", "hidden", "--epochs", "2"]
+    jobs = estimated(n_agnostic_recipe("vit", "ep2"), 420)
+    jobs += estimated([finetune_job("vit", f"vit-g1-hidden-ep2-n{n}", 0, g1, num_devices=n) for n in ("2", "8", "3", "6")], 400)
+    jobs += estimated([finetune_job("vit", "vit-g1-hidden-ep2", seed, g1) for seed in SEEDS], 400)
+    return jobs
+
+
 K_SIZES = ("256", "512")
 
 
@@ -361,7 +383,8 @@ def call4() -> list[Job]:
     return jobs
 
 
-CALLS = {"1": call1, "2": call2, "3": call3, "4": call4, "5": call5, "6": call6, "7": call7, "8": call8}
+CALLS = {"1": call1, "2": call2, "3": call3, "4": call4, "5": call5, "6": call6, "7": call7, "8": call8,
+         "9": call9, "10": call10}
 
 
 def smoke(jobs: list[Job]) -> list[Job]:
