@@ -200,6 +200,11 @@ def vit_kernels(model, groups: int, quantize: str, repeats: int) -> dict[str, li
         }
 
 
+def is_forward_time(label: str) -> bool:
+    """Whether a worker's ``label`` holds forward times (not shard sizes, `--steps`' step times or profiled ops)."""
+    return "sizes" not in label and not label.startswith(("step ", "op "))
+
+
 def run_tree(src: str, case: str, repeats: int, threads: int = 1, steps: bool = False) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{src}:{ROOT}"}
     command = [sys.executable, "-m", "benchmarks.per_layer_costs", "--worker", case, "--repeats", str(repeats), "--threads", str(threads)]
@@ -239,14 +244,14 @@ def main(argv: list[str] | None = None) -> None:
         row = {
             "case": case, "N": 4, "G": CASES[case][1], "quantize": CASES[case][2], "threads": args.threads,
             "shard_sizes": "even and balanced" if case == "gpt2-balance" else "even",
-            "median_s": {tree: {k: statistics.median(v) for k, v in s.items() if "sizes" not in k and not k.startswith(("step ", "op "))}
+            "median_s": {tree: {k: statistics.median(v) for k, v in s.items() if is_forward_time(k)}
                          for tree, s in samples.items()},
-            "spread_s": {tree: {k: [min(v), max(v)] for k, v in s.items() if "sizes" not in k and not k.startswith(("step ", "op "))}
+            "spread_s": {tree: {k: [min(v), max(v)] for k, v in s.items() if is_forward_time(k)}
                          for tree, s in samples.items()},
             "steps_ms": {k[5:]: 1e3 * statistics.median(v) for k, v in samples["after"].items() if k.startswith("step ")},
             "ops_ms": {k[3:]: statistics.median(v) for k, v in samples["after"].items() if k.startswith("op ")},
             "sizes": {tree: {k: v for k, v in s.items() if "sizes" in k} for tree, s in samples.items()},
-            "samples": {tree: {k: len(v) for k, v in s.items() if "sizes" not in k and not k.startswith(("step ", "op "))} for tree, s in samples.items()},
+            "samples": {tree: {k: len(v) for k, v in s.items() if is_forward_time(k)} for tree, s in samples.items()},
             "machine": args.machine, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "load_average_1m": os.getloadavg()[0],
             "command": "python -m benchmarks.per_layer_costs " + " ".join(argv if argv is not None else sys.argv[1:]),
