@@ -278,10 +278,10 @@ def nearest_codewords(
 
 def score_block(groups: int, n: int, size: int, max_elements: int) -> tuple[int, int]:
     """(groups, tokens) of one step of `nearest_codewords`: a (groups, tokens, K) score block of about
-    ``max_elements`` entries at most (at least one group and one token), or all in one step where the whole
-    block is at most `_ONE_STEP_FACTOR` times that and than the CPU budget (accelerators' larger budget is not
-    multiplied). Otherwise every token of as many groups as fit where one
-    group's scores fit (each group's matmul keeps all n rows), else a group at a time in steps of tokens."""
+    ``max_elements`` entries at most (at least one group and one token). All in one step where the whole block
+    holds at most `_ONE_STEP_FACTOR` times the smaller of ``max_elements`` and the CPU budget (so accelerators'
+    larger budget is not multiplied). Otherwise every token of as many groups as fit, where one group's scores
+    fit (each group's matmul keeps all n rows); else one group at a time, in steps of tokens."""
     if groups * n * size <= _ONE_STEP_FACTOR * min(max_elements, _ENCODE_CHUNK_ELEMENTS_CPU):  # 16 MiB at most
         return groups, n
     tokens = _even_step(n, max(1, max_elements // size))
