@@ -143,8 +143,9 @@ step vit-n4-g8-hidden 20 bench "${vit[@]}" --groups 8 --quantize hidden
 # against the plain layers on its 50 tokens, G=8 kv, G=32 kv, G=32 hidden, the three at once on cores 0-5, with the
 # wall time of the runtime's steps; with BEFORE_SRC (another tree's src/, e.g. main's before a merge:
 #   mkdir -p wheels/before && git archive <commit> src | tar -x -C wheels/before   and carry wheels/before)
-# that tree's rank alternating process by process. ~100 s (5 runs x 2 trees x ~10 s per case; estimated, not measured).
-#   STEPS=vit-costs BEFORE_SRC=wheels/before/src BUDGET_S=240 bash benchmarks/gpu_host.sh OUT
+# that tree's rank alternating process by process. Its one try on a GPU host (2026-11-27, RUNS=3) had not finished
+# after the 138 s it was given (exit 124): needs more, ~250 s assumed (not measured).
+#   STEPS=vit-costs BEFORE_SRC=wheels/before/src BUDGET_S=300 bash benchmarks/gpu_host.sh OUT
 vit_costs() {
     local before=() pids=() i=0 failed=0 n; n=$(nproc)
     [ -n "${BEFORE_SRC:-}" ] && before=(--before "$BEFORE_SRC")
@@ -157,7 +158,7 @@ vit_costs() {
     return $failed
 }
 export -f vit_costs
-step vit-costs 100 vit_costs
+step vit-costs 250 vit_costs
 # Goal 3: GPT2, N=8 (16 cores), 10 Mbps: G=1 hidden (fastest), G=8 kv and G=32 kv (the accurate ones).
 step gpt2-n8-g1 30 bench --workload gpt2 "${tokens[@]}" --n 8 --methods astra --groups 1 --quantize hidden --links real --bandwidths 10
 step gpt2-n8-kv 50 bench --workload gpt2 "${tokens[@]}" --n 8 --methods astra --groups 8 32 --quantize kv --links real --bandwidths 10
