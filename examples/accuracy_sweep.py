@@ -316,8 +316,8 @@ def call8() -> list[Job]:
     b. Item 2, GPT2 G = 1 N-agnostic for 6 epochs with N = 2 and 8 drawn twice as often (`ep6-ends`), 3 seeds, started
        while the base trains (~390 s with 15 sharing, call 5).
     Measured (2026-11-27, H200): base 194 s, GPT2 runs 84 s, controls 67-74 s; the G = 32 runs trained their epoch in
-    69-95 s (call 5: 0.36-0.73 epoch in ~480 s) but were killed at the deadline in their evaluations: in eval mode the
-    exact encoder's near-tie recheck makes an evaluation pass 10-55 s, and each run had 9 of them (the six other
+    69-95 s (call 5: 0.36-0.73 epoch in ~480 s) but were killed at the deadline in their evaluations: an evaluation
+    pass took 10-55 s with 9 runs sharing the GPU (why so long is not established), and each run had 9 of them (the six other
     layouts besides English, out-of-domain and KJV). The G = 32 rows now evaluate in and out of domain only (item 3
     asks for those), run again in a call of their own: ``ASTRA_ONLY='llama-english-g32-.*'``, carrying the base that
     came back (outputs/llama-english-base) instead of outputs/gpt2-base."""
