@@ -8,12 +8,13 @@
 #   bash scripts/gpu/accuracy_call.sh 3            # ViT: carry wheels, gpu_data/fashion-mnist, outputs/vit-base
 #   bash scripts/gpu/accuracy_call.sh 4            # GPT2: carry wheels, gpu_data/kjv.txt.gz, outputs/gpt2-base
 #                                                  #   (+ gpu_data/english.jsonl.gz, outputs/gpt2-english-base)
-#   bash scripts/gpu/accuracy_call.sh 5..11        # later calls: each call's carry list is in its docstring in
-#                                                  #   examples/accuracy_sweep.py (9, 10: ViT; 11: GPT2)
+#   bash scripts/gpu/accuracy_call.sh 5..13        # later calls: each call's carry list is in its docstring in
+#                                                  #   examples/accuracy_sweep.py (9, 10, 12: ViT; 11, 13: GPT2)
 #   bash scripts/gpu/accuracy_call.sh 1 --smoke    # here, on the CPU: tiny models, a few steps, same code paths
 #   (the 64 MiB a call carries, working tree included, hold Fashion-MNIST + vit-base or the GPT2 inputs, not both)
 # Environment: OUT (default /tmp/astra-call-out), ASTRA_CALL_SECONDS (whole call, default 520),
-#   ASTRA_JOBS (concurrent trainings, default 16; 3 with --smoke), ASTRA_WORK (default outputs),
+#   ASTRA_JOBS (concurrent trainings, default 16; 3 with --smoke), ASTRA_WORK (default outputs; with --smoke
+#   /tmp/astra-smoke-work, holding links to the bases in outputs/),
 #   ASTRA_ONLY (regular expressions on job names, e.g. '(gpt2|llama|english)-.*' when the 64 MiB a call may
 #   carry leave out a task's base and data).
 set -uo pipefail
@@ -24,8 +25,13 @@ budget=${ASTRA_CALL_SECONDS:-520}
 out=${OUT:-/tmp/astra-call-out}
 work=${ASTRA_WORK:-outputs}
 jobs=${ASTRA_JOBS:-16}
-[ "$smoke" = "--smoke" ] && jobs=${ASTRA_JOBS:-3}
-mkdir -p "$out" "$work"
+mkdir -p "$out"
+if [ "$smoke" = "--smoke" ]; then  # a smoke run's results must not land among the real ones (collect reads $work/sweep)
+    jobs=${ASTRA_JOBS:-3}
+    work=${ASTRA_WORK:-/tmp/astra-smoke-work}
+    mkdir -p "$work" && for base in outputs/*-base; do [ -d "$base" ] && ln -sfn "$PWD/$base" "$work/"; done
+fi
+mkdir -p "$work"
 if ! python3 -c "import datasets, evaluate" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site wheels/*.whl || exit 1
     export PYTHONPATH=/tmp/site
