@@ -246,6 +246,9 @@ N_AGNOSTIC_RECIPES = {  # issue 13 item 2: what might bring one G = 1 checkpoint
     "ep12": ["--epochs", "12"],
     # ViT at four times its per-N budget, as GPT2's 12 epochs are (call 12)
     "ep4": ["--epochs", "4"],
+    # ViT's two misses at 4 epochs (N = 2 -0.75, N = 8 -0.48 points, call 12): drawn twice as often, or twice the steps
+    "ep4-ends": ["--epochs", "4", "--random-shards", "2,2,3,4,6,8,8"],
+    "ep8": ["--epochs", "8"],
 }
 
 
@@ -397,6 +400,20 @@ def call13() -> list[Job]:
                       for n, seed in (("3", 0), ("6", 0), ("2", 1), ("8", 1))], 280)
 
 
+def call14() -> list[Job]:
+    """ViT (carry: wheels, gpu_data/fashion-mnist, outputs/vit-base): issue 13 item 2, ViT G = 1's two misses at
+    4 epochs (call 12: N = 2 -0.75, N = 8 -0.48 points; N = 3, 4, 6 within 0.3). Two recipes, 3 seeds each: N = 2
+    and 8 drawn twice as often at 4 epochs (against call 12's per-N references), and 8 epochs with per-N
+    references of the same budget at N = 2 and 8 (one seed). 8 runs: ~260 s for 4 epochs (call 12, 11 sharing),
+    ~450 s for 8 (estimated)."""
+    jobs = estimated(n_agnostic_recipe("vit", "ep8"), 450)
+    jobs += estimated([finetune_job("vit", f"vit-g1-hidden-ep8-n{n}", 0, ["--groups", "1", "--quantize", "hidden",
+                                                                          "--epochs", "8"], num_devices=n)
+                       for n in ("2", "8")], 450)
+    jobs += estimated(n_agnostic_recipe("vit", "ep4-ends"), 260)
+    return jobs
+
+
 K_SIZES = ("256", "512")
 
 
@@ -431,7 +448,7 @@ def call4() -> list[Job]:
 
 CALLS = {"1": call1, "2": call2, "3": call3, "4": call4, "5": call5, "6": call6, "7": call7, "8": call8,
          "9": call9, "10": call10, "11": call11, "12": call12,
-         "13": call13}
+         "13": call13, "14": call14}
 
 
 def smoke(jobs: list[Job]) -> list[Job]:
@@ -1051,7 +1068,9 @@ Setup (no pretrained weights can be downloaded here, so the base models were tra
   demo checkpoints, main rows, broad English), here `python examples/accuracy_sweep.py collect --from <what came
   back>`, then `bash scripts/gpu/accuracy_call.sh 2` there (ablations, N-agnostic, recipes, what call 1 left),
   `collect` again, then calls 3 (ViT: what call 2 could not carry) and 4 (GPT2: smaller codebooks, the rest),
-  each followed by `collect`, and `python examples/accuracy_sweep.py report`. Each call stops its runs at a deadline
+  each followed by `collect`; calls 5-14 likewise (each one's docstring in `examples/accuracy_sweep.py` says what it
+  runs and carries; `python examples/accuracy_sweep.py plan --call N` lists its runs), and
+  `python examples/accuracy_sweep.py report`. Each call stops its runs at a deadline
   (under 9 minutes); runs that did not finish are listed in its `callN-summary.json` and simply have no row.
 """
 
