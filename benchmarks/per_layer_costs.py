@@ -39,11 +39,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# case -> (workload, G, quantize, ranks timed)
+# case -> (workload, G, quantize, ranks timed, codebook size K)
 CASES = {
-    "vit": ("vit", 8, "hidden", [0, 1, 2, 3]), "gpt2": ("gpt2", 32, "hidden", [1, 3]), "gpt2-g1": ("gpt2", 1, "hidden", [1, 3]),
-    "gpt2-balance": ("gpt2", 32, "hidden", [0, 1, 2, 3]), "vit-kv8": ("vit", 8, "kv", [0, 3]),
-    "vit-kv32": ("vit", 32, "kv", [0, 3]), "vit-hidden32": ("vit", 32, "hidden", [0, 3]),
+    "vit": ("vit", 8, "hidden", [0, 1, 2, 3], 1024), "gpt2": ("gpt2", 32, "hidden", [1, 3], 1024),
+    "gpt2-g1": ("gpt2", 1, "hidden", [1, 3], 1024), "gpt2-balance": ("gpt2", 32, "hidden", [0, 1, 2, 3], 1024),
+    "vit-kv8": ("vit", 8, "kv", [0, 3], 1024), "vit-kv32": ("vit", 32, "kv", [0, 3], 1024),
+    "vit-hidden32": ("vit", 32, "hidden", [0, 3], 1024),
+    "gpt2-kv32": ("gpt2", 32, "kv", [0, 1, 3], 256), "gpt2-kv8": ("gpt2", 8, "kv", [0, 1, 3], 1024),
 }  # fmt: skip
 # (module, attribute, label) of the runtime steps `--steps` times; labels with "(all)" include others.
 STEPS = [
@@ -96,6 +98,7 @@ def worker(case: str, repeats: int, threads: int = 1, steps: bool = False) -> di
     from transformers_astra.distributed import DistributedRuntime
 
     from . import links
+    from .ceiling import rank_call
     from .profile_astra import as_rank, timed_runs
     from .workloads import build
 
@@ -105,7 +108,7 @@ def worker(case: str, repeats: int, threads: int = 1, steps: bool = False) -> di
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     links.install()
     links.set_mode("compute", None)
-    name, groups, quantize, ranks = CASES[case]
+    name, groups, quantize, ranks, size = CASES[case]
     out: dict[str, list[float]] = {}
     workload = build(name)
     if name == "vit":  # the floor: the plain layers on one rank's 50 tokens
@@ -122,13 +125,22 @@ def worker(case: str, repeats: int, threads: int = 1, steps: bool = False) -> di
             out["plain layers, 50 tokens"] = timed_runs(plain, repeats)
             if steps:
                 out["op calls from Python, plain layers"] = [profiled_ops(plain)["calls from Python"]]
+    if workload.causal and quantize == "kv":  # the floor: each timed rank's exact work (`ceiling.rank_call`)
+        with torch.inference_mode():
+            for rank in ranks:
+                prepare, run = rank_call(workload, 4, rank)
+                out[f"plain layers, rank {rank}'s exact work"] = exact_runs(prepare, run, repeats)
+                if steps and rank == ranks[-1]:  # its ops, beside the rank's own (``ops_ms``)
+                    state = prepare()
+                    for op, milliseconds in profiled_ops(lambda: run(state)).items():
+                        out[f"op {op}, exact work"] = [milliseconds]
     if steps and name == "vit":
         out.update(vit_kernels(workload.model, groups, quantize, repeats))
     extra = {"logits_to_keep": 1} if workload.causal else {}
     layouts = {"even": None, "balanced": "balanced"} if case == "gpt2-balance" else {"": None}
     for _ in range(repeats):  # the layouts alternate forward by forward
         for layout, sizes in layouts.items():
-            astra.patch(workload.model, astra.AstraConfig(num_devices=4, groups=groups, quantize=quantize, shard_sizes=sizes))
+            astra.patch(workload.model, astra.AstraConfig(num_devices=4, groups=groups, quantize=quantize, codebook_size=size, shard_sizes=sizes))
             for rank in ranks:
                 with as_rank(rank, 4), torch.inference_mode():
                     runtime = DistributedRuntime(workload.model, check_inputs=False)
@@ -139,7 +151,7 @@ def worker(case: str, repeats: int, threads: int = 1, steps: bool = False) -> di
                     out.setdefault(label, []).extend(timed_runs(lambda: runtime(**workload.inputs, **extra), 1))
                     if spent is not None:  # per timed forward (timed_runs also runs one untimed warm-up)
                         for step, seconds in spent.items():
-                            out.setdefault(f"step {step}", []).append(seconds / 2)
+                            out.setdefault(f"step {step}, {label}", []).append(seconds / 2)
                     if layout:
                         out[f"{layout} sizes"] = list(runtime.layout.sizes)
                 if spent is not None and rank == ranks[-1]:  # torch.profiler: one forward of the last rank, per op
@@ -149,6 +161,18 @@ def worker(case: str, repeats: int, threads: int = 1, steps: bool = False) -> di
             astra.unpatch(workload.model)
     dist.destroy_process_group()
     return out
+
+
+def exact_runs(prepare, run, repeats: int) -> list[float]:
+    """Seconds of ``repeats`` calls of ``run(prepare())`` (`ceiling.rank_call`; ``prepare`` untimed) after one warm-up."""
+    run(prepare())
+    times = []
+    for _ in range(repeats):
+        state = prepare()
+        start = time.perf_counter()
+        run(state)
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def profiled_ops(forward, top: int = 12) -> dict[str, float]:
@@ -242,7 +266,8 @@ def main(argv: list[str] | None = None) -> None:
                     else:
                         samples[tree].setdefault(label, []).extend(times)
         row = {
-            "case": case, "N": 4, "G": CASES[case][1], "quantize": CASES[case][2], "threads": args.threads,
+            "case": case, "N": 4, "G": CASES[case][1], "quantize": CASES[case][2], "codebook_size": CASES[case][4],
+            "threads": args.threads,
             "shard_sizes": "even and balanced" if case == "gpt2-balance" else "even",
             "median_s": {tree: {k: statistics.median(v) for k, v in s.items() if is_forward_time(k)}
                          for tree, s in samples.items()},
