@@ -89,7 +89,7 @@ def time_steps() -> dict[str, float]:
     return spent
 
 
-def worker(case: str, repeats: int, threads: int = 1, steps: bool = False) -> dict:
+def worker(case: str, repeats: int, threads: int = 1, steps: bool = False, only: list[int] | None = None) -> dict:
     """Time this tree's rank forwards (and the ViT floor) in this process; returns {label: [seconds]}."""
     import torch
     import torch.distributed as dist
@@ -109,6 +109,7 @@ def worker(case: str, repeats: int, threads: int = 1, steps: bool = False) -> di
     links.install()
     links.set_mode("compute", None)
     name, groups, quantize, ranks, size = CASES[case]
+    ranks = only or ranks
     out: dict[str, list[float]] = {}
     workload = build(name)
     if name == "vit":  # the floor: the plain layers on one rank's 50 tokens
@@ -229,10 +230,11 @@ def is_forward_time(label: str) -> bool:
     return "sizes" not in label and not label.startswith(("step ", "op "))
 
 
-def run_tree(src: str, case: str, repeats: int, threads: int = 1, steps: bool = False) -> dict:
+def run_tree(src: str, case: str, repeats: int, threads: int = 1, steps: bool = False, ranks: list[int] | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{src}:{ROOT}"}
     command = [sys.executable, "-m", "benchmarks.per_layer_costs", "--worker", case, "--repeats", str(repeats), "--threads", str(threads)]
     command += ["--steps"] if steps else []
+    command += ["--ranks", *map(str, ranks)] if ranks else []
     result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -245,12 +247,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--before", help="another source tree (its src/ directory) to time alternately")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the timed processes")
     parser.add_argument("--steps", action="store_true", help="also time the runtime's steps (the 'after' tree)")
+    parser.add_argument("--ranks", type=int, nargs="+", choices=range(4), help="time these ranks instead of the case's")
     parser.add_argument("--machine", default=platform.node())
     parser.add_argument("--out", help="append the row to this JSON list")
     parser.add_argument("--worker", choices=sorted(CASES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.repeats, args.threads, args.steps)))
+        print(json.dumps(worker(args.worker, args.repeats, args.threads, args.steps, args.ranks)))
         return
     trees = {"after": str(ROOT / "src")}
     if args.before:
@@ -260,14 +263,14 @@ def main(argv: list[str] | None = None) -> None:
         samples: dict[str, dict[str, list[float]]] = {tree: {} for tree in trees}
         for _ in range(args.runs):
             for tree, src in trees.items():  # alternate the trees run by run
-                for label, times in run_tree(src, case, args.repeats, args.threads, args.steps and tree == "after").items():
+                for label, times in run_tree(src, case, args.repeats, args.threads, args.steps and tree == "after", args.ranks).items():
                     if "sizes" in label:
                         samples[tree][label] = times
                     else:
                         samples[tree].setdefault(label, []).extend(times)
         row = {
             "case": case, "N": 4, "G": CASES[case][1], "quantize": CASES[case][2], "codebook_size": CASES[case][4],
-            "threads": args.threads,
+            "ranks": args.ranks or CASES[case][3], "threads": args.threads,
             "shard_sizes": "even and balanced" if case == "gpt2-balance" else "even",
             "median_s": {tree: {k: statistics.median(v) for k, v in s.items() if is_forward_time(k)}
                          for tree, s in samples.items()},
