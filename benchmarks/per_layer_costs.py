@@ -11,6 +11,11 @@ Each rank r of N is emulated in one process (`links` compute mode: collectives r
   (alternating forward by forward in one process); the slowest rank sets the latency.
 - ``vit-kv8``, ``vit-kv32``, ``vit-hidden32``: ViT-B/16, N=4, the settings of issue 12's goal 2 that keep the
   accuracy (G=8 kv, G=32 kv, G=32 hidden), ranks 0 and 3, with the plain 50-token floor.
+- ``gpt2-kv32``, ``gpt2-kv8``: GPT2, 1024 tokens, N=4, kv mode at G=32 K=256 (goal 1's setting that keeps the
+  perplexity) and G=8 K=1024, ranks 0, 1 and 3, each against its exact work (`ceiling.rank_call`: the plain
+  model on its 256 tokens with a KV cache of the earlier ones, built untimed), "plain layers, rank r's exact work".
+
+``--ranks``: time these ranks instead of the case's (e.g. one rank per process, four processes at once).
 
 ``--threads``: torch threads of the timed process (1 by default; 2 as a rank of the GPU host's latency runs).
 ``--steps``: also the wall time of the runtime's steps per forward (``steps_ms``, the "after" tree only:
@@ -19,7 +24,8 @@ and their merge, the masks, the pooling exchange), timed by wrapping those funct
 for the ViT cases also one layer's kernels alone (`vit_kernels`: the encoder's score matmul, the partial
 attentions and merge against one SDPA over all 197 keys), as "kernel ..." medians; and torch.profiler's
 top aten ops by self CPU time of one forward of the last rank timed (``ops_ms``, with the count of aten ops
-called from Python, "calls from Python"; the plain floor's count beside it).
+called from Python, "calls from Python"; the plain floor's count beside it; for the GPT2 kv cases the last
+rank's exact work's ops too, ", exact work"). Step times are per rank ("<step>, rank r").
 
 ``--before SRC``: also time another source tree (e.g. ``git archive <commit> src | tar -x -C /tmp/before``),
 alternating the two trees run by run (each run is a fresh process timing ``--repeats`` forwards), and write
