@@ -159,6 +159,34 @@ vit_costs() {
 }
 export -f vit_costs
 step vit-costs 250 vit_costs
+# Goal 1's per-rank work (issue 12): a GPT2 kv rank at G=32 K=256 and G=8 K=1024 (N=4, 1024 tokens, no network, 2
+# threads) against its exact work (`ceiling.rank_call`: plain layers on its shard, causal attention over its prefix),
+# first alone on cores 0-1 (ranks 0, 1 and 3, with the runtime's steps; for G=32 K=256 with BEFORE_SRC as for
+# vit-costs: that tree's rank alternating process by process), then G=32 K=256 four processes at once, rank r alone
+# on cores 2r, 2r+1 (no --before; the processes start together and do the same sequence, so their forwards mostly
+# overlap): if a rank computes much longer four at once than alone, the host's shared resources, not ASTRA's code,
+# hold the latency rows' ranks (their compute 0.59-0.66 s against 0.27-0.35 s of exact work, 2026-11-27).
+# Estimated, not measured on a GPU host: ~330 s with BEFORE_SRC and RUNS=3 (the dev VM's ~24 s per process at 2
+# threads and --repeats 2, ~28 s at 3; its --smoke, one run, no BEFORE_SRC, ranks sharing 2 cores: 186 s).
+#   STEPS=gpt2-kv-costs RUNS=3 BEFORE_SRC=wheels/before/src BUDGET_S=360 bash benchmarks/gpu_host.sh OUT
+gpt2_kv_costs() {
+    local before=() pids=() failed=0 n r; n=$(nproc)
+    [ -n "${BEFORE_SRC:-}" ] && before=(--before "$BEFORE_SRC")
+    taskset -c 0,$(( 1 % n )) python3 -m benchmarks.per_layer_costs --case gpt2-kv32 --threads 2 --runs "$runs" --repeats 3 \
+        --steps "${before[@]}" --machine "$machine" --out "$out/per_layer_costs-gpt2-kv32.json" || failed=1
+    taskset -c 0,$(( 1 % n )) python3 -m benchmarks.per_layer_costs --case gpt2-kv8 --threads 2 --runs "$runs" --repeats 3 \
+        --steps --machine "$machine" --out "$out/per_layer_costs-gpt2-kv8.json" || failed=1
+    for r in 0 1 2 3; do  # cores wrap around on a smaller machine (--smoke)
+        taskset -c $(( 2 * r % n )),$(( (2 * r + 1) % n )) python3 -m benchmarks.per_layer_costs --case gpt2-kv32 --ranks "$r" \
+            --threads 2 --runs "$runs" --repeats 3 --machine "$machine; four ranks at once" \
+            --out "$out/per_layer_costs-gpt2-kv32-four-at-once-rank$r.json" &
+        pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+    return $failed
+}
+export -f gpt2_kv_costs
+step gpt2-kv-costs 330 gpt2_kv_costs
 # Goal 3: GPT2, N=8 (16 cores), 10 Mbps: G=1 hidden (fastest), G=8 kv and G=32 kv (the accurate ones).
 step gpt2-n8-g1 30 bench --workload gpt2 "${tokens[@]}" --n 8 --methods astra --groups 1 --quantize hidden --links real --bandwidths 10
 step gpt2-n8-kv 50 bench --workload gpt2 "${tokens[@]}" --n 8 --methods astra --groups 8 32 --quantize kv --links real --bandwidths 10

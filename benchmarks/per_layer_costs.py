@@ -11,6 +11,11 @@ Each rank r of N is emulated in one process (`links` compute mode: collectives r
   (alternating forward by forward in one process); the slowest rank sets the latency.
 - ``vit-kv8``, ``vit-kv32``, ``vit-hidden32``: ViT-B/16, N=4, the settings of issue 12's goal 2 that keep the
   accuracy (G=8 kv, G=32 kv, G=32 hidden), ranks 0 and 3, with the plain 50-token floor.
+- ``gpt2-kv32``, ``gpt2-kv8``: GPT2, 1024 tokens, N=4, kv mode at G=32 K=256 (goal 1's setting that keeps the
+  perplexity) and G=8 K=1024, ranks 0, 1 and 3, each against its exact work (`ceiling.rank_call`: the plain
+  model on its 256 tokens with a KV cache of the earlier ones, built untimed), "plain layers, rank r's exact work".
+
+``--ranks``: time these ranks instead of the case's (e.g. one rank per process, four processes at once).
 
 ``--threads``: torch threads of the timed process (1 by default; 2 as a rank of the GPU host's latency runs).
 ``--steps``: also the wall time of the runtime's steps per forward (``steps_ms``, the "after" tree only:
@@ -19,7 +24,8 @@ and their merge, the masks, the pooling exchange), timed by wrapping those funct
 for the ViT cases also one layer's kernels alone (`vit_kernels`: the encoder's score matmul, the partial
 attentions and merge against one SDPA over all 197 keys), as "kernel ..." medians; and torch.profiler's
 top aten ops by self CPU time of one forward of the last rank timed (``ops_ms``, with the count of aten ops
-called from Python, "calls from Python"; the plain floor's count beside it).
+called from Python, "calls from Python"; the plain floor's count beside it; for the GPT2 kv cases the last
+rank's exact work's ops too, ", exact work"). Step times are per rank ("<step>, rank r").
 
 ``--before SRC``: also time another source tree (e.g. ``git archive <commit> src | tar -x -C /tmp/before``),
 alternating the two trees run by run (each run is a fresh process timing ``--repeats`` forwards), and write
@@ -39,11 +45,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# case -> (workload, G, quantize, ranks timed)
+# case -> (workload, G, quantize, ranks timed, codebook size K)
 CASES = {
-    "vit": ("vit", 8, "hidden", [0, 1, 2, 3]), "gpt2": ("gpt2", 32, "hidden", [1, 3]), "gpt2-g1": ("gpt2", 1, "hidden", [1, 3]),
-    "gpt2-balance": ("gpt2", 32, "hidden", [0, 1, 2, 3]), "vit-kv8": ("vit", 8, "kv", [0, 3]),
-    "vit-kv32": ("vit", 32, "kv", [0, 3]), "vit-hidden32": ("vit", 32, "hidden", [0, 3]),
+    "vit": ("vit", 8, "hidden", [0, 1, 2, 3], 1024), "gpt2": ("gpt2", 32, "hidden", [1, 3], 1024),
+    "gpt2-g1": ("gpt2", 1, "hidden", [1, 3], 1024), "gpt2-balance": ("gpt2", 32, "hidden", [0, 1, 2, 3], 1024),
+    "vit-kv8": ("vit", 8, "kv", [0, 3], 1024), "vit-kv32": ("vit", 32, "kv", [0, 3], 1024),
+    "vit-hidden32": ("vit", 32, "hidden", [0, 3], 1024),
+    "gpt2-kv32": ("gpt2", 32, "kv", [0, 1, 3], 256), "gpt2-kv8": ("gpt2", 8, "kv", [0, 1, 3], 1024),
 }  # fmt: skip
 # (module, attribute, label) of the runtime steps `--steps` times; labels with "(all)" include others.
 STEPS = [
@@ -87,7 +95,7 @@ def time_steps() -> dict[str, float]:
     return spent
 
 
-def worker(case: str, repeats: int, threads: int = 1, steps: bool = False) -> dict:
+def worker(case: str, repeats: int, threads: int = 1, steps: bool = False, only: list[int] | None = None) -> dict:
     """Time this tree's rank forwards (and the ViT floor) in this process; returns {label: [seconds]}."""
     import torch
     import torch.distributed as dist
@@ -96,6 +104,7 @@ def worker(case: str, repeats: int, threads: int = 1, steps: bool = False) -> di
     from transformers_astra.distributed import DistributedRuntime
 
     from . import links
+    from .ceiling import rank_call
     from .profile_astra import as_rank, timed_runs
     from .workloads import build
 
@@ -105,7 +114,8 @@ def worker(case: str, repeats: int, threads: int = 1, steps: bool = False) -> di
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     links.install()
     links.set_mode("compute", None)
-    name, groups, quantize, ranks = CASES[case]
+    name, groups, quantize, ranks, size = CASES[case]
+    ranks = only or ranks
     out: dict[str, list[float]] = {}
     workload = build(name)
     if name == "vit":  # the floor: the plain layers on one rank's 50 tokens
@@ -122,13 +132,22 @@ def worker(case: str, repeats: int, threads: int = 1, steps: bool = False) -> di
             out["plain layers, 50 tokens"] = timed_runs(plain, repeats)
             if steps:
                 out["op calls from Python, plain layers"] = [profiled_ops(plain)["calls from Python"]]
+    if workload.causal and quantize == "kv":  # the floor: each timed rank's exact work (`ceiling.rank_call`)
+        with torch.inference_mode():
+            for rank in ranks:
+                prepare, run = rank_call(workload, 4, rank)
+                out[f"plain layers, rank {rank}'s exact work"] = exact_runs(prepare, run, repeats)
+                if steps and rank == ranks[-1]:  # its ops, beside the rank's own (``ops_ms``)
+                    state = prepare()
+                    for op, milliseconds in profiled_ops(lambda: run(state)).items():
+                        out[f"op {op}, exact work"] = [milliseconds]
     if steps and name == "vit":
         out.update(vit_kernels(workload.model, groups, quantize, repeats))
     extra = {"logits_to_keep": 1} if workload.causal else {}
     layouts = {"even": None, "balanced": "balanced"} if case == "gpt2-balance" else {"": None}
     for _ in range(repeats):  # the layouts alternate forward by forward
         for layout, sizes in layouts.items():
-            astra.patch(workload.model, astra.AstraConfig(num_devices=4, groups=groups, quantize=quantize, shard_sizes=sizes))
+            astra.patch(workload.model, astra.AstraConfig(num_devices=4, groups=groups, quantize=quantize, codebook_size=size, shard_sizes=sizes))
             for rank in ranks:
                 with as_rank(rank, 4), torch.inference_mode():
                     runtime = DistributedRuntime(workload.model, check_inputs=False)
@@ -139,7 +158,7 @@ def worker(case: str, repeats: int, threads: int = 1, steps: bool = False) -> di
                     out.setdefault(label, []).extend(timed_runs(lambda: runtime(**workload.inputs, **extra), 1))
                     if spent is not None:  # per timed forward (timed_runs also runs one untimed warm-up)
                         for step, seconds in spent.items():
-                            out.setdefault(f"step {step}", []).append(seconds / 2)
+                            out.setdefault(f"step {step}, {label}", []).append(seconds / 2)
                     if layout:
                         out[f"{layout} sizes"] = list(runtime.layout.sizes)
                 if spent is not None and rank == ranks[-1]:  # torch.profiler: one forward of the last rank, per op
@@ -149,6 +168,18 @@ def worker(case: str, repeats: int, threads: int = 1, steps: bool = False) -> di
             astra.unpatch(workload.model)
     dist.destroy_process_group()
     return out
+
+
+def exact_runs(prepare, run, repeats: int) -> list[float]:
+    """Seconds of ``repeats`` calls of ``run(prepare())`` (`ceiling.rank_call`; ``prepare`` untimed) after one warm-up."""
+    run(prepare())
+    times = []
+    for _ in range(repeats):
+        state = prepare()
+        start = time.perf_counter()
+        run(state)
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def profiled_ops(forward, top: int = 12) -> dict[str, float]:
@@ -205,10 +236,11 @@ def is_forward_time(label: str) -> bool:
     return "sizes" not in label and not label.startswith(("step ", "op "))
 
 
-def run_tree(src: str, case: str, repeats: int, threads: int = 1, steps: bool = False) -> dict:
+def run_tree(src: str, case: str, repeats: int, threads: int = 1, steps: bool = False, ranks: list[int] | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{src}:{ROOT}"}
     command = [sys.executable, "-m", "benchmarks.per_layer_costs", "--worker", case, "--repeats", str(repeats), "--threads", str(threads)]
     command += ["--steps"] if steps else []
+    command += ["--ranks", *map(str, ranks)] if ranks else []
     result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -221,12 +253,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--before", help="another source tree (its src/ directory) to time alternately")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the timed processes")
     parser.add_argument("--steps", action="store_true", help="also time the runtime's steps (the 'after' tree)")
+    parser.add_argument("--ranks", type=int, nargs="+", choices=range(4), help="time these ranks instead of the case's")
     parser.add_argument("--machine", default=platform.node())
     parser.add_argument("--out", help="append the row to this JSON list")
     parser.add_argument("--worker", choices=sorted(CASES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.repeats, args.threads, args.steps)))
+        print(json.dumps(worker(args.worker, args.repeats, args.threads, args.steps, args.ranks)))
         return
     trees = {"after": str(ROOT / "src")}
     if args.before:
@@ -236,13 +269,14 @@ def main(argv: list[str] | None = None) -> None:
         samples: dict[str, dict[str, list[float]]] = {tree: {} for tree in trees}
         for _ in range(args.runs):
             for tree, src in trees.items():  # alternate the trees run by run
-                for label, times in run_tree(src, case, args.repeats, args.threads, args.steps and tree == "after").items():
+                for label, times in run_tree(src, case, args.repeats, args.threads, args.steps and tree == "after", args.ranks).items():
                     if "sizes" in label:
                         samples[tree][label] = times
                     else:
                         samples[tree].setdefault(label, []).extend(times)
         row = {
-            "case": case, "N": 4, "G": CASES[case][1], "quantize": CASES[case][2], "threads": args.threads,
+            "case": case, "N": 4, "G": CASES[case][1], "quantize": CASES[case][2], "codebook_size": CASES[case][4],
+            "ranks": args.ranks or CASES[case][3], "threads": args.threads,
             "shard_sizes": "even and balanced" if case == "gpt2-balance" else "even",
             "median_s": {tree: {k: statistics.median(v) for k, v in s.items() if is_forward_time(k)}
                          for tree, s in samples.items()},

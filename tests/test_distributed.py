@@ -7,6 +7,7 @@ processes walks through the faults; the example runs under torchrun (ViT) and ac
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -23,6 +24,7 @@ import torch.multiprocessing as mp
 
 from transformers_astra.attention import attend
 from transformers_astra.exchange import split_heads
+from transformers_astra.kernels import KeyMask
 from transformers_astra.distributed import (
     DistributedRuntime,
     Timings,
@@ -73,6 +75,40 @@ def test_partial_attentions_merge_into_one_masked_attention():
     expected, _ = attend(query, key, value, allowed, 0.5, 0.0, False)
     assert torch.allclose(merged, expected, atol=1e-6)
     assert torch.all(merged[0, 1] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("queries, keys", [(50, 50), (256, 256), (300, 300), (50, 147), (256, 768)])
+def test_partial_attention_without_a_bias_gives_the_biased_kernels_bits(queries, keys, dtype):
+    """`KeyMask.pattern` ("all", "causal": no bias tensor) against the same kernel given the 0/-inf bias."""
+    generator = torch.Generator().manual_seed(queries + keys)
+    query = torch.randn(2, 4, queries, 16, generator=generator).to(dtype)
+    key, value = (torch.randn(2, 4, keys, 16, generator=generator).to(dtype) for _ in range(2))
+    allowed = torch.ones(2, 1, queries, keys, dtype=torch.bool)
+    allowed = allowed.tril() if queries == keys else allowed
+    fast = KeyMask.of(allowed, dtype)
+    assert fast.pattern == ("causal" if queries == keys else "all") and fast.bias is None
+    bias = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, float("-inf"))
+    for threads in (1, 2):
+        with torch_threads(threads):
+            want = partial_attention(query, key, value, KeyMask(allowed, fast.no_key, bias), 0.25)
+            got = partial_attention(query, key, value, fast, 0.25)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    slow = partial_attention(query.double(), key.double(), value.double(), KeyMask(allowed, fast.no_key, None), 0.25)
+    assert torch.allclose(got[0].double(), slow[0], atol=2e-2 if dtype == torch.bfloat16 else 1e-5)
+    not_causal = allowed.clone()
+    not_causal[0, 0, -1, 0] = False  # padding: a bias again
+    assert KeyMask.of(not_causal, dtype).pattern is None and KeyMask.of(not_causal, dtype).bias is not None
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def test_who_sends_codes_to_whom():

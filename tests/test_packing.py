@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from transformers_astra.packing import pack, packed_size, unpack
+from transformers_astra.packing import _pack_bits, _unpack_bits, pack, packed_size, unpack
 
 
 @pytest.mark.parametrize("bits", range(1, 17))
@@ -17,6 +17,17 @@ def test_round_trip_and_exact_byte_count(bits, num_codes):
     assert packed.dtype == torch.uint8
     assert packed.numel() == math.ceil(num_codes * bits / 8) == packed_size(num_codes, bits)
     assert torch.equal(unpack(packed, bits, num_codes), codes)
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+def test_word_packing_gives_the_bit_streams_bytes(bits):
+    """`pack`/`unpack`'s word path (bits 1-8, 10, 12, 14, 16) against the one-entry-per-bit reference."""
+    generator = torch.Generator().manual_seed(bits)
+    for num_codes in [0, 1, 3, 5, 7, 8, 9, 16384, 16389]:
+        codes = torch.randint(0, 1 << bits, (num_codes,), generator=generator)
+        assert torch.equal(pack(codes, bits), _pack_bits(codes.to(torch.int32), bits)), (bits, num_codes)
+        noise = torch.randint(0, 256, (packed_size(num_codes, bits) + 2,), dtype=torch.uint8, generator=generator)
+        assert torch.equal(unpack(noise, bits, num_codes), _unpack_bits(noise, bits, num_codes)), (bits, num_codes)
 
 
 def test_extreme_values_and_shapes_survive():

@@ -46,3 +46,24 @@ def test_vit_kernels_time_each_kernel():
         "kernel one SDPA over 197 keys, a layer",
     }
     assert all(len(seconds) == 10 and min(seconds) > 0 for seconds in times.values())
+
+
+def test_every_case_names_its_codebook_size_and_gpt2_kv_floors_time_a_ranks_exact_work():
+    from benchmarks.ceiling import rank_call
+    from benchmarks.workloads import build
+
+    for name, (workload, groups, quantize, ranks, size) in per_layer_costs.CASES.items():
+        assert workload in ("gpt2", "vit") and quantize in ("hidden", "kv") and set(ranks) <= {0, 1, 2, 3}, name
+        assert size >= 2 and size & (size - 1) == 0, name
+    assert per_layer_costs.CASES["gpt2-kv32"][1:] == (32, "kv", [0, 1, 3], 256)
+    workload = build("gpt2", small=True)
+    prepared = []
+
+    def prepare():
+        prepared.append(True)
+        return prepare_rank()
+
+    prepare_rank, run = rank_call(workload, 4, 3)
+    with torch.inference_mode():
+        times = per_layer_costs.exact_runs(prepare, run, 3)
+    assert len(times) == 3 and min(times) > 0 and len(prepared) == 4  # a warm-up, then one untimed prepare per run

@@ -344,3 +344,16 @@ def test_group_steps_give_the_reference_codes(max_elements):
     expected = quantizer_module.reference_nearest_codewords(points, centres)
     assert torch.equal(quantizer_module.nearest_codewords(points, centres, max_elements), expected)
     assert torch.equal(quantizer_module.nearest_codewords(points.contiguous(), centres, max_elements), expected)
+
+
+@pytest.mark.parametrize("length", [8, 32, 256, 300])
+def test_count_and_sum_of_a_mask_by_integer_sums(length):
+    """`_count_and_sum` (bytes summed as integers) against bool counts and float position sums."""
+    generator = torch.Generator().manual_seed(length)
+    positions = quantizer_module._positions(length, torch.device("cpu"))
+    assert torch.equal(positions.long(), torch.arange(length))
+    for density in (0.0, 0.01, 0.5, 1.0):
+        mask = torch.rand(3, 5, length, generator=generator) < density
+        count, total = quantizer_module._count_and_sum(mask, positions)
+        assert torch.equal(count.long(), mask.sum(-1))
+        assert torch.equal(total.long(), (mask.double() * torch.arange(length).double()).sum(-1).long())

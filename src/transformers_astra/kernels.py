@@ -71,19 +71,38 @@ class KeyMask:
     """A boolean (B or 1, 1, T_q, T_k) mask and what `partial_attention` derives from it, made once per forward.
 
     ``no_key``: (B or 1, 1, T_q, 1) queries with no allowed key. ``bias``: the additive mask (0 / -inf) in
-    the queries' dtype that the CPU fused kernel takes (None off CPU).
+    the queries' dtype that the CPU fused kernel takes (None off CPU, and where ``pattern`` makes it needless).
+    ``pattern``: on CPU, "all" where every key is allowed (a causal rank's received keys, all earlier than its
+    queries) and "causal" where the mask is the square lower triangle (its own keys, no padding, no window): the
+    fused kernel then runs without a bias (``is_causal`` for the triangle), the same outputs bit for bit
+    (tests/test_distributed.py) without reading a T_q x T_k bias per head.
     """
 
     allowed: torch.Tensor
     no_key: torch.Tensor
     bias: torch.Tensor | None
+    pattern: str | None = None
 
     @classmethod
     def of(cls, allowed: torch.Tensor, dtype: torch.dtype) -> "KeyMask":
-        bias = None
+        bias, pattern = None, None
         if allowed.device.type == "cpu" and _FUSED_CPU_ATTENTION is not None:
-            bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
-        return cls(allowed, ~allowed.any(dim=-1, keepdim=True), bias)
+            pattern = _pattern(allowed)
+            if pattern is None:
+                bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
+        return cls(allowed, ~allowed.any(dim=-1, keepdim=True), bias, pattern)
+
+
+def _pattern(allowed: torch.Tensor) -> str | None:
+    """"all", "causal" (the square lower triangle, every batch row) or None: what the fused kernel needs no bias for."""
+    queries, keys = allowed.shape[-2:]
+    if queries == 0 or keys == 0:
+        return None
+    if bool(allowed.all()):
+        return "all"
+    if queries == keys and torch.equal(allowed, torch.ones(queries, keys, dtype=torch.bool).tril().expand_as(allowed)):
+        return "causal"
+    return None
 
 
 def partial_attention(query, key, value, allowed, scale):
@@ -100,8 +119,9 @@ def partial_attention(query, key, value, allowed, scale):
         lse = torch.full((*query.shape[:-1], 1), float("-inf"), dtype=torch.float32, device=query.device)
         return query.new_zeros(*query.shape[:-1], value.shape[-1]), lse
     key, value = repeat_key_value_heads(key, query.shape[1]), repeat_key_value_heads(value, query.shape[1])
-    if mask.bias is not None and query.device.type == "cpu" and mask.bias.dtype == query.dtype:
-        output, lse = _FUSED_CPU_ATTENTION(query, key, value, 0.0, False, attn_mask=mask.bias, scale=scale)
+    if query.device.type == "cpu" and (mask.pattern is not None or mask.bias is not None and mask.bias.dtype == query.dtype):
+        bias = None if mask.pattern is not None else mask.bias
+        output, lse = _FUSED_CPU_ATTENTION(query, key, value, 0.0, mask.pattern == "causal", attn_mask=bias, scale=scale)
         return output, lse.unsqueeze(-1).masked_fill(no_key, float("-inf"))
     scores = torch.matmul(query, key.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~allowed, float("-inf"))
