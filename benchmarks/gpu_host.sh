@@ -203,9 +203,14 @@ step gpt2-n4-even 30 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra 
 # The rest of goal 1's settings.
 step gpt2-n4-more 60 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 16 --quantize hidden kv --links real --bandwidths 10
 step gpt2-n4-g1 30 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 1 --quantize hidden --links real --bandwidths 10
-# The planner's device profiles (one benchmark rank's 2 cores), if time is left.
-step calibrate-gpt2 40 calibrate --workload gpt2 "${tokens[@]}"
-step calibrate-vit 20 calibrate --workload vit
+# The planner's device profiles (one benchmark rank's 2 cores), if time is left: the components, then one real rank
+# forward per setting (emulated ranks 0 and 3 of N=4, no network, at the profile's length) for the per-layer overheads
+# the components miss (`fit_rank_overheads`). Estimated from the dev VM's 1 thread (GPT2 58 s, ViT 17 s with the
+# probes, 16 s and 8 s without; 2026-11-27 23:34 UTC) and the GPU host's 2-thread forwards (0.5-0.8x the dev VM's):
+# ~30-45 s and ~10-15 s, not measured there. Alone:   STEPS=calibrate BUDGET_S=120 bash benchmarks/gpu_host.sh OUT
+# (~120 s + ~25 s of report; the profiles in OUT/device_profiles/, the validation in OUT/planner.md)
+step calibrate-gpt2 70 calibrate --workload gpt2 "${tokens[@]}"
+step calibrate-vit 30 calibrate --workload vit
 # Packet loss (issue 11 item 9) on this host's links, if time is left: the default setting and the fastest.
 step gpt2-n4-loss 60 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 32 1 --quantize hidden --links real \
     --bandwidths 10 --loss 1 5

@@ -93,6 +93,12 @@ def validate(latency: list[dict], profiles: dict[tuple, DeviceProfile]) -> list[
         single = predict_baseline(profile, "single", row["tokens"], 1, link_for(row)).latency_s
         measured_speedup = row.get("speedup_vs_single")
         predicted_speedup = single / predicted
+        # The row's own one device (measured in the same run) divided by the predicted speed-up: a profile from
+        # another call or host that is uniformly faster or slower than the row's run does not shift this one.
+        # Rows without `single_median_s` (older ones): their measured speed-up times their median.
+        own_single = None if row["method"] == "single" else row.get("single_median_s") or (
+            measured_speedup * row["median_s"] if measured_speedup else None)
+        own_predicted = own_single / predicted_speedup if own_single else None
         out.append({
             "machine": row["machine"], "model": row["model"], "tokens": row["tokens"], "N": row["N"],
             "label": row.get("label", row["method"]), "method": row["method"], "link": row["link"],
@@ -102,7 +108,9 @@ def validate(latency: list[dict], profiles: dict[tuple, DeviceProfile]) -> list[
             "within_spread": row["p10_s"] <= predicted <= row["p90_s"], "command": row["command"],
             "measured_speedup": measured_speedup, "predicted_speedup": predicted_speedup,
             "speedup_error": None if not measured_speedup or row["method"] == "single" else predicted_speedup / measured_speedup - 1,
-            "profile_date": profile.date,
+            "measured_single_s": own_single, "predicted_from_own_single_s": own_predicted,
+            "error_vs_own_single": None if own_predicted is None else (own_predicted - row["median_s"]) / row["median_s"],
+            "profile_date": profile.date, "profile_rank_overheads": bool(profile.rank_overhead_s),
         })  # fmt: skip
     return out
 
@@ -123,28 +131,42 @@ def markdown(rows: list[dict], profiles: dict[tuple, DeviceProfile]) -> str:
     for (machine, model, tokens), group in sorted(groups.items()):
         errors = [abs(r["error"]) for r in group]
         speedup = [abs(r["speedup_error"]) for r in group if r["speedup_error"] is not None]
+        own = [abs(r["error_vs_own_single"]) for r in group if r.get("error_vs_own_single") is not None]
         summary.append([machine.split(":")[0], model, str(tokens), str(len(group)), f"{100 * statistics.median(errors):.0f} %",
                         f"{sum(e <= 0.2 for e in errors)}/{len(group)}", f"{100 * max(errors):.0f} %",
+                        f"{100 * statistics.median(own):.0f} %" if own else "", f"{sum(e <= 0.2 for e in own)}/{len(own)}" if own else "",
                         f"{100 * statistics.median(speedup):.0f} %" if speedup else "",
                         f"{sum(e <= 0.2 for e in speedup)}/{len(speedup)}" if speedup else ""])  # fmt: skip
     parts += ["## Summary",
-              "Latency: the predicted seconds against the measured median. Speed-up: the predicted speed-up over one "
-              "device (both predicted) against the measured one (the row's baseline); a machine that is uniformly "
-              "slower or faster at calibration than during the rows (shared machines) shifts the first, not the second.",
+              "Latency: the predicted seconds against the measured median. Latency from the row's own one device: the "
+              "one device measured in the row's run (`single_median_s`; older rows: their measured speed-up × median) "
+              "divided by the predicted speed-up, against the "
+              "measured median. Speed-up: the predicted speed-up over one device (both predicted) against the measured "
+              "one (the row's baseline). A machine that is uniformly slower or faster at calibration than during the "
+              "rows (shared machines; rows and profiles measured in other calls, possibly on other hosts of a kind) "
+              "shifts the first, not the other two. Profile with rank overheads: calibrated with its emulated rank forwards "
+              "(`fit_rank_overheads`; `calibrate --no-rank-probe` leaves them out); without: the components alone.",
               "",
               table(["machine", "model", "tokens", "rows", "latency: median |error|", "within 20 %", "largest |error|",
+                     "latency from own one device: median |error|", "within 20 %",
                      "speed-up: median |error|", "within 20 %"], summary), ""]  # fmt: skip
     for (machine, model, tokens), group in sorted(groups.items()):
         profile = next((p for (m, w, _), p in profiles.items() if m == machine_key(machine) and w == model), None)
-        parts.append(f"## {model}, {tokens} tokens — {machine}" + (f" (profile {profile.date}, {profile.threads} thread(s))" if profile else ""))
+        overheads = profile and (f", rank overheads probed at {profile.probe_tokens} tokens, N={profile.probe_devices}"
+                                 if profile.rank_overhead_s else ", components only")  # fmt: skip
+        parts.append(f"## {model}, {tokens} tokens — {machine}" + (f" (profile {profile.date}, {profile.threads} thread(s){overheads})" if profile else ""))
         lines = []
         for r in sorted(group, key=lambda r: (r["N"], r["method"] != "single", r["label"], r["link"], r["bandwidth_mbps"] or 0, r["loss_percent"])):
             link = r["link"] + (f" {r['bandwidth_mbps']:g} Mbps" if r["bandwidth_mbps"] else "") + (f", {r['loss_percent']:g} % loss" if r["loss_percent"] else "")
             speedups = ("", "", "") if r["speedup_error"] is None else (
                 f"{r['measured_speedup']:.2f}×", f"{r['predicted_speedup']:.2f}×", f"{100 * r['speedup_error']:+.0f} %")
+            own = ("", "") if r.get("error_vs_own_single") is None else (
+                f"{r['measured_single_s']:.3g} / {r['predicted_speedup']:.2f} = {r['predicted_from_own_single_s']:.3g}",
+                f"{100 * r['error_vs_own_single']:+.0f} %")
             lines.append([str(r["N"]), r["label"], link, f"{r['measured_s']:.3g} ({r['measured_p10_s']:.3g}–{r['measured_p90_s']:.3g})",
-                          f"{r['predicted_s']:.3g}", f"{100 * r['error']:+.0f} %", *speedups])  # fmt: skip
-        parts += [table(["N", "method", "link", "measured median (p10–p90) s", "predicted s", "error", "measured speed-up",
+                          f"{r['predicted_s']:.3g}", f"{100 * r['error']:+.0f} %", *own, *speedups])  # fmt: skip
+        parts += [table(["N", "method", "link", "measured median (p10–p90) s", "predicted s", "error",
+                         "own one device s / predicted speed-up", "error vs own one device", "measured speed-up",
                          "predicted speed-up", "speed-up error"], lines), ""]  # fmt: skip
     return "\n".join(parts)
 
@@ -154,11 +176,46 @@ def table(header: list[str], lines: list[list[str]]) -> str:
     return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines])
 
 
+def emulated_rank_forward():
+    """`calibrate_device`'s ``rank_forward``: rank r of N emulated in this process with no network, as
+    `benchmarks.per_layer_costs` times it (a one-process gloo group, `links` in compute mode: collectives return
+    local data at once; `profile_astra.as_rank` reports rank r of N), running the runtime's defaults."""
+    import os
+
+    import torch.distributed as dist
+
+    from transformers_astra.distributed import DistributedRuntime
+    from transformers_astra.patch import astra_state
+
+    from . import links
+    from .profile_astra import as_rank
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{29500 + os.getpid() % 1000}", rank=0, world_size=1)
+    links.install()
+    links.set_mode("compute", None)
+
+    def rank_forward(model, rank: int, inputs: dict):
+        world = astra_state(model).config.num_devices
+        with as_rank(rank, world):
+            runtime = DistributedRuntime(model, check_inputs=False)
+
+        def forward():
+            with as_rank(rank, world), torch.inference_mode():
+                return runtime(**inputs)
+
+        return forward
+
+    return rank_forward
+
+
 def cmd_calibrate(args) -> None:
     torch.set_num_threads(args.threads)
     workload = build(args.workload, tokens=args.tokens)
+    rank_forward = None if args.no_rank_probe else emulated_rank_forward()
     profile = calibrate_device(workload.model, num_tokens=workload.num_tokens, threads=args.threads, repeats=args.repeats,
-                               machine=args.machine)  # fmt: skip
+                               machine=args.machine, rank_forward=rank_forward, probe_tokens=args.probe_tokens,
+                               probe_repeats=args.probe_repeats)  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     path = profile_path(args.out, args.machine, args.workload, args.threads)
     command = "python -m benchmarks.validate_planner " + shlex.join(sys.argv[1:])
@@ -211,6 +268,9 @@ def main(argv: list[str] | None = None) -> None:
     calibrate.add_argument("--tokens", type=int, help="prefill length (causal workloads)")
     calibrate.add_argument("--repeats", type=int, default=5)
     calibrate.add_argument("--out", type=Path, default=PROFILES)
+    calibrate.add_argument("--probe-tokens", type=int, help="length of the timed rank forwards (default: calibrate_device's)")
+    calibrate.add_argument("--probe-repeats", type=int, default=2, help="timed forwards per probed rank (after a warm-up)")
+    calibrate.add_argument("--no-rank-probe", action="store_true", help="components only (no rank forwards: overheads 0)")
     check = sub.add_parser("validate", help="predict the measured rows")
     check.add_argument("--latency", type=Path, default=REPO / "docs/results/latency.json")
     check.add_argument("--profiles", type=Path, nargs="+", default=[PROFILES])

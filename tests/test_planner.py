@@ -1,6 +1,7 @@
 """The planner's cost model: limits, monotonicity, the runtime's byte formula, named errors."""
 
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -11,11 +12,15 @@ from transformers_astra.distributed import expected_code_bytes
 from transformers_astra.planner import (
     DeviceProfile,
     LinkModel,
+    RankProbe,
     balanced_shard_sizes,
     expected_bytes_sent,
+    fit_rank_overheads,
     predict_astra,
     predict_baseline,
+    rank_compute_s,
 )
+from transformers_astra.patch import astra_state
 from transformers_astra.sharding import ShardLayout
 
 
@@ -193,3 +198,87 @@ def test_calibration_measures_positive_rates_and_leaves_a_patched_model_alone(wo
     assert {p.method for p in result.predictions} >= {"single", "astra", "sp-fp16"}
     assert all(p.latency_s > 0 for p in result.predictions)
     assert result.summary().splitlines()[0].startswith("ASTRA plan:")
+
+
+def probes_of(profile: DeviceProfile, ranks: list[int], tokens: int, settings=((1, "hidden"), (32, "kv"))) -> list:
+    """What a rank forward would measure if the device were exactly ``profile`` (its overheads included)."""
+    return [
+        RankProbe(g, q, 4, rank, tokens, rank_compute_s(profile, astra.AstraConfig(num_devices=4, groups=g, quantize=q, shard_sizes=None),
+                                                        tokens, rank))  # fmt: skip
+        for g, q in settings
+        for rank in ranks
+    ]
+
+
+def test_fit_rank_overheads_recovers_known_send_and_receive_overheads():
+    truth = {"1/hidden": [2e-3, 5e-4], "32/kv": [-3e-4, 4e-3]}  # per layer; a negative one: components overstate it
+    measured = gpt2_profile(rank_overhead_s=truth)
+    fitted = fit_rank_overheads(gpt2_profile(), probes_of(measured, [0, 3], 256))
+    assert fitted.keys() == truth.keys()
+    for key, (send, receive) in truth.items():
+        assert fitted[key] == pytest.approx([send, receive], rel=1e-9, abs=1e-12)
+    # A middle rank, never probed, sends and receives: predicted with both overheads, at any length.
+    config = astra.AstraConfig(num_devices=4, groups=32, quantize="kv", shard_sizes=None)
+    with_fit = dataclasses.replace(gpt2_profile(), rank_overhead_s=fitted)
+    for tokens in (256, 1024):
+        assert rank_compute_s(with_fit, config, tokens, 1) == pytest.approx(rank_compute_s(measured, config, tokens, 1))
+        assert rank_compute_s(with_fit, config, tokens, 1) - rank_compute_s(gpt2_profile(), config, tokens, 1) == pytest.approx(
+            12 * (truth["32/kv"][0] + truth["32/kv"][1]))
+
+
+def test_fit_rank_overheads_bidirectional_splits_the_sum_evenly():
+    truth = {"8/hidden": [1e-3, 3e-3]}
+    measured = dataclasses.replace(vit_profile(), rank_overhead_s=truth)
+    fitted = fit_rank_overheads(vit_profile(), probes_of(measured, [0], 197, settings=((8, "hidden"),)))
+    assert fitted["8/hidden"] == pytest.approx([2e-3, 2e-3])  # every ViT rank sends and receives: only the sum counts
+    config = astra.AstraConfig(num_devices=4, groups=8, quantize="hidden")
+    with_fit = dataclasses.replace(vit_profile(), rank_overhead_s=fitted)
+    assert predict_astra(with_fit, config, 197, fast_link()).latency_s == pytest.approx(predict_astra(measured, config, 197, fast_link()).latency_s)
+    with pytest.raises(ValueError, match="at least one RankProbe"):
+        fit_rank_overheads(vit_profile(), [])
+    with pytest.raises(ValueError, match="RankProbe.seconds"):
+        fit_rank_overheads(vit_profile(), [RankProbe(8, "hidden", 4, 0, 197, 0.0)])
+
+
+def test_measured_rank_overheads_can_make_plan_recommend_one_device():
+    fast = astra.plan(num_tokens=1024, num_devices=4, bandwidth_mbps=10, profile=gpt2_profile())
+    assert fast.recommended.method == "astra"
+    keys = [f"{g}/{q}" for g in (1, 8, 16, 32) for q in ("hidden", "kv")]
+    costly = gpt2_profile(rank_overhead_s={k: [0.1, 0.1] for k in keys})  # 2.4 s a forward of per-layer fixed work
+    slow = astra.plan(num_tokens=1024, num_devices=4, bandwidth_mbps=10, profile=costly)
+    assert slow.recommended.method == "single" and "slower than one device" in slow.summary()
+    for p in slow.predictions:
+        if p.method == "astra":
+            assert p.latency_s > fast.prediction("astra", p.groups, p.quantize).latency_s + 12 * 0.1
+
+
+def test_profile_versions_old_loads_unknown_fails_clearly():
+    old = {k: v for k, v in gpt2_profile().to_dict().items() if k not in ("rank_overhead_s", "probe_tokens", "probe_devices")}
+    loaded = DeviceProfile.from_dict({**old, "version": 1})
+    assert loaded.rank_overhead_s == {} and loaded.version == 1
+    config = astra.AstraConfig(num_devices=4, groups=8)
+    assert predict_astra(loaded, config, 1024, fast_link()).latency_s == predict_astra(gpt2_profile(), config, 1024, fast_link()).latency_s
+    with pytest.raises(ValueError, match="version 99 .*calibrate again"):
+        DeviceProfile.from_dict({**old, "version": 99})
+
+
+def test_calibration_times_every_setting_on_patched_ranks_and_fits_them():
+    built = build("gpt2", small=True)
+    calls = []
+
+    def rank_forward(model, rank, inputs):
+        config = astra_state(model).config  # patched for this setting, N=4, even shards
+        calls.append((config.groups, config.quantize, config.num_devices, rank, inputs["input_ids"].shape[1]))
+        return lambda: time.sleep(0.02 + 0.01 * rank)
+
+    profile = astra.calibrate_device(built.model, num_tokens=48, groups=(1, 4), repeats=1, progress=False,
+                                     rank_forward=rank_forward, probe_tokens=32, probe_repeats=2)  # fmt: skip
+    assert not astra.is_patched(built.model)
+    assert sorted(set(calls)) == sorted((g, q, 4, r, 32) for g in (1, 4) for q in ("hidden", "kv") for r in (0, 3))
+    assert set(profile.rank_overhead_s) == {"1/hidden", "1/kv", "4/hidden", "4/kv"}
+    assert (profile.probe_tokens, profile.probe_devices, profile.version) == (32, 4, 2)
+    for g in (1, 4):
+        config = astra.AstraConfig(num_devices=4, groups=g, quantize="kv", shard_sizes=None)
+        for rank, slept in ((0, 0.02), (3, 0.05)):  # the fitted profile reproduces each probed rank's time
+            assert rank_compute_s(profile, config, 32, rank) == pytest.approx(slept, rel=0.5)
+    assert DeviceProfile.from_dict(profile.to_dict()) == profile

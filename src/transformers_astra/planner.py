@@ -41,6 +41,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -54,10 +55,12 @@ from .packing import pack, packed_size, unpack
 from .patch import astra_state, is_patched
 from .quantizer import GroupedVQ
 from .sharding import ShardLayout
+from .transport import code_sources
 
 GROUPS = (1, 8, 16, 32)
 BASELINES = ("single", "sp-fp32", "sp-fp16", "tp")
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: + rank_overhead_s, probe_tokens, probe_devices (version-1 profiles load without them)
+READABLE_VERSIONS = (1, 2)
 MSS_BYTES = 1448  # TCP payload of one 1500-byte Ethernet frame
 TLP_MIN_S = 0.01  # Linux's shortest tail loss probe timeout
 
@@ -83,6 +86,13 @@ class DeviceProfile:
     decode_s: dict[str, float]  # "G/quantize" -> unpacking + decoding one received token, per layer (no projection)
     table_s: dict[str, float]  # "G/hidden" -> unpack + gather-sum from projection tables, one token, per layer
     codebook_size: int = 1024
+    # "G/quantize" -> [send, receive]: per layer, what a real rank's forward takes beyond the components above when
+    # it sends codes / receives codes (the runtime's per-layer fixed work: hooks, masks, partial attentions and
+    # merge, pack/unpack calls, small ops), fitted by `fit_rank_overheads` to measured rank forwards (may be < 0
+    # where the components overstate a rank). Empty: not measured (version-1 profiles), the components alone.
+    rank_overhead_s: dict[str, list[float]] = field(default_factory=dict)
+    probe_tokens: int = 0  # the sequence length of those rank forwards (0: none)
+    probe_devices: int = 0  # their N
     measured_tokens: list[int] = field(default_factory=list)
     measured_forward_s: list[float] = field(default_factory=list)
     machine: str = ""
@@ -100,8 +110,9 @@ class DeviceProfile:
                          and f.default_factory is dataclasses.MISSING)  # fmt: skip
         if missing:
             raise ValueError(f"DeviceProfile is missing field(s) {missing}")
-        if values.get("version", PROFILE_VERSION) != PROFILE_VERSION:
-            raise ValueError(f"DeviceProfile version {values.get('version')} is not {PROFILE_VERSION}: calibrate again")
+        if values.get("version", PROFILE_VERSION) not in READABLE_VERSIONS:
+            raise ValueError(f"DeviceProfile version {values.get('version')!r} is not one of {READABLE_VERSIONS} that this "
+                             f"transformers_astra reads: calibrate again (calibrate_device)")  # fmt: skip
         return cls(**{k: v for k, v in values.items() if k in known})
 
     def save(self, path: str | Path) -> None:
@@ -231,15 +242,28 @@ def calibrate_device(
     repeats: int = 3,
     progress: bool = True,
     machine: str = "",
+    rank_forward: Callable[[nn.Module, int, dict[str, Any]], Callable[[], Any]] | None = None,
+    probe_tokens: int | None = None,
+    probe_devices: int = 4,
+    probe_repeats: int = 2,
 ) -> DeviceProfile:
     """Time this model's building blocks on this device (CPU threads as set, or ``threads``); see the module doc.
 
     ``num_tokens``: the sequence length to plan for (default: the model's own for images, else 1024); the
     forward is timed at 1/8, 1/4 and 1/2 of it (images: 1/4, 1/2 and all of it). A patched model is calibrated on an unpatched copy.
     Takes a few seconds (GPT2-small, 1024 tokens, one thread: about 10 s).
+
+    ``rank_forward``: also time real ASTRA ranks, so that the profile holds what a rank's forward costs beyond
+    the components (`fit_rank_overheads`; without it those overheads are taken as 0). For every setting the
+    model is patched (N = ``probe_devices``, even shards) and ``rank_forward(model, rank, inputs)`` must return
+    a callable that runs rank ``rank``'s forward on ``inputs`` with no network (e.g. collectives that return at
+    once: `benchmarks.validate_planner`'s emulated rank); ranks 0 and N-1 (causal) or 0 (images), on
+    ``probe_tokens`` tokens (default ``num_tokens``: on the dev VM, GPT2's overheads fitted at 256 tokens, +1-4 ms
+    a layer, did not hold at 1024, -1 to +1 ms), best of ``probe_repeats`` after one warm-up. GPT2 at 1024 tokens
+    on one dev-VM thread: about 70 s more.
     """
     from .models import adapter_for
-    from .patch import unpatch
+    from .patch import patch, unpatch
 
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats!r}")
@@ -312,9 +336,15 @@ def calibrate_device(
                                                     config.bits_per_code, codes.shape, codebook_size)  # fmt: skip
     for name in calls:
         per_unit.setdefault(name, probe)
-    bar = _progress(repeats + 1, progress)
+    probing = rank_forward is not None
+    if probing:
+        _check_int("probe_devices", probe_devices, 2)
+        probe_tokens = probe_tokens or total
+        _check_int("probe_tokens", probe_tokens, 2 * probe_devices)
+        _check_int("probe_repeats", probe_repeats, 1)
+    settings = [(g, q) for g in groups if not hidden % g for q in QUANTIZE_MODES]
+    bar = _progress(repeats + 1 + (len(settings) * (probe_repeats + 1) if probing else 0), progress)
     seconds = dict(zip(calls, _interleaved_best(list(calls.values()), repeats, device, bar)))
-    bar.close()
     rate = {name: seconds[name] / per_unit[name] for name in calls}
 
     forward = [seconds[f"forward {length}"] for length in lengths]
@@ -326,7 +356,7 @@ def calibrate_device(
     encode, decode, table = pick("encode"), pick("decode"), pick("table")
     project = rate["project"]
     attention_causal, attention_masked, attention_full = rate["attention causal"], rate["attention masked"], rate["attention full"]
-    return DeviceProfile(
+    profile = DeviceProfile(
         model_type=str(getattr(model.config, "model_type", "")), hidden_size=hidden, num_layers=layers, num_heads=heads,
         causal=causal, threads=torch.get_num_threads(), fixed_s=fixed, per_token_s=per_token,
         attention_causal_s=attention_causal, attention_masked_s=attention_masked, attention_full_s=attention_full,
@@ -334,6 +364,23 @@ def calibrate_device(
         measured_tokens=lengths, measured_forward_s=forward, machine=machine or os.uname().nodename,
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), torch_version=torch.__version__,
     )  # fmt: skip
+    if probing:  # 4. real ranks' forwards per setting, for the per-layer overheads the components miss
+        probes = []
+        inputs = {k: v for k, v in _model_inputs(model, probe_tokens, generator).items() if k != "use_cache"}
+        ranks = [0, probe_devices - 1] if causal else [0]
+        for g, quantize in settings:
+            config = AstraConfig(num_devices=probe_devices, groups=g, quantize=quantize, codebook_size=codebook_size, shard_sizes=None)
+            patch(model, config)
+            try:
+                forwards = [rank_forward(model, rank, inputs) for rank in ranks]
+                timed = _interleaved_best(forwards, probe_repeats, device, bar)
+            finally:
+                unpatch(model)
+            probes += [RankProbe(g, quantize, probe_devices, rank, _tokens_of(model, probe_tokens), t) for rank, t in zip(ranks, timed)]
+        profile.rank_overhead_s = fit_rank_overheads(profile, probes)
+        profile.probe_tokens, profile.probe_devices = _tokens_of(model, probe_tokens), probe_devices
+    bar.close()
+    return profile
 
 
 def _fit_line(xs: list[int], ys: list[float]) -> tuple[float, float]:
@@ -518,15 +565,17 @@ def _layer_split(profile: DeviceProfile) -> float:
 def astra_rank_compute(profile: DeviceProfile, config: AstraConfig, layout: ShardLayout, rank: int,
                        projection_table: bool = True) -> tuple[float, float]:  # fmt: skip
     """(before the exchange, after it) seconds of one layer on ``rank``: its shard's per-token work, encoding
-    if anyone needs its codes, rebuilding the received tokens' K/V, and attention to its visible keys."""
+    if anyone needs its codes, rebuilding the received tokens' K/V, attention to its visible keys, and the
+    profile's measured per-layer rank overheads (`fit_rank_overheads`) for sending and for receiving."""
     causal, n = profile.causal, layout.sizes[rank]
     key = setting_key(config.groups, config.quantize)
     if key not in profile.encode_s:
         raise ValueError(f"the device profile has no measurement for G={config.groups} {config.quantize}: calibrate with groups including {config.groups}")
     per_layer = profile.per_token_s / profile.num_layers
     before = _layer_split(profile) * per_layer * n
+    send_overhead, receive_overhead = profile.rank_overhead_s.get(key, (0.0, 0.0))
     if receivers_of(layout.num_devices, rank, causal):
-        before += profile.encode_s[key] * n
+        before += profile.encode_s[key] * n + send_overhead
     start, end = layout.bounds(rank)
     received = start if causal else layout.total - n
     if config.quantize == "hidden" and projection_table and _table_fits(config, profile.hidden_size) and key in profile.table_s:
@@ -537,7 +586,71 @@ def astra_rank_compute(profile: DeviceProfile, config: AstraConfig, layout: Shar
         rebuild = profile.decode_s[key]
     keys = end if causal else layout.total
     after = (1 - _layer_split(profile)) * per_layer * n + rebuild * received + profile.attention_masked_s * n * keys
+    if received:
+        after += receive_overhead
     return before, after
+
+
+def astra_layout(profile: DeviceProfile, config: AstraConfig, num_tokens: int) -> ShardLayout:
+    """The runtime's shard layout of ``num_tokens`` tokens (images: ``num_tokens`` with one class token, which
+    every rank holds a copy of when ``distributed_cls``)."""
+    cls_per_shard = 0 if profile.causal or not config.distributed_cls else 1
+    content = num_tokens - (1 if cls_per_shard else 0)
+    return ShardLayout.for_sequence(content + cls_per_shard * config.num_devices, config.num_devices,
+                                    runtime_shard_weights(profile, config, content), cls_per_shard=cls_per_shard)  # fmt: skip
+
+
+def rank_compute_s(profile: DeviceProfile, config: AstraConfig, num_tokens: int, rank: int, projection_table: bool = True) -> float:
+    """Seconds of ``rank``'s whole forward without a network (what `RankProbe` measures): the model's fixed cost
+    plus every layer's `astra_rank_compute`."""
+    before, after = astra_rank_compute(profile, config, astra_layout(profile, config, num_tokens), rank, projection_table)
+    return profile.fixed_s + profile.num_layers * (before + after)
+
+
+@dataclass(frozen=True)
+class RankProbe:
+    """One measured forward of a real ASTRA rank with no network (collectives local): rank ``rank`` of
+    ``num_devices`` at ``groups``/``quantize``, on ``num_tokens`` tokens, took ``seconds``."""
+
+    groups: int
+    quantize: str
+    num_devices: int
+    rank: int
+    num_tokens: int
+    seconds: float
+    projection_table: bool = True
+
+
+def fit_rank_overheads(profile: DeviceProfile, probes: list[RankProbe]) -> dict[str, list[float]]:
+    """Per setting, the per-layer [send, receive] overheads that make `rank_compute_s` (components only) equal the
+    probes' measured seconds, least squares over that setting's probes.
+
+    A probed rank that sends and receives gives their sum only (bidirectional models: every rank): with no probe
+    that tells them apart the sum is split evenly (the least-norm solution), which predicts every rank that does
+    both alike. Causal models: rank 0 only sends and the last rank only receives, so probing both separates them.
+    """
+    if not probes:
+        raise ValueError("fit_rank_overheads needs at least one RankProbe")
+    components = dataclasses.replace(profile, rank_overhead_s={})
+    by_setting: dict[str, list[RankProbe]] = {}
+    for probe in probes:
+        _check_positive("RankProbe.seconds", probe.seconds)
+        by_setting.setdefault(setting_key(probe.groups, probe.quantize), []).append(probe)
+    out = {}
+    for key, group in by_setting.items():
+        rows, residuals = [], []
+        for probe in group:
+            config = AstraConfig(num_devices=probe.num_devices, groups=probe.groups, quantize=probe.quantize,
+                                 codebook_size=profile.codebook_size, shard_sizes=None)  # fmt: skip
+            sends = bool(receivers_of(probe.num_devices, probe.rank, profile.causal))
+            receives = bool(code_sources(probe.num_devices, probe.rank, profile.causal))
+            predicted = rank_compute_s(components, config, probe.num_tokens, probe.rank, probe.projection_table)
+            rows.append([profile.num_layers * float(sends), profile.num_layers * float(receives)])
+            residuals.append([probe.seconds - predicted])
+        solution = torch.linalg.pinv(torch.tensor(rows, dtype=torch.float64)) @ torch.tensor(residuals, dtype=torch.float64)
+        out[key] = [float(v) for v in solution.flatten()]
+    return out
+
 
 
 def _simulate_point_to_point(before: list[float], after: list[float], payload: list[int], layers: int, link: LinkModel,
@@ -575,10 +688,7 @@ def _ring_all_reduce_s(link: LinkModel, tensor_bytes: float, world: int) -> floa
 def predict_astra(profile: DeviceProfile, config: AstraConfig, num_tokens: int, link: LinkModel,
                   projection_table: bool = True) -> Prediction:  # fmt: skip
     layers, world = profile.num_layers, config.num_devices
-    cls_per_shard = 0 if profile.causal or not config.distributed_cls else 1
-    content = num_tokens - (1 if cls_per_shard else 0)
-    layout = ShardLayout.for_sequence(content + cls_per_shard * world, world, runtime_shard_weights(profile, config, content),
-                                      cls_per_shard=cls_per_shard)  # fmt: skip
+    layout = astra_layout(profile, config, num_tokens)
     parts = [astra_rank_compute(profile, config, layout, r, projection_table) for r in range(world)]
     before, after = [p[0] for p in parts], [p[1] for p in parts]
     fixed = profile.fixed_s
