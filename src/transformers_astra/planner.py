@@ -12,6 +12,10 @@ dot-product attention (causal and explicitly masked), and ASTRA's per-token work
 packing) at each G, and on the receiver unpacking + decoding + projecting K/V (hidden mode), gathering
 from the runtime's codeword-projection tables (hidden mode, where they fit) or decoding keys and values
 (kv mode). A `DeviceProfile` holds these rates; it is JSON, so one profile per device type can be kept.
+With ``rank_forward`` (a way to run one rank's real forward without a network, e.g. `benchmarks.validate_planner`'s
+emulated rank) it also times a real rank per setting and fits what the components miss of it: a per-layer
+overhead for sending and one for receiving (`fit_rank_overheads`; the runtime's hooks, masks, partial
+attentions and merge, pack/unpack calls and small ops). Profiles of version 1 (without them) still load.
 
 `plan` predicts the latency of: one device; ASTRA at every G in (1, 8, 16, 32) that divides the width,
 in hidden and kv mode; full-precision sequence parallelism (fp32 and fp16 all-gathers) and Megatron tensor
