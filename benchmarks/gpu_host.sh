@@ -218,12 +218,13 @@ step gpt2-n4-compute 40 bench --workload gpt2 "${tokens[@]}" --n 4 --methods ast
 # Full-precision baselines at N=4 (for the planner's check), if time is left.
 step gpt2-n4-sp16 60 bench --workload gpt2 "${tokens[@]}" --n 4 --methods sp-fp16 --links real --bandwidths 100 --no-interleave
 python3 -m benchmarks.netns cleanup
-# The planner against this run's rows and the recorded ones: OUT_DIR/planner.md, planner_validation.json, and the
+# The planner against this run's rows and the recorded ones (this run's profiles override the recorded ones of its machine):
+# OUT_DIR/planner.md, planner_validation.json, and the
 # report's tables with this run's rows (OUT_DIR/docs/benchmarks.md, latency.json, pareto.json).
 mkdir -p "$out/docs" && cp -r docs/. "$out/docs/" && rm -rf "$out/docs/distributed" "$out/docs/results/gpu-tests"*
 cp "$out/latency-gpu-host.jsonl" "$out/docs/results/raw/latency-gpu-host-new.jsonl" 2>/dev/null
 python3 -m benchmarks.report --raw "$out/docs/results/raw" --docs "$out/docs" 2>&1 | tail -2
 python3 -m benchmarks.validate_planner validate --latency "$out/docs/results/latency.json" \
-    --profiles "$out/device_profiles" docs/results/device_profiles --json "$out/planner_validation.json" \
+    --profiles docs/results/device_profiles "$out/device_profiles" --json "$out/planner_validation.json" \
     --markdown "$out/planner.md" 2>&1 | tail -2
 echo "done in $(( $(date +%s) - start )) s; rows: $( (wc -l < "$out/latency-gpu-host.jsonl") 2>/dev/null || echo 0)"

@@ -293,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     calibrate.add_argument("--no-rank-probe", action="store_true", help="components only (no rank forwards: overheads 0)")
     check = sub.add_parser("validate", help="predict the measured rows")
     check.add_argument("--latency", type=Path, default=REPO / "docs/results/latency.json")
-    check.add_argument("--profiles", type=Path, nargs="+", default=[PROFILES])
+    check.add_argument("--profiles", type=Path, nargs="+", default=[PROFILES],
+                       help="directories of profiles; a later one's profile of the same machine, workload and threads wins")
     check.add_argument("--json", type=Path, default=REPO / "docs/results/planner_validation.json")
     check.add_argument("--markdown", type=Path, default=REPO / "docs/planner.md")
     balance = sub.add_parser("balance", help="print balanced shard sizes")

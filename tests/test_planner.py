@@ -282,3 +282,26 @@ def test_calibration_times_every_setting_on_patched_ranks_and_fits_them():
         for rank, slept in ((0, 0.02), (3, 0.05)):  # the fitted profile reproduces each probed rank's time
             assert rank_compute_s(profile, config, 32, rank) == pytest.approx(slept, rel=0.5)
     assert DeviceProfile.from_dict(profile.to_dict()) == profile
+
+
+def test_validation_reports_latency_against_the_rows_own_one_device():
+    from benchmarks.validate_planner import machine_key, markdown, validate
+
+    profile = gpt2_profile()
+    machine = "host (notes): CPU, 2 cores"
+    row = {"machine": machine, "model": "gpt2", "tokens": 1024, "N": 4, "method": "astra", "label": "astra G=8 hidden",
+           "G": 8, "quantize": "hidden", "codebook_size": 1024, "link": "compute", "bandwidth_mbps": None, "median_s": 2.0,
+           "p10_s": 1.9, "p90_s": 2.1, "command": "cmd", "threads_per_rank": 1, "settings": {"projection_table": True}}  # fmt: skip
+    old_row = {**row, "speedup_vs_single": 1.5}  # an older row: no single_median_s, its measured speed-up instead
+    new_row = {**row, "speedup_vs_single": 1.5, "single_median_s": 3.3}
+    profiles = {(machine_key(machine), "gpt2", 1): profile}
+    old, new = validate([old_row, new_row], profiles)
+    config = astra.AstraConfig(num_devices=4, groups=8, shard_sizes=None)
+    predicted = predict_astra(profile, config, 1024, LinkModel(1e9, per_message_s=0.0)).latency_s
+    speedup = profile.forward_s(1024) / predicted
+    assert new["predicted_speedup"] == pytest.approx(speedup)
+    assert new["error_vs_own_single"] == pytest.approx(3.3 / speedup / 2.0 - 1)
+    assert old["error_vs_own_single"] == pytest.approx(1.5 * 2.0 / speedup / 2.0 - 1)
+    assert new["error"] == pytest.approx(predicted / 2.0 - 1)  # the plain latency error stays
+    text = markdown([old, new], profiles)
+    assert "latency from own one device" in text and f"{100 * new['error_vs_own_single']:+.0f} %" in text
