@@ -294,7 +294,7 @@ def test_validation_reports_latency_against_the_rows_own_one_device():
            "p10_s": 1.9, "p90_s": 2.1, "command": "cmd", "threads_per_rank": 1, "settings": {"projection_table": True}}  # fmt: skip
     old_row = {**row, "speedup_vs_single": 1.5}  # an older row: no single_median_s, its measured speed-up instead
     new_row = {**row, "speedup_vs_single": 1.5, "single_median_s": 3.3}
-    profiles = {(machine_key(machine), "gpt2", 1): profile}
+    profiles = {(machine_key(machine), "gpt2", 1, 1024): profile}
     old, new = validate([old_row, new_row], profiles)
     config = astra.AstraConfig(num_devices=4, groups=8, shard_sizes=None)
     predicted = predict_astra(profile, config, 1024, LinkModel(1e9, per_message_s=0.0)).latency_s
@@ -305,3 +305,18 @@ def test_validation_reports_latency_against_the_rows_own_one_device():
     assert new["error"] == pytest.approx(predicted / 2.0 - 1)  # the plain latency error stays
     text = markdown([old, new], profiles)
     assert "latency from own one device" in text and f"{100 * new['error_vs_own_single']:+.0f} %" in text
+
+
+def test_validation_needs_a_profile_of_the_rows_codebook_size():
+    from benchmarks.validate_planner import machine_key, validate
+
+    machine = "host: CPU, 2 cores"
+    row = {"machine": machine, "model": "gpt2", "tokens": 1024, "N": 4, "method": "astra", "label": "astra G=32 kv K=256",
+           "G": 32, "quantize": "kv", "codebook_size": 256, "link": "compute", "bandwidth_mbps": None, "median_s": 1.0,
+           "p10_s": 0.9, "p90_s": 1.1, "command": "cmd", "threads_per_rank": 1}  # fmt: skip
+    skipped = []
+    assert validate([row], {(machine_key(machine), "gpt2", 1, 1024): gpt2_profile()}, skipped) == [] and skipped == [row]
+    k256 = gpt2_profile(codebook_size=256)
+    (predicted,) = validate([row], {(machine_key(machine), "gpt2", 1, 1024): gpt2_profile(), (machine_key(machine), "gpt2", 1, 256): k256})
+    config = astra.AstraConfig(num_devices=4, groups=32, quantize="kv", codebook_size=256, shard_sizes=None)
+    assert predicted["predicted_s"] == pytest.approx(predict_astra(k256, config, 1024, LinkModel(1e9, per_message_s=0.0), False).latency_s)
