@@ -38,7 +38,7 @@ class AstraSettings:
     codebook_size: int | None = None
     overlap: bool | None = None
     projection_table: bool | int | None = None  # an int: bytes per layer
-    shard_sizes: tuple[int, ...] | None = None
+    shard_sizes: tuple[int, ...] | str | None = None  # sizes, or "balanced" (AstraConfig's cost-model sizes)
 
     def to_json(self) -> str:
         return json.dumps({k: v for k, v in dataclasses.asdict(self).items() if v is not None})
@@ -46,7 +46,7 @@ class AstraSettings:
     @classmethod
     def from_json(cls, text: str) -> "AstraSettings":
         values = json.loads(text)
-        if values.get("shard_sizes") is not None:
+        if isinstance(values.get("shard_sizes"), list):
             values["shard_sizes"] = tuple(values["shard_sizes"])
         return cls(**values)
 
@@ -59,7 +59,7 @@ class AstraSettings:
     def config(self, world: int) -> astra.AstraConfig:
         extra = {} if self.codebook_size is None else {"codebook_size": self.codebook_size}
         if self.shard_sizes is not None:  # else AstraConfig's default (even)
-            extra["shard_sizes"] = list(self.shard_sizes)
+            extra["shard_sizes"] = self.shard_sizes if isinstance(self.shard_sizes, str) else list(self.shard_sizes)
         return astra.AstraConfig(num_devices=world, groups=self.groups, quantize=self.quantize, **extra)
 
     @property
@@ -73,7 +73,9 @@ class AstraSettings:
                 out.append(f"{name}={shown}")
         if self.codebook_size is not None and self.codebook_size != astra.AstraConfig().codebook_size:
             out.append(f"K={self.codebook_size}")
-        if self.shard_sizes is not None:
+        if isinstance(self.shard_sizes, str):
+            out.append(f"shards={self.shard_sizes}")
+        elif self.shard_sizes is not None:
             out.append("shards=" + "/".join(map(str, self.shard_sizes)))
         return out
 

@@ -7,7 +7,7 @@ Each rank r of N is emulated in one process (`links` compute mode: collectives r
   (the floor: what the rank's own tokens cost without ASTRA); the difference over 12 layers is the
   per-layer overhead (encoding, the exchange's bookkeeping, gathering the received K/V, the masks).
 - GPT2, 1024 tokens, N=4, G=32 hidden: ranks 1 and 3 (256-token shards).
-- ``gpt2-balance``: GPT2 as above, all four ranks, even shards against the default balanced ones
+- ``gpt2-balance``: GPT2 as above, all four ranks, even shards (the default) against balanced ones
   (alternating forward by forward in one process); the slowest rank sets the latency.
 - ``vit-kv8``, ``vit-kv32``, ``vit-hidden32``: ViT-B/16, N=4, the settings of issue 12's goal 2 that keep the
   accuracy (G=8 kv, G=32 kv, G=32 hidden), ranks 0 and 3, with the plain 50-token floor.

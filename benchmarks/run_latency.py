@@ -40,6 +40,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from transformers_astra.config import BALANCED
+
 from . import netns
 from .astra_method import AstraSettings
 from .methods import METHODS
@@ -279,7 +281,9 @@ def row_command(args, variant: Variant, world: int, link: str, mbps, loss: float
             parts.append(f"--overlap {'on' if settings.overlap else 'off'}")
         if settings.projection_table is not None:
             parts.append(f"--projection-table {table_text(settings.projection_table)}")
-        if settings.shard_sizes is not None:
+        if isinstance(settings.shard_sizes, str):
+            parts.append(f"--shard-sizes {settings.shard_sizes}")
+        elif settings.shard_sizes is not None:
             parts.append("--shard-sizes " + " ".join(map(str, settings.shard_sizes)))
     if mbps is not None:
         parts.append(f"--bandwidths {mbps:g}")
@@ -417,7 +421,8 @@ def parse_args(argv):
     parser.add_argument("--overlap", type=on_off, help="on/off: DistributedRuntime(overlap=...) (default: the runtime's)")
     parser.add_argument("--projection-table", type=table_setting,
                         help="on/off or a limit in MiB per layer: DistributedRuntime(projection_table=...) (default: the runtime's)")
-    parser.add_argument("--shard-sizes", type=int, nargs="+", help="AstraConfig.shard_sizes, one per device (default: AstraConfig's, balanced)")
+    parser.add_argument("--shard-sizes", nargs="+", help="AstraConfig.shard_sizes: one size per device, or 'balanced' "
+                        "(the cost model's sizes for causal families); default AstraConfig's, even shards")
     parser.add_argument("--tokens", type=int, help="prefill length of a causal workload (default 1024)")
     parser.add_argument("--paced", action="store_true",
                         help="paced real links: a two-frame token bucket and one frame per packet, so a burst (a layer's "
@@ -449,8 +454,15 @@ def parse_args(argv):
             parser.error(f"--loss: {error}")
     if args.tokens is not None and (args.workload == "vit" or args.tokens < 1):
         parser.error("--tokens sets the prefill length of a causal workload (gpt2, llama), >= 1")
-    if args.shard_sizes is not None and len(args.n) != 1:
-        parser.error("--shard-sizes needs exactly one --n (one size per device)")
+    if args.shard_sizes == [BALANCED]:
+        args.shard_sizes = BALANCED
+    elif args.shard_sizes is not None:
+        try:
+            args.shard_sizes = [int(size) for size in args.shard_sizes]
+        except ValueError:
+            parser.error(f"--shard-sizes takes whole numbers, one per device, or 'balanced'; got {' '.join(args.shard_sizes)}")
+        if len(args.n) != 1:
+            parser.error("--shard-sizes needs exactly one --n (one size per device)")
     return args
 
 
@@ -458,7 +470,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     astra_settings = {"codebook_size": args.codebook_size, "overlap": args.overlap, "projection_table": args.projection_table,
-                      "shard_sizes": tuple(args.shard_sizes) if args.shard_sizes else None}  # fmt: skip
+                      "shard_sizes": None if args.shard_sizes is None
+                      else args.shard_sizes if isinstance(args.shard_sizes, str) else tuple(args.shard_sizes)}  # fmt: skip
     jobs = [(v, 1 if v.method == "single" else n) for v in variants(args.methods, args.groups, args.quantize, **astra_settings) for n in args.n]
     jobs = list(dict.fromkeys(jobs))  # the single device runs once, whatever --n says
     port = 29500 + os.getpid() % 400

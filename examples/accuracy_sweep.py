@@ -414,6 +414,21 @@ def call14() -> list[Job]:
     return jobs
 
 
+def call15() -> list[Job]:
+    """GPT2 (carry: wheels, gpu_data/kjv.txt.gz, outputs/gpt2-base), prepared, not run: issue 12 goal 1's
+    fewer-bit candidates and issue 13 item 2's G = 32 references. At 10 Mbps the link of G = 32 kv K = 256 (512 bits
+    a token) is as large as a rank's compute (docs/benchmarks.md, 23:35 UTC), so: G = 16 kv at K = 1024 and K = 256
+    (320 and 256 bits a token; perplexity not measured), 3 seeds each; then G = 32 hidden and kv fine-tuned at N = 2
+    and 8 (one seed, like the other per-N references), the references the N = 4 and N-agnostic G = 32 checkpoints
+    lack. 10 runs, ~100-140 s each (call 4's 3-epoch G = 32 runs took 115-138 s sharing), estimated."""
+    jobs = estimated([finetune_job("gpt2", f"gpt2-g16-kv{suffix}", seed, ["--groups", "16", "--quantize", "kv", *extra,
+                                                                          *EVAL_LAYOUTS])
+                      for suffix, extra in (("", []), ("-k256", ["--codebook-size", "256"])) for seed in SEEDS], 140)
+    jobs += estimated([finetune_job("gpt2", f"gpt2-g32-{mode}-n{n}", 0, ["--groups", "32", "--quantize", mode],
+                                    num_devices=n) for mode in ("hidden", "kv") for n in ("2", "8")], 140)
+    return jobs
+
+
 K_SIZES = ("256", "512")
 
 
@@ -448,7 +463,7 @@ def call4() -> list[Job]:
 
 CALLS = {"1": call1, "2": call2, "3": call3, "4": call4, "5": call5, "6": call6, "7": call7, "8": call8,
          "9": call9, "10": call10, "11": call11, "12": call12,
-         "13": call13, "14": call14}
+         "13": call13, "14": call14, "15": call15}
 
 
 def smoke(jobs: list[Job]) -> list[Job]:

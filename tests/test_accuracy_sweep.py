@@ -243,3 +243,25 @@ def test_n_agnostic_recipes_are_compared_with_per_n_checkpoints_of_the_same_budg
                         "at most 0.3 pts / 1 % worse)")
     assert sweep.within(36.0, 36.5, "perplexity") and not sweep.within(37.0, 36.5, "perplexity")
     assert sweep.within(85.0, 84.0, "accuracy") and not sweep.within(83.6, 84.0, "accuracy")
+
+
+def test_later_calls_carry_one_family_and_compare_at_one_budget(sweep):
+    """Calls 9-15 each carry one base (a call's 64 MiB hold ViT's or GPT2's inputs, not both), and every N-agnostic
+    recipe they run has per-N references of the same number of epochs (in that call or an earlier one)."""
+    runs = {}
+    for number in ("9", "10", "11", "12", "13", "14", "15"):
+        jobs = sweep.CALLS[number]()
+        assert len({job.name for job in jobs}) == len(jobs) and all(job.estimate > 0 for job in jobs)
+        assert len({base for job in jobs for base in job.needs}) == 1, number
+        runs.update({job.name: job for job in jobs})
+
+    def epochs(job):
+        return job.args[len(job.args) - 1 - job.args[::-1].index("--epochs") + 1]
+
+    for name, job in runs.items():
+        if "-nagnostic-" in name:
+            stem = name.split("-nagnostic-")[0]
+            per_n = [j for j in runs.values() if j.name.startswith(stem) and "-nagnostic" not in j.name
+                     and epochs(j) == epochs(job) and j.args[j.args.index("--num-devices") + 1] in ("2", "8")]
+            assert per_n or epochs(job) == "4" and name.startswith("vit-g1-hidden-nagnostic-ep4-ends"), name
+    assert epochs(runs["gpt2-g1-hidden-nagnostic-ep12-s0"]) == "12" and epochs(runs["vit-g1-hidden-ep8-n2-s0"]) == "8"

@@ -206,3 +206,17 @@ def test_the_report_shows_the_wait_breakdown_and_still_renders_rows_without_it(t
     recorded = {r["label"]: r for r in json.loads((docs / "results/latency.json").read_text())}
     assert recorded["astra G=32 hidden"]["per_rank_waited_s"] == [0.021, 0.401]
     assert "per_rank_waited_s" not in recorded["astra G=1 hidden"]
+
+
+def test_balanced_shards_can_be_asked_for_and_are_labelled():
+    from benchmarks import run_latency
+
+    args = run_latency.parse_args(["--workload", "gpt2", "--n", "2", "--methods", "astra", "--shard-sizes", "balanced"])
+    assert args.shard_sizes == "balanced"
+    settings = AstraSettings(groups=32, quantize="hidden", shard_sizes="balanced")
+    assert settings.label == "astra G=32 hidden shards=balanced"
+    assert settings.config(2).shard_sizes == "balanced"
+    assert AstraSettings.from_json(settings.to_json()) == settings
+    assert run_latency.parse_args(["--workload", "gpt2", "--n", "2", "--shard-sizes", "3", "5"]).shard_sizes == [3, 5]
+    with pytest.raises(SystemExit):
+        run_latency.parse_args(["--workload", "gpt2", "--n", "2", "--shard-sizes", "3", "x"])
