@@ -656,7 +656,6 @@ def fit_rank_overheads(profile: DeviceProfile, probes: list[RankProbe]) -> dict[
     return out
 
 
-
 def _simulate_point_to_point(before: list[float], after: list[float], payload: list[int], layers: int, link: LinkModel,
                              start: float) -> list[float]:  # fmt: skip
     """Per rank, when its last layer ends: causal exchange, rank r's codes to every later rank each layer.
