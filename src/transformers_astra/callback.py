@@ -8,7 +8,9 @@ What it does:
 - at train start, k-means codebooks (`astra.calibrate`) from a few training batches when they are not initialised;
 - the NAQ lambda schedule: constant, or a linear warm-up to the config's ``noise_scale``;
 - codebook usage, code perplexity and dead codes, logged through the Trainer's logs (TensorBoard, W&B, ...);
-- dead-code reset: codewords unused over a logging window are re-seeded from recent inputs of that layer.
+- dead-code reset: codewords unused over a logging window are re-seeded from recent inputs of that layer;
+- the model's N as the one it was fine-tuned at (``fine_tuned_num_devices`` in the saved quantization config,
+  written at train start; `RandomShardsCallback`, which draws N per step, replaces it by the N it draws from).
 
 Its state (the reset generator, the code counts of the current window, the reset total, the lambda target)
 goes into every Trainer checkpoint (``trainer_state.json``, transformers' `ExportableState`), and a run
@@ -38,7 +40,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import DefaultFlowCallback, ExportableState
 
 from .calibration import calibrate
-from .patch import astra_state, quantizers, set_config
+from .patch import astra_state, quantizers, record_fine_tuned_num_devices, set_config
 
 NOISE_SCHEDULES = ("constant", "warmup")
 LOG_PREFIX = "astra/"
@@ -291,6 +293,9 @@ class AstraNAQCallback(TrainerCallback, ExportableState):
         if model is None:
             raise ValueError("AstraNAQCallback needs the Trainer's model")
         self._model = model
+        # Written at the start, once: RandomShardsCallback records its draws after every step, whatever the order
+        # of the callbacks, so it has the last word in an N-agnostic run.
+        record_fine_tuned_num_devices(model, [astra_state(model).config.num_devices])
         if state.global_step > 0:  # resumed from a checkpoint
             self._restore(state)
         if self.target_noise_scale is None:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .quantization_config import FINE_TUNED_FIELD
 from .transport import CodeTransport
 
 # Inputs whose equality across ranks is checked by name; anything else is checked as one "other inputs".
@@ -82,6 +83,9 @@ def compare_across_ranks(transport: CodeTransport, fields: dict[str, int], what:
 
 def _model_config_json(model: nn.Module) -> str:
     values = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_")}
+    quantization = values.get("quantization_config")
+    if isinstance(quantization, dict):  # which N fine-tuning ran at changes nothing a rank computes
+        values["quantization_config"] = {k: v for k, v in quantization.items() if k != FINE_TUNED_FIELD}
     return json.dumps(values, sort_keys=True, default=str)
 
 

@@ -5,7 +5,8 @@ model class's ``from_pretrained`` load a checkpoint saved from a patched model a
 (`transformers_astra.hf_quantizer`). `from_pretrained` here adds what they cannot do:
 
 - patch a plain checkpoint while it loads, given an AstraConfig (or its fields as keyword arguments);
-- override a saved checkpoint's settings, e.g. ``num_devices`` (with a warning: it was fine-tuned for its own N);
+- override a saved checkpoint's settings, e.g. ``num_devices`` (with a warning when that N is not one its
+  fine-tuning ran at, as recorded in ``fine_tuned_num_devices``; unrecorded: when it is not the saved N);
 - pick the model class from the checkpoint's ``architectures`` (any task) with a named error when it is not one;
 - name the one command that converts a checkpoint written by transformers-astra 0.1.0.
 
@@ -15,6 +16,7 @@ model class's ``from_pretrained`` load a checkpoint saved from a patched model a
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import tempfile
 import warnings
@@ -29,12 +31,14 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from .config import AstraConfig
 from .modelcard import create_model_card
 from .patch import astra_state
-from .quantization_config import QUANT_METHOD, AstraQuantizationConfig
+from .quantization_config import FINE_TUNED_FIELD, QUANT_METHOD, AstraQuantizationConfig, checked_fine_tuned_num_devices
 
 ASTRA_FIELDS = frozenset(field.name for field in dataclasses.fields(AstraConfig))
 # from_pretrained arguments that also locate config.json (they go to AutoConfig and to the model's loader).
 CONFIG_ARGS = ("revision", "cache_dir", "token", "force_download", "local_files_only", "subfolder")
 CONVERT_COMMAND = "python -m transformers_astra.convert"
+
+logger = logging.getLogger(__name__)
 
 
 def from_pretrained(
@@ -52,8 +56,9 @@ def from_pretrained(
       is patched while it loads, with uninitialised codebooks, and a warning says to run `astra.calibrate`.
 
     Keyword arguments that are AstraConfig fields (``num_devices=2``, ``noise_scale=0.0``) override the
-    saved settings. A different ``num_devices`` is allowed with a warning: the codebooks do not depend on N,
-    but the checkpoint was fine-tuned for its own N. Fields that change the codebook shapes (``groups``,
+    saved settings. Any ``num_devices`` loads (the codebooks do not depend on N); one that the checkpoint's
+    fine-tuning did not run at (its recorded ``fine_tuned_num_devices``; when none is recorded, any N but the
+    saved one) warns, since fine-tuning adapted it to those N. Fields that change the codebook shapes (``groups``,
     ``codebook_size``, ``quantize``) do not fit the saved codebooks and raise an error naming the layer.
     Everything else goes to transformers' ``from_pretrained`` (``dtype``, ``device_map``, ``revision``,
     ``cache_dir``, ``token``, ...). ``model_class`` picks the class (a model class or an Auto class); by
@@ -170,18 +175,35 @@ def _overridden(
     """The saved quantization config with other settings (the codebook records stay, to check shapes)."""
     try:
         base = astra_config or AstraQuantizationConfig.from_dict(saved).astra_config
+        fine_tuned = checked_fine_tuned_num_devices(saved.get(FINE_TUNED_FIELD))
     except (TypeError, ValueError) as error:
         raise ValueError(f"{name}/config.json has an invalid ASTRA quantization_config: {error}") from error
     effective = base.replace(**overrides)
-    if saved.get("num_devices") != effective.num_devices:
-        warnings.warn(
-            f"{name} was saved with num_devices={saved.get('num_devices')}; loading it with "
-            f"num_devices={effective.num_devices}. The codebooks do not depend on N, so the model runs, but "
-            f"fine-tuning (NAQ) adapted it to N={saved.get('num_devices')}: measure its accuracy at "
-            f"N={effective.num_devices}, or fine-tune again at that N.",
-            stacklevel=3,
-        )
+    _check_num_devices(name, saved.get("num_devices"), fine_tuned, effective.num_devices)
     return {**saved, **effective.to_dict()}
+
+
+def _check_num_devices(name: str | os.PathLike, saved: Any, fine_tuned: list[int] | None, num_devices: int) -> None:
+    """Warn when ``num_devices`` is not an N the checkpoint was fine-tuned at (unrecorded: not the saved N)."""
+    if fine_tuned is None:
+        if saved == num_devices:
+            return
+        message = (
+            f"{name} was saved with num_devices={saved}; loading it with num_devices={num_devices}. The codebooks do "
+            f"not depend on N, so the model runs, but fine-tuning (NAQ) adapted it to N={saved}: measure its "
+            f"accuracy at N={num_devices}, or fine-tune again at that N."
+        )
+    elif num_devices in fine_tuned:
+        logger.info("%s was fine-tuned at num_devices %s; loading it with num_devices=%d", name, fine_tuned, num_devices)
+        return
+    else:
+        message = (
+            f"{name} was fine-tuned at num_devices {fine_tuned} (saved with num_devices={saved}); loading it with "
+            f"num_devices={num_devices}, which is not among them. The codebooks do not depend on N, so the model "
+            f"runs, but fine-tuning (NAQ) adapted it to those N: measure its accuracy at N={num_devices}, or "
+            f"fine-tune again at that N (or over several N: RandomShardsCallback)."
+        )
+    warnings.warn(message, stacklevel=4)
 
 
 def _model_class(config: PretrainedConfig, model_class: type | None) -> type:

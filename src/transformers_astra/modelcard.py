@@ -17,7 +17,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
 from .config import AstraConfig
-from .patch import ASTRA_TAGS, astra_state, quantizers
+from .patch import ASTRA_TAGS, astra_state, fine_tuned_num_devices, quantizers
 PAPER = "https://arxiv.org/abs/2505.19342"
 # Result row key -> AstraConfig field; a row that names one of these must equal the model's value.
 ROW_FIELDS = {
@@ -198,9 +198,18 @@ def _settings_table(model: nn.Module, config: AstraConfig) -> str:
     ]
     if _has_class_tokens(astra_state(model)):
         rows.insert(8, ("distributed class tokens", config.distributed_cls))
+    fine_tuned = fine_tuned_num_devices(model)
+    if fine_tuned is not None:
+        rows.insert(1, ("fine-tuned at N", _fine_tuned_text(fine_tuned)))
     lines = ["## ASTRA settings", "", "| setting | value |", "| --- | --- |"]
     lines += [f"| {name} | {value} |" for name, value in rows]
     return "\n".join(lines)
+
+
+def _fine_tuned_text(fine_tuned: list[int]) -> str:
+    if len(fine_tuned) == 1:
+        return str(fine_tuned[0])
+    return f"{', '.join(map(str, fine_tuned))} (N drawn per step: `RandomShardsCallback`)"
 
 
 def _results_section(rows: Rows) -> str:
@@ -274,5 +283,20 @@ runtime = astra.DistributedRuntime(model)  # {n} ranks; each runs the model on i
 output = runtime({inputs}={inputs}){generate}
 ```
 
-The checkpoint was fine-tuned for N={n}. `astra.from_pretrained("{name}", num_devices=M)` also runs
-(the codebooks do not depend on N) and warns, since accuracy was measured at N={n}."""
+{_other_num_devices(name, n, fine_tuned_num_devices(model))}"""
+
+
+def _other_num_devices(name: str, n: int, fine_tuned: list[int] | None) -> str:
+    if fine_tuned is None:
+        return (
+            f"The checkpoint was fine-tuned for N={n}. `astra.from_pretrained(\"{name}\", num_devices=M)` also runs\n"
+            f"(the codebooks do not depend on N) and warns, since accuracy was measured at N={n}."
+        )
+    one = len(fine_tuned) == 1
+    at = f"N={fine_tuned[0]}" if one else f"N in {{{', '.join(map(str, fine_tuned))}}}"
+    return (
+        f"The checkpoint was fine-tuned at {at} (config.json: `fine_tuned_num_devices`). "
+        f"`astra.from_pretrained(\"{name}\", num_devices=M)` loads it {'at that N' if one else 'at any of these'} "
+        "without a warning; at another M it also runs (the codebooks do not depend on N) and warns, since "
+        f"fine-tuning adapted it to {'that N' if one else 'those N'}."
+    )

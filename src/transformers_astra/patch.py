@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -15,7 +15,7 @@ from .balance import ShardCosts
 from .config import AstraConfig
 from .kernels import PROJECTION_TABLE_MAX_BYTES
 from .models import adapter_for
-from .quantization_config import QUANT_METHOD, AstraQuantizationConfig
+from .quantization_config import QUANT_METHOD, AstraQuantizationConfig, checked_fine_tuned_num_devices
 from .quantizer import GroupedVQ
 from .state import AstraState, LayerState
 
@@ -95,6 +95,21 @@ def set_config(model: nn.Module, config: AstraConfig) -> None:
     state = astra_state(model)
     state.config, state.shard_costs = config, _shard_costs(model, state.adapter, config)
     model.config.quantization_config.set_astra_config(config)
+
+
+def fine_tuned_num_devices(model: nn.Module) -> list[int] | None:
+    """The device counts a patched model's fine-tuning ran at (saved with it); None when not recorded."""
+    astra_state(model)
+    recorded = model.config.quantization_config.fine_tuned_num_devices
+    return None if recorded is None else list(recorded)
+
+
+def record_fine_tuned_num_devices(model: nn.Module, num_devices: Iterable[int]) -> None:
+    """Record (replacing any earlier record) the device counts a patched model is fine-tuned at; `save_pretrained`
+    writes them to config.json's quantization config (``fine_tuned_num_devices``). Validated, sorted."""
+    astra_state(model)
+    values = list(num_devices) if isinstance(num_devices, Iterable) and not isinstance(num_devices, str) else num_devices
+    model.config.quantization_config.fine_tuned_num_devices = checked_fine_tuned_num_devices(values)
 
 
 def _shard_costs(model: nn.Module, adapter, config: AstraConfig) -> ShardCosts:

@@ -9,7 +9,9 @@ boundaries drawn afresh every optimizer step teaches one checkpoint every layout
                       callbacks=[RandomShardsCallback(num_devices=(2, 3, 4, 6, 8))])
     astra.AstraNAQCallback().attach(trainer)
 
-Between steps (evaluation, saving) and after training the model has its own config back.
+Between steps (evaluation, saving) and after training the model has its own config back, and records the N
+drawn from as the ones it was fine-tuned at (``fine_tuned_num_devices`` of its saved quantization config, which
+`astra.from_pretrained` reads: loading at one of them does not warn).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .patch import astra_state, set_config
+from .patch import astra_state, record_fine_tuned_num_devices, set_config
 
 
 def set_shards(model: nn.Module, num_devices: int, shard_sizes: Sequence[float] | str | None = None) -> None:
@@ -34,6 +36,9 @@ def set_shards(model: nn.Module, num_devices: int, shard_sizes: Sequence[float] 
 
 class RandomShardsCallback(TrainerCallback):
     """Draws N from ``num_devices`` and, with probability ``uneven_probability``, uneven shard sizes, per step.
+
+    After every step (and at train end) the model gets its own config back and records ``num_devices`` (sorted,
+    without repeats) as the device counts it was fine-tuned at (`patch.fine_tuned_num_devices`).
 
     Args:
         num_devices: the device counts to draw from (uniformly).
@@ -89,5 +94,8 @@ class RandomShardsCallback(TrainerCallback):
         self._restore(model)
 
     def _restore(self, model) -> None:
+        """The model's own layout back, and the N drawn from recorded: after every step, so that checkpoints saved
+        during training carry it too and `AstraNAQCallback`'s record (its one N, at train start) never stays."""
         if self.original is not None:
             set_shards(model, self.original.num_devices, self.original.shard_sizes)
+            record_fine_tuned_num_devices(model, self.choices)
