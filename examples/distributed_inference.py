@@ -152,7 +152,8 @@ def init_process_group(args: argparse.Namespace) -> torch.device:
 def load_checkpoint(path: Path, num_devices: int):
     """A saved ASTRA checkpoint in float32, through transformers' Auto classes (``import transformers_astra``
     registers the quantizer that patches the model while it loads). For another number of processes than
-    the checkpoint was fine-tuned for, `astra.from_pretrained` overrides ``num_devices`` (with a warning)."""
+    the checkpoint was saved with, `astra.from_pretrained` overrides ``num_devices`` (with a warning unless the
+    checkpoint's ``fine_tuned_num_devices`` records that N)."""
     config = AutoConfig.from_pretrained(path)
     auto_class = AutoModelForCausalLM if set(config.architectures or ()) & CAUSAL_LM_CLASSES else AutoModelForImageClassification
     saved = config.quantization_config if isinstance(config.quantization_config, dict) else config.quantization_config.to_dict()
