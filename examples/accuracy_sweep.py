@@ -92,7 +92,8 @@ class Job:
 
 def finetune_job(family: str, name: str, seed: int, flags: list[str], num_devices: str = "4") -> Job:
     task, base, epochs, extra = FINETUNE[family]
-    args = ["--task", task, "--base", "{out}/" + base, "--epochs", epochs, "--num-devices", num_devices, *extra, *flags,
+    budget = [] if "--epochs" in flags else ["--epochs", epochs]  # a recipe's own budget replaces the default one
+    args = ["--task", task, "--base", "{out}/" + base, *budget, "--num-devices", num_devices, *extra, *flags,
             "--seed", str(seed)]
     return Job(f"{name}-s{seed}", "finetune_astra.py", args, [base])
 
