@@ -430,6 +430,15 @@ def call15() -> list[Job]:
     return jobs
 
 
+def call16() -> list[Job]:
+    """ViT (carry: wheels, gpu_data/fashion-mnist, outputs/vit-base), prepared, not run: issue 13 item 2's G = 32
+    references, ViT's side of call 15: G = 32 hidden and kv fine-tuned at N = 2 and 8 (one seed, like the other
+    per-N references), against which the N = 4 G = 32 checkpoints evaluated at N = 2 and 8 are read. 4 runs,
+    ~100-160 s each (call 3's 1-epoch ViT runs), estimated."""
+    return estimated([finetune_job("vit", f"vit-g32-{mode}-n{n}", 0, ["--groups", "32", "--quantize", mode], num_devices=n)
+                      for mode in ("hidden", "kv") for n in ("2", "8")], 160)
+
+
 K_SIZES = ("256", "512")
 
 
@@ -464,7 +473,8 @@ def call4() -> list[Job]:
 
 CALLS = {"1": call1, "2": call2, "3": call3, "4": call4, "5": call5, "6": call6, "7": call7, "8": call8,
          "9": call9, "10": call10, "11": call11, "12": call12,
-         "13": call13, "14": call14, "15": call15}
+         "13": call13, "14": call14, "15": call15,
+         "16": call16}
 
 
 def smoke(jobs: list[Job]) -> list[Job]:

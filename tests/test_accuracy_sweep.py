@@ -246,10 +246,10 @@ def test_n_agnostic_recipes_are_compared_with_per_n_checkpoints_of_the_same_budg
 
 
 def test_later_calls_carry_one_family_and_compare_at_one_budget(sweep):
-    """Calls 9-15 each carry one base (a call's 64 MiB hold ViT's or GPT2's inputs, not both), and every N-agnostic
+    """Calls 9-16 each carry one base (a call's 64 MiB hold ViT's or GPT2's inputs, not both), and every N-agnostic
     recipe they run has per-N references of the same number of epochs (in that call or an earlier one)."""
     runs = {}
-    for number in ("9", "10", "11", "12", "13", "14", "15"):
+    for number in ("9", "10", "11", "12", "13", "14", "15", "16"):
         jobs = sweep.CALLS[number]()
         assert len({job.name for job in jobs}) == len(jobs) and all(job.estimate > 0 for job in jobs)
         assert len({base for job in jobs for base in job.needs}) == 1, number
