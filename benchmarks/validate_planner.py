@@ -165,7 +165,8 @@ def markdown(rows: list[dict], profiles: dict[tuple, DeviceProfile], commands: d
               "one (the row's baseline). A machine that is uniformly slower or faster at calibration than during the "
               "rows (shared machines; rows and profiles measured in other calls, possibly on other hosts of a kind) "
               "shifts the first, not the other two. Profile with rank overheads: calibrated with rank forwards without a network "
-              "(`calibrate_device(rank_probes=True)`, `fit_rank_overheads`; `calibrate --no-rank-probe` leaves them out); without: the components alone.",
+              "(`calibrate_device(rank_probes=True)`, `fit_rank_overheads`; profiles of 2026-11-27 timed the benchmarks' "
+              "emulated rank, `benchmarks.links` compute mode, which the library's loopback rank replaced; `calibrate --no-rank-probe` leaves them out); without: the components alone.",
               "",
               table(["machine", "model", "tokens", "rows", "latency: median |error|", "within 20 %", "largest |error|",
                      "latency from own one device: median |error|", "within 20 %",
@@ -174,7 +175,7 @@ def markdown(rows: list[dict], profiles: dict[tuple, DeviceProfile], commands: d
     if probed:
         settings = sorted({s for _, p in probed for s in p.rank_overhead_s}, key=lambda s: (int(s.split("/")[0]), s))
         parts += ["## Rank overheads",
-                  "Per layer, what a rank's forward without a network (`calibrate_device(rank_probes=True)`; ranks 0 and N-1 of N, the profile's length) took "
+                  "Per layer, what a rank's forward without a network (ranks 0 and N-1 of N, the profile's length) took "
                   "beyond the components, fitted by `fit_rank_overheads` (ms, send / receive; bidirectional models: every "
                   "rank does both, so the sum is split evenly). Negative: the components overstate that rank.",
                   "",
