@@ -439,6 +439,8 @@ def test_calibration_with_rank_probes_fits_every_setting_and_plan_uses_them(name
     profile = astra.calibrate_device(built.model, num_tokens=48 if built.causal else None, groups=(1, 4), repeats=1,
                                      progress=False, rank_probes=True, probe_repeats=1)  # fmt: skip
     assert not astra.is_patched(built.model)
+    with pytest.raises(ValueError, match="rank_probes must be True or False"):
+        astra.calibrate_device(built.model, rank_probes="yes")
     settings = {f"{g}/{q}" for g in (1, 4) for q in ("hidden", "kv")}
     assert profile.version == 2 and set(profile.rank_overhead_s) == settings
     assert all(len(v) == 2 and all(map(math.isfinite, v)) for v in profile.rank_overhead_s.values())

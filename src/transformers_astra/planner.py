@@ -344,6 +344,8 @@ def calibrate_device(
                                                     config.bits_per_code, codes.shape, codebook_size)  # fmt: skip
     for name in calls:
         per_unit.setdefault(name, probe)
+    if not isinstance(rank_probes, bool):
+        raise ValueError(f"rank_probes must be True or False, got {rank_probes!r}")
     if rank_probes and rank_forward is None:
         rank_forward = loopback_rank_forward
     probing = rank_forward is not None
