@@ -343,6 +343,8 @@ def test_loopback_rank_runs_that_ranks_work_and_counts_its_codes(name):
         with torch.inference_mode():
             out = runtime(**built.inputs)
         layout, traffic = runtime.layout, runtime.traffic
+        # the rank's own output: its shard's logits (causal), the pooled classification (ViT)
+        assert out.logits.shape == ((1, layout.sizes[rank], 101) if built.causal else (1, 10))
         sources = [s for s in range(4) if s < rank or (s != rank and not built.causal)]
         # it encoded (and sent) exactly when a peer needs its codes: never on the last causal rank
         assert traffic.sent["codes"] == expected_code_bytes(config, layout, rank, 1, layers, built.causal)
