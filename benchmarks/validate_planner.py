@@ -164,8 +164,9 @@ def markdown(rows: list[dict], profiles: dict[tuple, DeviceProfile], commands: d
               "measured median. Speed-up: the predicted speed-up over one device (both predicted) against the measured "
               "one (the row's baseline). A machine that is uniformly slower or faster at calibration than during the "
               "rows (shared machines; rows and profiles measured in other calls, possibly on other hosts of a kind) "
-              "shifts the first, not the other two. Profile with rank overheads: calibrated with its emulated rank forwards "
-              "(`fit_rank_overheads`; `calibrate --no-rank-probe` leaves them out); without: the components alone.",
+              "shifts the first, not the other two. Profile with rank overheads: calibrated with rank forwards without a network "
+              "(`calibrate_device(rank_probes=True)`, `fit_rank_overheads`; profiles of 2026-11-27 timed the benchmarks' "
+              "emulated rank, `benchmarks.links` compute mode, which the library's loopback rank replaced; `calibrate --no-rank-probe` leaves them out); without: the components alone.",
               "",
               table(["machine", "model", "tokens", "rows", "latency: median |error|", "within 20 %", "largest |error|",
                      "latency from own one device: median |error|", "within 20 %",
@@ -174,7 +175,7 @@ def markdown(rows: list[dict], profiles: dict[tuple, DeviceProfile], commands: d
     if probed:
         settings = sorted({s for _, p in probed for s in p.rank_overhead_s}, key=lambda s: (int(s.split("/")[0]), s))
         parts += ["## Rank overheads",
-                  "Per layer, what an emulated rank's forward (no network, ranks 0 and N-1 of N, the profile's length) took "
+                  "Per layer, what a rank's forward without a network (ranks 0 and N-1 of N, the profile's length) took "
                   "beyond the components, fitted by `fit_rank_overheads` (ms, send / receive; bidirectional models: every "
                   "rank does both, so the sum is split evenly). Negative: the components overstate that rank.",
                   "",
@@ -212,46 +213,12 @@ def table(header: list[str], lines: list[list[str]]) -> str:
     return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines])
 
 
-def emulated_rank_forward():
-    """`calibrate_device`'s ``rank_forward``: rank r of N emulated in this process with no network, as
-    `benchmarks.per_layer_costs` times it (a one-process gloo group, `links` in compute mode: collectives return
-    local data at once; `profile_astra.as_rank` reports rank r of N), running the runtime's defaults."""
-    import os
-
-    import torch.distributed as dist
-
-    from transformers_astra.distributed import DistributedRuntime
-    from transformers_astra.patch import astra_state
-
-    from . import links
-    from .profile_astra import as_rank
-
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{29500 + os.getpid() % 1000}", rank=0, world_size=1)
-    links.install()
-    links.set_mode("compute", None)
-
-    def rank_forward(model, rank: int, inputs: dict):
-        world = astra_state(model).config.num_devices
-        with as_rank(rank, world):
-            runtime = DistributedRuntime(model, check_inputs=False)
-
-        def forward():
-            with as_rank(rank, world), torch.inference_mode():
-                return runtime(**inputs)
-
-        return forward
-
-    return rank_forward
-
-
 def cmd_calibrate(args) -> None:
     torch.set_num_threads(args.threads)
     workload = build(args.workload, tokens=args.tokens)
-    rank_forward = None if args.no_rank_probe else emulated_rank_forward()
     profile = calibrate_device(workload.model, num_tokens=workload.num_tokens, threads=args.threads, repeats=args.repeats,
                                groups=tuple(args.groups), codebook_size=args.codebook_size,
-                               machine=args.machine, rank_forward=rank_forward, probe_tokens=args.probe_tokens,
+                               machine=args.machine, rank_probes=not args.no_rank_probe, probe_tokens=args.probe_tokens,
                                probe_repeats=args.probe_repeats)  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     path = profile_path(args.out, args.machine, args.workload, args.threads, profile.codebook_size)

@@ -85,7 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--secret-file", type=Path, help="file holding the shared secret every rank must prove "
                         "(default: the ASTRA_SECRET environment variable, if set)")
     parser.add_argument("--plan", action="store_true", help="rank 0 also prints astra.plan's prediction for this "
-                        "model, N and a 10 Mbit/s link (calibrates the device first: seconds)")
+                        "model, N and a 10 Mbit/s link (calibrates the device first, timing this N's ranks "
+                        "without a network: seconds for the tiny models, about a minute for GPT2-small at 1024 tokens)")
     parser.add_argument("--json", type=Path, help="write the machine-readable result here (rank 0)")
     return parser.parse_args(argv)
 
@@ -414,8 +415,11 @@ def run(args: argparse.Namespace) -> None:
         }
         report(result)
         if args.plan:  # what the planner predicts for this model and N on a 10 Mbit/s link
-            print(astra.plan(model, num_tokens=layout.total if runtime.causal else None, num_devices=world_size,
-                             bandwidth_mbps=10).summary())
+            tokens = layout.total if runtime.causal else None
+            # rank_probes: also time this model's ranks at this N with no network (the runtime's per-layer overheads)
+            profile = astra.calibrate_device(model, num_tokens=tokens, rank_probes=True, probe_devices=max(world_size, 2),
+                                             probe_tokens=max(layout.total, 2 * max(world_size, 2)) if runtime.causal else None)
+            print(astra.plan(model, num_tokens=tokens, num_devices=world_size, bandwidth_mbps=10, profile=profile).summary())
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(result, indent=2))

@@ -1,6 +1,7 @@
 """The planner's cost model: limits, monotonicity, the runtime's byte formula, named errors."""
 
 import dataclasses
+import math
 import time
 
 import pytest
@@ -320,3 +321,150 @@ def test_validation_needs_a_profile_of_the_rows_codebook_size():
     (predicted,) = validate([row], {(machine_key(machine), "gpt2", 1, 1024): gpt2_profile(), (machine_key(machine), "gpt2", 1, 256): k256})
     config = astra.AstraConfig(num_devices=4, groups=32, quantize="kv", codebook_size=256, shard_sizes=None)
     assert predicted["predicted_s"] == pytest.approx(predict_astra(k256, config, 1024, LinkModel(1e9, per_message_s=0.0), False).latency_s)
+
+
+# ------------------------------------------------------------------------- rank probes, no network
+def loopback_runtime(model, rank: int):
+    from transformers_astra.distributed import DistributedRuntime, LoopbackTransport
+
+    return DistributedRuntime(model, check_inputs=False, transport=LoopbackTransport(rank, astra_state(model).config.num_devices, astra_state(model).config))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "vit"])
+def test_loopback_rank_runs_that_ranks_work_and_counts_its_codes(name):
+    from transformers_astra.transport import payload_bytes
+
+    built, plain = build(name, small=True), build(name, small=True).model
+    config = astra.AstraConfig(num_devices=4, groups=4, quantize="hidden")
+    astra.patch(built.model, config)
+    layers = built.model.config.num_hidden_layers
+    for rank in range(4):
+        runtime = loopback_runtime(built.model, rank)
+        with torch.inference_mode():
+            out = runtime(**built.inputs)
+        layout, traffic = runtime.layout, runtime.traffic
+        # the rank's own output: its shard's logits (causal), the pooled classification (ViT)
+        assert out.logits.shape == ((1, layout.sizes[rank], 101) if built.causal else (1, 10))
+        sources = [s for s in range(4) if s < rank or (s != rank and not built.causal)]
+        # it encoded (and sent) exactly when a peer needs its codes: never on the last causal rank
+        assert traffic.sent["codes"] == expected_code_bytes(config, layout, rank, 1, layers, built.causal)
+        assert (traffic.sent["codes"] == 0) == (built.causal and rank == 3)
+        assert traffic.code_bytes_per_layer == [traffic.sent["codes"] // layers] * layers  # one exchange per layer
+        assert traffic.received["codes"] == layers * sum(payload_bytes(config, layout, s, 1) for s in sources)
+        assert traffic.sent["pooling"] == (0 if built.causal else 3 * 4 * built.model.config.hidden_size)  # ViT's pooled CLS
+        assert runtime.timings.waited_s == 0.0 and runtime.timings.total_s > 0
+    if built.causal:  # rank 0 receives nothing: its logits are the plain model's on its shard, exactly
+        runtime = loopback_runtime(built.model, 0)
+        with torch.inference_mode():
+            logits = runtime(**built.inputs).logits
+            reference = plain(input_ids=built.inputs["input_ids"][:, : runtime.layout.sizes[0]]).logits
+        torch.testing.assert_close(logits, reference)
+        with pytest.raises(ValueError, match="generate needs a process group"):
+            runtime.generate(built.inputs["input_ids"], max_new_tokens=1)
+
+
+def test_loopback_transport_named_errors():
+    from transformers_astra.distributed import DistributedRuntime, LoopbackTransport
+
+    config = astra.AstraConfig(num_devices=4, groups=4)
+    with pytest.raises(ValueError, match="rank must be < world_size=4"):
+        LoopbackTransport(4, 4, config)
+    with pytest.raises(ValueError, match="world_size must be an integer >= 1"):
+        LoopbackTransport(0, 0, config)
+    built = build("gpt2", small=True)
+    astra.patch(built.model, config)
+    with pytest.raises(ValueError, match="given without group or secret"):
+        DistributedRuntime(built.model, secret="s", transport=LoopbackTransport(0, 4, config))
+    with pytest.raises(ValueError, match="transport must be a LoopbackTransport"):
+        DistributedRuntime(built.model, transport=object())
+    with pytest.raises(ValueError, match="num_devices=4"):
+        DistributedRuntime(built.model, transport=LoopbackTransport(0, 2, config))
+
+
+EMULATED = r"""
+import json, time, torch
+from benchmarks import links
+links.install()
+import torch.distributed as dist
+import transformers_astra as astra
+from transformers_astra.distributed import DistributedRuntime
+from transformers_astra.planner import loopback_rank_forward
+from benchmarks.profile_astra import as_rank
+from benchmarks.workloads import build
+torch.set_num_threads(1)
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:%d", rank=0, world_size=1)
+links.set_mode("compute", None)
+built = build("gpt2", small=True)
+astra.patch(built.model, astra.AstraConfig(num_devices=4, groups=4, quantize="%s"))
+calls = {}
+for rank in (0, 3):
+    with as_rank(rank, 4):
+        emulated = DistributedRuntime(built.model, check_inputs=False)
+    def emulated_forward(rank=rank, runtime=emulated):
+        with as_rank(rank, 4):
+            runtime(**built.inputs)
+    calls[f"emulated {rank}"] = emulated_forward
+    calls[f"loopback {rank}"] = loopback_rank_forward(built.model, rank, built.inputs)
+best = dict.fromkeys(calls, float("inf"))
+with torch.inference_mode():
+    for _ in range(15):
+        for name, call in calls.items():
+            start = time.perf_counter(); call(); best[name] = min(best[name], time.perf_counter() - start)
+print(json.dumps(best))
+"""
+
+
+@pytest.mark.parametrize("quantize", ["hidden", "kv"])
+def test_loopback_rank_takes_about_the_benchmarks_emulated_ranks_time(quantize):
+    """The library's rank probe against the benchmarks' emulated rank (one-process gloo group, `links` in compute
+    mode, `profile_astra.as_rank`), same tiny model and setting: the same order of time (a subprocess: `links`
+    wraps torch.distributed's collectives for the whole process)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root / 'src'}{os.pathsep}{root}"}
+    script = EMULATED % (29600 + os.getpid() % 300 + (quantize == "kv"), quantize)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    best = json.loads(done.stdout.strip().splitlines()[-1])
+    for rank in (0, 3):
+        assert 1 / 3 < best[f"loopback {rank}"] / best[f"emulated {rank}"] < 3, best
+
+
+@pytest.mark.parametrize("name", ["gpt2", "vit"])
+def test_calibration_with_rank_probes_fits_every_setting_and_plan_uses_them(name):
+    built = build(name, small=True)
+    profile = astra.calibrate_device(built.model, num_tokens=48 if built.causal else None, groups=(1, 4), repeats=1,
+                                     progress=False, rank_probes=True, probe_repeats=1)  # fmt: skip
+    assert not astra.is_patched(built.model)
+    with pytest.raises(ValueError, match="rank_probes must be True or False"):
+        astra.calibrate_device(built.model, rank_probes="yes")
+    settings = {f"{g}/{q}" for g in (1, 4) for q in ("hidden", "kv")}
+    assert profile.version == 2 and set(profile.rank_overhead_s) == settings
+    assert all(len(v) == 2 and all(map(math.isfinite, v)) for v in profile.rank_overhead_s.values())
+    assert (profile.probe_devices, profile.probe_tokens) == (4, 48 if built.causal else 17)
+    if not built.causal:  # every ViT rank sends and receives: the fitted sum is split evenly
+        assert all(send == pytest.approx(receive) for send, receive in profile.rank_overhead_s.values())
+    assert DeviceProfile.from_dict(profile.to_dict()) == profile
+    components = dataclasses.replace(profile, rank_overhead_s={})
+    tokens = 48 if built.causal else None
+    with_probes = astra.plan(built.model, num_tokens=tokens, num_devices=4, bandwidth_mbps=1e6, profile=profile, groups=(1, 4))
+    without = astra.plan(built.model, num_tokens=tokens, num_devices=4, bandwidth_mbps=1e6, profile=components, groups=(1, 4))
+    layers = built.model.config.num_hidden_layers
+    for key, (send, receive) in profile.rank_overhead_s.items():
+        g, q = key.split("/")
+        probed, plain = with_probes.prediction("astra", int(g), q), without.prediction("astra", int(g), q)
+        first = send + (0.0 if built.causal else receive)  # causal rank 0 only sends
+        assert probed.compute_s[0] - plain.compute_s[0] == pytest.approx(layers * first, abs=1e-12)
+        assert probed.compute_s[3] - plain.compute_s[3] == pytest.approx(layers * (receive + (0.0 if built.causal else send)), abs=1e-12)
+
+
+def test_summary_says_whether_rank_overheads_were_probed():
+    probed = gpt2_profile(rank_overhead_s={"8/hidden": [1e-3, 2e-3]}, probe_devices=4, probe_tokens=1024)
+    head = astra.plan(num_tokens=1024, num_devices=4, profile=probed, groups=(8,)).summary().splitlines()[0]
+    assert head.endswith("rank overheads probed at N=4, 1024 tokens")
+    assert astra.plan(num_tokens=1024, num_devices=4, profile=gpt2_profile(), groups=(8,)).summary().splitlines()[0].endswith("(no rank probes)")

@@ -10,7 +10,7 @@ Importing it registers ``quant_method="astra"`` with transformers' quantization 
 from .callback import AstraNAQCallback
 from .calibration import calibrate, collect_activations
 from .config import AstraConfig
-from .distributed import DistributedRuntime, Timings, Traffic
+from .distributed import DistributedRuntime, LoopbackTransport, Timings, Traffic
 from .generation import GenerationStats
 from .hf_quantizer import AstraHfQuantizer
 from .hf_quantizer import register as _register_quantizer
@@ -37,6 +37,7 @@ __all__ = [
     "GenerationStats",
     "GroupedVQ",
     "LinkModel",
+    "LoopbackTransport",
     "Plan",
     "Prediction",
     "RandomShardsCallback",

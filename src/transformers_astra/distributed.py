@@ -48,6 +48,10 @@ API
   a larger number of bytes per layer; False: never), so a receiver
   gathers and sums instead of decoding and projecting every received token. Built at construction
   from the current codebooks and weights: build a new runtime after changing either.
+- ``DistributedRuntime(model, transport=LoopbackTransport(rank, N, config))``: rank ``rank`` of N with no
+  process group and no network (`transport.LoopbackTransport`): the same forward, every exchange
+  returning at once with stand-in codes, no handshake, secret or heartbeat (there are no peers). For
+  timing one rank's own work (`planner.loopback_rank_forward`); its outputs are not a real rank's.
 - ``runtime(**inputs)``: the model's output for this rank's shard. Causal LMs (GPT2, Llama family): ``logits`` (B, T_r, V) of the
   shard's tokens with global positions; the next-token logits are ``logits[:, -1]`` on the last rank
   (``runtime.is_last``). ViT (distributed class tokens): every rank returns the same pooled CLS, so the
@@ -98,6 +102,7 @@ from .transport import (
     TRAFFIC_KINDS,
     WAIT_KINDS,
     CodeTransport,
+    LoopbackTransport,
     PostedAhead,
     Timings,
     Traffic,
@@ -114,6 +119,7 @@ __all__ = [
     "TRAFFIC_KINDS",
     "WAIT_KINDS",
     "DistributedRuntime",
+    "LoopbackTransport",
     "PeerFailureError",
     "RankExchange",
     "Timings",
@@ -143,16 +149,24 @@ class DistributedRuntime:
         check_inputs: bool = True,
         projection_table: bool | int = True,
         secret: str | bytes | None = None,
+        transport: LoopbackTransport | None = None,
     ):
-        if not dist.is_available() or not dist.is_initialized():
+        if transport is None and (not dist.is_available() or not dist.is_initialized()):
             raise RuntimeError(
                 "DistributedRuntime needs an initialised torch.distributed process group: launch with "
                 "`accelerate launch` or `torchrun` and call torch.distributed.init_process_group first"
             )
+        if transport is not None:  # no peers: nothing to authenticate, no handshake, no heartbeat
+            if not isinstance(transport, LoopbackTransport) or group is not None or secret is not None:
+                raise ValueError("transport must be a LoopbackTransport (a rank with no peers), given without group or secret; "
+                                 "a process group's runtime builds its own transport")  # fmt: skip
         self.model, self.state = model, astra_state(model)
         self.config, self.adapter = self.state.config, self.state.adapter
-        self.group = group if group is not None else dist.group.WORLD
-        self.world_size, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        self.group = group if group is not None or transport is not None else dist.group.WORLD
+        if transport is not None:
+            self.world_size, self.rank = transport.world_size, transport.rank
+        else:
+            self.world_size, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         if self.world_size != self.config.num_devices:
             raise ValueError(
                 f"The process group has {self.world_size} ranks but AstraConfig.num_devices="
@@ -164,14 +178,17 @@ class DistributedRuntime:
         self.num_layers = len(self.adapter.attention_modules(model))
         device = next(model.parameters()).device
         self.element_size = next(model.parameters()).element_size()  # of the full-precision bytes counted
-        self.comm_device = device if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
-        liveness.start_heartbeat(self.timeout)  # peers waiting on this rank see it alive while it works
-        verify_peers(self.group, secret, self.timeout)  # trust.py: header + optional shared secret, first of all
-        self.transport = CodeTransport(self.group, self.config, self.timeout, self.comm_device, device)
         self.layout: ShardLayout | None = None
         self._keep_cache = False  # generate's prefill: the last rank keeps its KV cache (all tokens but the last)
         self.generation_stats: generation.GenerationStats | None = None  # of the latest generate call
-        check_same_model(self.transport, model, self.config, quantizers(model))
+        if transport is not None:
+            self.comm_device, self.transport = transport.comm_device, transport
+        else:
+            self.comm_device = device if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
+            liveness.start_heartbeat(self.timeout)  # peers waiting on this rank see it alive while it works
+            verify_peers(self.group, secret, self.timeout)  # trust.py: header + optional shared secret, first of all
+            self.transport = CodeTransport(self.group, self.config, self.timeout, self.comm_device, device)
+            check_same_model(self.transport, model, self.config, quantizers(model))
         self.transport.timings = Timings()  # of forwards only, not of the handshake
         # Hidden mode: layer index -> precomputed codeword projections, where they fit (see projection_tables).
         self._tables = self._projection_tables() if self.config.quantize == "hidden" else {}
@@ -233,6 +250,8 @@ class DistributedRuntime:
 
         ``generate_kwargs`` are what ``model.generate`` takes; they are used on the last rank only.
         """
+        if self.group is None:
+            raise ValueError("generate needs a process group: a LoopbackTransport rank times forwards only")
         return generation.generate(self, input_ids, attention_mask, **generate_kwargs)
 
     def close(self) -> None:

@@ -12,10 +12,11 @@ dot-product attention (causal and explicitly masked), and ASTRA's per-token work
 packing) at each G, and on the receiver unpacking + decoding + projecting K/V (hidden mode), gathering
 from the runtime's codeword-projection tables (hidden mode, where they fit) or decoding keys and values
 (kv mode). A `DeviceProfile` holds these rates; it is JSON, so one profile per device type can be kept.
-With ``rank_forward`` (a way to run one rank's real forward without a network, e.g. `benchmarks.validate_planner`'s
-emulated rank) it also times a real rank per setting and fits what the components miss of it: a per-layer
-overhead for sending and one for receiving (`fit_rank_overheads`; the runtime's hooks, masks, partial
-attentions and merge, pack/unpack calls and small ops). Profiles of version 1 (without them) still load.
+With ``rank_probes=True`` it also times a real rank per setting (`loopback_rank_forward`: the runtime's forward
+of one rank with no network, `transport.LoopbackTransport`) and fits what the components miss of it: a
+per-layer overhead for sending and one for receiving (`fit_rank_overheads`; the runtime's hooks, masks,
+partial attentions and merge, pack/unpack calls and small ops). Opt-in: it costs about a minute for
+GPT2-small at 1024 tokens on one thread. Profiles of version 1 (without them) still load.
 
 `plan` predicts the latency of: one device; ASTRA at every G in (1, 8, 16, 32) that divides the width,
 in hidden and kv mode; full-precision sequence parallelism (fp32 and fp16 all-gathers) and Megatron tensor
@@ -246,6 +247,7 @@ def calibrate_device(
     repeats: int = 3,
     progress: bool = True,
     machine: str = "",
+    rank_probes: bool = False,
     rank_forward: Callable[[nn.Module, int, dict[str, Any]], Callable[[], Any]] | None = None,
     probe_tokens: int | None = None,
     probe_devices: int = 4,
@@ -257,14 +259,16 @@ def calibrate_device(
     forward is timed at 1/8, 1/4 and 1/2 of it (images: 1/4, 1/2 and all of it). A patched model is calibrated on an unpatched copy.
     Takes a few seconds (GPT2-small, 1024 tokens, one thread: about 10 s).
 
-    ``rank_forward``: also time real ASTRA ranks, so that the profile holds what a rank's forward costs beyond
-    the components (`fit_rank_overheads`; without it those overheads are taken as 0). For every setting the
-    model is patched (N = ``probe_devices``, even shards) and ``rank_forward(model, rank, inputs)`` must return
-    a callable that runs rank ``rank``'s forward on ``inputs`` with no network (e.g. collectives that return at
-    once: `benchmarks.validate_planner`'s emulated rank); ranks 0 and N-1 (causal) or 0 (images), on
+    ``rank_probes``: also time real ASTRA ranks, so that the profile holds what a rank's forward costs beyond
+    the components (`fit_rank_overheads`; without them those overheads are taken as 0). Off by default: it
+    adds about 60-70 s for GPT2-small at 1024 tokens on one dev-VM thread (the components alone: about 10 s).
+    For every setting the model is patched (N = ``probe_devices``, even shards) and rank r's forward runs
+    with no network through `loopback_rank_forward` (the runtime with a `LoopbackTransport`: its received
+    codes are stand-ins, so only its time counts); ranks 0 and N-1 (causal) or 0 (images), on
     ``probe_tokens`` tokens (default ``num_tokens``: on the dev VM, GPT2's overheads fitted at 256 tokens, +1-4 ms
-    a layer, did not hold at 1024, -1 to +1 ms), best of ``probe_repeats`` after one warm-up. GPT2 at 1024 tokens
-    on one dev-VM thread: about 70 s more.
+    a layer, did not hold at 1024, -1 to +1 ms), best of ``probe_repeats`` after one warm-up.
+    ``rank_forward``: another way to run a rank (implies the probes): ``rank_forward(model, rank, inputs)``
+    returns a callable that runs rank ``rank``'s forward on ``inputs`` with no network.
     """
     from .models import adapter_for
     from .patch import patch, unpatch
@@ -340,6 +344,10 @@ def calibrate_device(
                                                     config.bits_per_code, codes.shape, codebook_size)  # fmt: skip
     for name in calls:
         per_unit.setdefault(name, probe)
+    if not isinstance(rank_probes, bool):
+        raise ValueError(f"rank_probes must be True or False, got {rank_probes!r}")
+    if rank_probes and rank_forward is None:
+        rank_forward = loopback_rank_forward
     probing = rank_forward is not None
     if probing:
         _check_int("probe_devices", probe_devices, 2)
@@ -385,6 +393,23 @@ def calibrate_device(
         profile.probe_tokens, profile.probe_devices = _tokens_of(model, probe_tokens), probe_devices
     bar.close()
     return profile
+
+
+def loopback_rank_forward(model: nn.Module, rank: int, inputs: dict[str, Any]) -> Callable[[], Any]:
+    """A callable that runs rank ``rank``'s forward of the patched ``model`` on ``inputs`` with no network.
+
+    The runtime itself (`DistributedRuntime`, its defaults: overlap, projection tables) over a
+    `transport.LoopbackTransport`: the rank's shard, hooks, encoding where later ranks need its codes,
+    decoding or table gathers of what it receives. Received codes are stand-ins (valid codes spread over the
+    codebook), so the outputs are not the real rank's: the timing, not the values, is what it is for
+    (`calibrate_device`'s ``rank_probes``). ``inputs``: the whole sequence, as every rank gets it.
+    """
+    from .distributed import DistributedRuntime, LoopbackTransport
+
+    config = astra_state(model).config
+    device = next(model.parameters()).device
+    runtime = DistributedRuntime(model, check_inputs=False, transport=LoopbackTransport(rank, config.num_devices, config, device))
+    return lambda: runtime(**inputs)
 
 
 def _fit_line(xs: list[int], ys: list[float]) -> tuple[float, float]:
@@ -518,7 +543,9 @@ class Plan:
         head = (f"ASTRA plan: {self.profile.model_type}, {self.num_tokens} tokens, N={self.num_devices}, "
                 f"{link.bandwidth_mbps:g} Mbps" + (f", {link.latency_ms:g} ms" if link.latency_ms else "")
                 + (f", {link.loss_percent:g} % loss" if link.loss_percent else "")
-                + f"; device profile: {self.profile.threads} thread(s) on {self.profile.machine or 'this machine'}")  # fmt: skip
+                + f"; device profile: {self.profile.threads} thread(s) on {self.profile.machine or 'this machine'}"
+                + (f", rank overheads probed at N={self.profile.probe_devices}, {self.profile.probe_tokens} tokens"
+                   if self.profile.rank_overhead_s else ", components only (no rank probes)"))  # fmt: skip
         if rec.method == "single":
             verdict = f"recommended: one device ({single.latency_s:.3g} s predicted); {rec.reason}"
         else:

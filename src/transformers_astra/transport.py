@@ -131,6 +131,11 @@ def expected_code_bytes(config, layout: ShardLayout, rank: int, batch_size: int,
     return num_layers * receivers * payload_bytes(config, layout, rank, batch_size)
 
 
+def _check_wait_kind(kind: str | None) -> None:
+    if kind is not None and kind not in WAIT_KINDS:
+        raise ValueError(f"kind must be one of {WAIT_KINDS} or None, got {kind!r}")
+
+
 class CodeTransport:
     """One rank's link to the others: sends and receives codes, waits with a timeout, counts bytes."""
 
@@ -175,15 +180,28 @@ class CodeTransport:
             payload = pack(quantizer.encode(sent), self.config.bits_per_code).to(self.comm_device)
             if payload.numel() != sizes[self.rank]:  # the receivers size their buffers by the formula
                 raise RuntimeError(f"packed {payload.numel()} code bytes, the layout promises {sizes[self.rank]}")
-        if posted is not None:
-            transfer = posted.start(layer_idx, payload)
-        elif causal:
-            transfer = _PointToPointTransfer(self, payload, sizes, receivers, sources, shapes, layer_idx)
-        else:
-            transfer = _AllGatherTransfer(self, payload, sizes, sources, shapes, layer_idx)
+        transfer = self._transfer(payload, sizes, receivers, sources, shapes, causal, posted, layer_idx)
         self.traffic.code_bytes_per_layer.append(len(receivers) * payload.numel())
         self.traffic.full_precision_bytes += len(receivers) * batch * layout.sizes[self.rank] * sent.shape[-1] * element_size
         return transfer
+
+    def _transfer(self, payload, sizes, receivers, sources, shapes, causal: bool, posted: "PostedAhead | None",
+                  layer_idx: int | None) -> "CodeTransfer":  # fmt: skip
+        """Send ``payload`` to ``receivers`` and receive the ``sources``' codes: the layer's transfer."""
+        if posted is not None:
+            return posted.start(layer_idx, payload)
+        if causal:
+            return _PointToPointTransfer(self, payload, sizes, receivers, sources, shapes, layer_idx)
+        return _AllGatherTransfer(self, payload, sizes, sources, shapes, layer_idx)
+
+    def count_codes(self, sizes: list[int], receivers: list[int], sources: list[int], padded: bool) -> None:
+        """Count one layer's code bytes: this rank's payload once per receiver, every source's payload received;
+        ``padded`` (all_gather): every payload padded to the largest, the pad counted as "padding"."""
+        own = sizes[self.rank]
+        self.count("codes", len(receivers) * own, sum(sizes[s] for s in sources))
+        if padded:
+            largest = max(sizes)
+            self.count("padding", len(receivers) * (largest - own), sum(largest - sizes[s] for s in sources))
 
     def unpack(self, payload: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         codes = unpack(payload, self.config.bits_per_code, math.prod(shape))
@@ -200,8 +218,7 @@ class CodeTransport:
         (counted from ``since`` at the earliest, default now: `liveness.wait`). ``kind`` (`WAIT_KINDS`):
         the wait's seconds are added to ``timings`` (``layer``: at that layer), failed waits included.
         """
-        if kind is not None and kind not in WAIT_KINDS:
-            raise ValueError(f"kind must be one of {WAIT_KINDS} or None, got {kind!r}")
+        _check_wait_kind(kind)
         started = time.perf_counter()
         try:
             liveness.wait(work, what, self.timeout, self._peers, self._where, sliced=self._sliced, since=since)
@@ -244,9 +261,7 @@ class _AllGatherTransfer(CodeTransfer):
         padded[: payload.numel()] = payload
         self.buffers = [torch.zeros_like(padded) for _ in sizes]
         self.work = dist.all_gather(self.buffers, padded, group=transport.group, async_op=True)
-        own, peers = sizes[transport.rank], len(sources)
-        transport.count("codes", peers * own, sum(sizes[s] for s in sources))
-        transport.count("padding", peers * (largest - own), sum(largest - sizes[s] for s in sources))
+        transport.count_codes(sizes, sources, sources, padded=True)  # every other rank both sends and receives
 
     def wait(self) -> list[torch.Tensor]:
         self.transport.wait(self.work, "the code all_gather", kind="codes", layer=self.layer)
@@ -263,7 +278,7 @@ class _PointToPointTransfer(CodeTransfer):
         ops = [dist.P2POp(dist.isend, payload, global_rank(r), group) for r in receivers]
         ops += [dist.P2POp(dist.irecv, self.buffers[s], global_rank(s), group) for s in sources]
         self.works = transport.post(ops, f"the code exchange with ranks {sources}")
-        transport.count("codes", len(receivers) * sizes[transport.rank], sum(sizes[s] for s in sources))
+        transport.count_codes(sizes, receivers, sources, padded=False)
 
     def wait(self) -> list[torch.Tensor]:
         self.transport.wait(self.works, f"the code exchange with ranks {self.sources}", kind="codes", layer=self.layer)
@@ -385,3 +400,74 @@ class _PostedTransfer(CodeTransfer):
 
     def wait(self) -> list[torch.Tensor]:
         return self.posted.receive(self.layer)
+
+
+class LoopbackTransport(CodeTransport):
+    """Rank ``rank`` of ``world_size`` with no network and no process group: a way to time one rank's own work.
+
+    Pass it to `DistributedRuntime` (``transport=``) in place of a process group: the runtime then does
+    exactly rank ``rank``'s work (its shard, its hooks, masks, partial attentions and merge; encoding and
+    packing its codes when a later rank (causal) or any rank needs them; unpacking and rebuilding the K/V
+    of every source shard), and every exchange returns at once. What arrives is not what peers would send:
+    each source's codes are fixed valid codes (spread over the codebook, packed once per shape and kept),
+    and an all_gather returns copies of this rank's own tensor. So the outputs are rank ``rank``'s only
+    where it receives nothing (causal rank 0); the timing, not the values, is what this is for
+    (`planner.loopback_rank_forward`, `calibrate_device(..., rank_probes=True)`).
+
+    Bytes are counted as the real transport counts them (``traffic``), and a wait costs nothing
+    (``timings`` waits stay 0). Layer by layer (``posts_ahead`` False): gloo's receives posted ahead and
+    the real links' bookkeeping (posting, liveness checks) are not part of the timed work.
+    """
+
+    def __init__(self, rank: int, world_size: int, config, device: torch.device | str = "cpu"):
+        for name, value, low in (("world_size", world_size, 1), ("rank", rank, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if rank >= world_size:
+            raise ValueError(f"rank must be < world_size={world_size}, got {rank}")
+        self.group, self.config, self.timeout = None, config, math.inf
+        self.world_size, self.rank = world_size, rank
+        self.comm_device = self.code_device = torch.device(device)
+        self.traffic, self.timings = Traffic(), Timings()
+        self._global = list(range(world_size))
+        self._peers = [r for r in self._global if r != rank]
+        self._where = f"ASTRA loopback rank {rank}/{world_size}"
+        self._sliced, self.posts_ahead = False, False
+        self._payloads: dict[tuple[int, int], torch.Tensor] = {}  # (bytes, codes) -> a packed payload, kept
+
+    def _transfer(self, payload, sizes, receivers, sources, shapes, causal: bool, posted, layer_idx) -> "CodeTransfer":
+        self.count_codes(sizes, receivers, sources, padded=not causal)
+        return _LoopbackTransfer(self, [(self._payload(sizes[s], math.prod(shapes[s])), shapes[s]) for s in sources])
+
+    def _payload(self, size: int, count: int) -> torch.Tensor:
+        """``size`` bytes of ``count`` packed codes, spread over the codebook (made once per shape)."""
+        if (size, count) not in self._payloads:
+            codes = torch.arange(count, dtype=torch.long) * 7919 % self.config.codebook_size  # a prime stride: every codeword
+            self._payloads[size, count] = pack(codes, self.config.bits_per_code).to(self.comm_device)
+        return self._payloads[size, count]
+
+    def post_ahead(self, layout: ShardLayout, batch_size: int, num_layers: int) -> "PostedAhead":
+        raise RuntimeError("LoopbackTransport exchanges layer by layer (posts_ahead is False)")
+
+    def wait(self, work, what: str, since: float | None = None, kind: str | None = None, layer: int | None = None) -> None:
+        """Nothing is ever in flight: returns at once (``kind`` is still checked)."""
+        _check_wait_kind(kind)
+
+    def post(self, ops: list, what: str) -> list:
+        raise RuntimeError("LoopbackTransport posts no point-to-point operations")
+
+    def all_gather(self, tensor: torch.Tensor, what: str, kind: str) -> list[torch.Tensor]:
+        """``world_size`` copies of ``tensor`` (as if every rank sent the same), counted as the real all_gather."""
+        size = tensor.numel() * tensor.element_size()
+        self.count(kind, (self.world_size - 1) * size, (self.world_size - 1) * size)
+        return [tensor.clone() for _ in range(self.world_size)]
+
+
+class _LoopbackTransfer(CodeTransfer):
+    """A `LoopbackTransport` layer's codes: every source's kept payload, unpacked as a receiver unpacks."""
+
+    def __init__(self, transport: LoopbackTransport, payloads: list[tuple[torch.Tensor, tuple[int, ...]]]):
+        self.transport, self.payloads = transport, payloads
+
+    def wait(self) -> list[torch.Tensor]:
+        return [self.transport.unpack(payload, shape) for payload, shape in self.payloads]
