@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel
 
 import transformers_astra as astra
 from benchmarks.workloads import build
@@ -387,6 +388,7 @@ from benchmarks import links
 links.install()
 import torch.distributed as dist
 import transformers_astra as astra
+from transformers import GPT2Config, GPT2LMHeadModel
 from transformers_astra.distributed import DistributedRuntime
 from transformers_astra.planner import loopback_rank_forward
 from benchmarks.profile_astra import as_rank
@@ -468,3 +470,14 @@ def test_summary_says_whether_rank_overheads_were_probed():
     head = astra.plan(num_tokens=1024, num_devices=4, profile=probed, groups=(8,)).summary().splitlines()[0]
     assert head.endswith("rank overheads probed at N=4, 1024 tokens")
     assert astra.plan(num_tokens=1024, num_devices=4, profile=gpt2_profile(), groups=(8,)).summary().splitlines()[0].endswith("(no rank probes)")
+
+
+def test_plan_calibrates_with_rank_probes_when_asked():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=97)).eval()
+    probed = astra.plan(model, num_tokens=64, num_devices=2, groups=(8,), quantize=("hidden",), rank_probes=True)
+    assert probed.profile.probe_devices == 2 and set(probed.profile.rank_overhead_s) >= {"8/hidden"}
+    assert probed.summary().splitlines()[0].endswith("rank overheads probed at N=2, 64 tokens")
+    plain = astra.plan(model, num_tokens=64, num_devices=2, groups=(8,), quantize=("hidden",))
+    assert plain.profile.rank_overhead_s == {} and plain.summary().splitlines()[0].endswith("(no rank probes)")
+    with pytest.raises(ValueError, match="rank_probes"):
+        astra.plan(model, num_tokens=64, num_devices=2, groups=(8,), rank_probes="yes")

@@ -804,11 +804,14 @@ def plan(
     max_perplexity_increase_percent: float | None = None,
     max_accuracy_drop_points: float | None = None,
     link: LinkModel | None = None,
+    rank_probes: bool = False,
 ) -> Plan:
     """Predict one device, ASTRA at each setting and the full-precision baselines; recommend the fastest allowed.
 
     ``num_tokens``: the sequence length (None: an image model's own token count). ``profile``: from
-    `calibrate_device` (calibrated now on ``model`` when omitted, a few seconds). ``bandwidth_mbps``,
+    `calibrate_device` (calibrated now on ``model`` when omitted, a few seconds; with ``rank_probes`` it also
+    times this N's ranks without a network, as `calibrate_device(..., rank_probes=True)`: slower, closer
+    predictions; ignored when a profile is given). ``bandwidth_mbps``,
     ``latency_ms``, ``loss_percent``: each device's link (or pass a whole `LinkModel` as ``link``).
     Accuracy: with ``accuracy_rows`` and one bound, an ASTRA setting is allowed only if a row with the same
     N, G, quantize and K is within the bound of ``reference_value`` (e.g. the control's perplexity).
@@ -838,7 +841,10 @@ def plan(
     if profile is None:
         if model is None:
             raise ValueError("plan needs a model or a DeviceProfile (profile=calibrate_device(model))")
-        profile = calibrate_device(model, num_tokens=num_tokens, groups=tuple(groups), codebook_size=codebook_size)
+        if not isinstance(rank_probes, bool):
+            raise ValueError(f"rank_probes must be True or False, got {rank_probes!r}")
+        probes = {"rank_probes": True, "probe_devices": num_devices} if rank_probes and num_devices >= 2 else {}
+        profile = calibrate_device(model, num_tokens=num_tokens, groups=tuple(groups), codebook_size=codebook_size, **probes)
     elif model is not None:
         hidden, layers, _ = _model_dims(model)
         if (hidden, layers) != (profile.hidden_size, profile.num_layers):
