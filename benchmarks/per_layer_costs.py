@@ -136,7 +136,7 @@ def worker(case: str, repeats: int, threads: int = 1, steps: bool = False, only:
         with torch.inference_mode():
             for rank in ranks:
                 prepare, run = rank_call(workload, 4, rank)
-                out[f"plain layers, rank {rank}'s exact work"] = exact_runs(prepare, run, repeats)
+                out[f"plain layers, rank {rank}'s exact work"] = timed_runs(run, repeats, prepare)
                 if steps and rank == ranks[-1]:  # its ops, beside the rank's own (``ops_ms``)
                     state = prepare()
                     for op, milliseconds in profiled_ops(lambda: run(state)).items():
@@ -168,18 +168,6 @@ def worker(case: str, repeats: int, threads: int = 1, steps: bool = False, only:
             astra.unpatch(workload.model)
     dist.destroy_process_group()
     return out
-
-
-def exact_runs(prepare, run, repeats: int) -> list[float]:
-    """Seconds of ``repeats`` calls of ``run(prepare())`` (`ceiling.rank_call`; ``prepare`` untimed) after one warm-up."""
-    run(prepare())
-    times = []
-    for _ in range(repeats):
-        state = prepare()
-        start = time.perf_counter()
-        run(state)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def profiled_ops(forward, top: int = 12) -> dict[str, float]:

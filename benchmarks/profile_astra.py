@@ -45,15 +45,18 @@ from .workloads import build  # noqa: E402
 CHUNK_SCORE_BYTES = 2 << 20
 
 
-def timed_runs(fn, repeats: int) -> list[float]:
-    """Seconds of ``repeats`` calls of ``fn`` after one untimed warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
+def timed_runs(fn, repeats: int, prepare=None) -> list[float]:
+    """Seconds of ``repeats`` calls of ``fn`` after one untimed warm-up call; with ``prepare``, each call is
+    ``fn(prepare())`` and only ``fn`` is timed (e.g. `ceiling.rank_call`'s KV cache, built afresh per call)."""
+
+    def once() -> float:
+        arguments = () if prepare is None else (prepare(),)
         start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+        fn(*arguments)
+        return time.perf_counter() - start
+
+    once()
+    return [once() for _ in range(repeats)]
 
 
 def best_time(fn, repeats: int = 5) -> float:

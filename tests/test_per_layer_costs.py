@@ -50,6 +50,7 @@ def test_vit_kernels_time_each_kernel():
 
 def test_every_case_names_its_codebook_size_and_gpt2_kv_floors_time_a_ranks_exact_work():
     from benchmarks.ceiling import rank_call
+    from benchmarks.profile_astra import timed_runs
     from benchmarks.workloads import build
 
     for name, (workload, groups, quantize, ranks, size) in per_layer_costs.CASES.items():
@@ -65,5 +66,5 @@ def test_every_case_names_its_codebook_size_and_gpt2_kv_floors_time_a_ranks_exac
 
     prepare_rank, run = rank_call(workload, 4, 3)
     with torch.inference_mode():
-        times = per_layer_costs.exact_runs(prepare, run, 3)
+        times = timed_runs(run, 3, prepare)
     assert len(times) == 3 and min(times) > 0 and len(prepared) == 4  # a warm-up, then one untimed prepare per run
