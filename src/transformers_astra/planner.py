@@ -841,10 +841,8 @@ def plan(
     if profile is None:
         if model is None:
             raise ValueError("plan needs a model or a DeviceProfile (profile=calibrate_device(model))")
-        if not isinstance(rank_probes, bool):
-            raise ValueError(f"rank_probes must be True or False, got {rank_probes!r}")
-        probes = {"rank_probes": True, "probe_devices": num_devices} if rank_probes and num_devices >= 2 else {}
-        profile = calibrate_device(model, num_tokens=num_tokens, groups=tuple(groups), codebook_size=codebook_size, **probes)
+        profile = calibrate_device(model, num_tokens=num_tokens, groups=tuple(groups), codebook_size=codebook_size,
+                                   rank_probes=rank_probes, probe_devices=max(num_devices, 2))  # fmt: skip
     elif model is not None:
         hidden, layers, _ = _model_dims(model)
         if (hidden, layers) != (profile.hidden_size, profile.num_layers):
