@@ -86,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default: the ASTRA_SECRET environment variable, if set)")
     parser.add_argument("--plan", action="store_true", help="rank 0 also prints astra.plan's prediction for this "
                         "model, N and a 10 Mbit/s link (calibrates the device first, timing this N's ranks "
-                        "without a network: seconds for the tiny models, about a minute for GPT2-small at 1024 tokens)")
+                        "without a network: seconds for the tiny models, ~50 s for GPT2-small at 1024 tokens on one CPU thread)")
     parser.add_argument("--json", type=Path, help="write the machine-readable result here (rank 0)")
     return parser.parse_args(argv)
 

@@ -15,8 +15,8 @@ from the runtime's codeword-projection tables (hidden mode, where they fit) or d
 With ``rank_probes=True`` it also times a real rank per setting (`loopback_rank_forward`: the runtime's forward
 of one rank with no network, `transport.LoopbackTransport`) and fits what the components miss of it: a
 per-layer overhead for sending and one for receiving (`fit_rank_overheads`; the runtime's hooks, masks,
-partial attentions and merge, pack/unpack calls and small ops). Opt-in: it costs about a minute for
-GPT2-small at 1024 tokens on one thread. Profiles of version 1 (without them) still load.
+partial attentions and merge, pack/unpack calls and small ops). Opt-in: it about triples calibration
+(docs/design.md: GPT2-small at 1024 tokens on one thread, 51 s against 18 s). Profiles of version 1 (without them) still load.
 
 `plan` predicts the latency of: one device; ASTRA at every G in (1, 8, 16, 32) that divides the width,
 in hidden and kv mode; full-precision sequence parallelism (fp32 and fp16 all-gathers) and Megatron tensor
@@ -261,7 +261,8 @@ def calibrate_device(
 
     ``rank_probes``: also time real ASTRA ranks, so that the profile holds what a rank's forward costs beyond
     the components (`fit_rank_overheads`; without them those overheads are taken as 0). Off by default: it
-    adds about 60-70 s for GPT2-small at 1024 tokens on one dev-VM thread (the components alone: about 10 s).
+    about triples calibration (GPT2-small at 1024 tokens on one dev-VM thread: 51 s against 18 s, whole
+    command; docs/design.md).
     For every setting the model is patched (N = ``probe_devices``, even shards) and rank r's forward runs
     with no network through `loopback_rank_forward` (the runtime with a `LoopbackTransport`: its received
     codes are stand-ins, so only its time counts); ranks 0 and N-1 (causal) or 0 (images), on
