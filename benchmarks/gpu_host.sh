@@ -101,6 +101,16 @@ step gpt2-n4-accurate 90 bench --workload gpt2 "${tokens[@]}" --n 4 --methods as
 # G=32 kv with K=256 (8-bit codes, a quarter of the encoder's work): +0.3 % against the control (docs/results.md).
 step gpt2-n4-k256 30 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 32 --quantize kv --codebook-size 256 \
     --links real --bandwidths 10
+# Fewer bits at K=256 (2026-11-28): G=16 kv K=256 (256 bits a token, half of G=32 kv K=256's; the same encoder work,
+# which scales with width x K), and G=32 kv K=256 with the cost model's shard sizes.
+step gpt2-n4-g16-kv256 30 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 16 --quantize kv \
+    --codebook-size 256 --links real --bandwidths 10
+step gpt2-n4-k256-balanced 30 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 32 --quantize kv \
+    --codebook-size 256 --shard-sizes balanced --links real --bandwidths 10
+# The encoder on this host's two cores (docs/benchmarks.md "Encoder"): the GPU host's encoder read 2.7x the dev
+# VM's at G=32 kv K=256 (2026-11-27 23:35 UTC); this separates the host from the code.
+step encoder-speed 60 taskset -c 0,1 python3 -m benchmarks.encoder_speed --out "$out/encoder_speed-gpu-host.json" \
+    --machine "$machine" --budget-s 40 --no-receiver
 step gpt2-n4-g8kv 30 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 8 --quantize kv --links real --bandwidths 10
 # ----------------------------------------------------------------------------------------- Llama block (issue 10)
 # The llama workload (245 M parameters, GQA, 1024-token prefill), N=4, real links at 10 and 100 Mbps, every row
@@ -190,6 +200,9 @@ step gpt2-kv-costs 330 gpt2_kv_costs
 # Goal 3: GPT2, N=8 (16 cores), 10 Mbps: G=1 hidden (fastest), G=8 kv and G=32 kv (the accurate ones).
 step gpt2-n8-g1 30 bench --workload gpt2 "${tokens[@]}" --n 8 --methods astra --groups 1 --quantize hidden --links real --bandwidths 10
 step gpt2-n8-kv 50 bench --workload gpt2 "${tokens[@]}" --n 8 --methods astra --groups 8 32 --quantize kv --links real --bandwidths 10
+# G=1 hidden with K=256 (8 bits a token; a quarter of K=1024's encoder work), N=8 (2026-11-28).
+step gpt2-n8-g1-k256 30 bench --workload gpt2 "${tokens[@]}" --n 8 --methods astra --groups 1 --quantize hidden \
+    --codebook-size 256 --links real --bandwidths 10
 step gpt2-n8-k256 30 bench --workload gpt2 "${tokens[@]}" --n 8 --methods astra --groups 32 --quantize kv --codebook-size 256 \
     --links real --bandwidths 10
 # G=32 hidden, K=1024 with its projection tables (201 MB a layer: over the default 64 MiB limit, so labelled).
