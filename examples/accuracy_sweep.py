@@ -1009,8 +1009,8 @@ def n_agnostic_lines(rows: list[dict]) -> list[str]:
             and r["eval_dataset"].startswith(r["dataset"])}
     runs = sorted({r["run"] for r in rows})
     for task in ("gpt2", "vit"):
-        for groups in ("1", "32"):
-            stem = f"{task}-g{groups}-hidden"
+        for groups, mode in (("1", "hidden"), ("32", "hidden"), ("32", "kv")):
+            stem = f"{task}-g{groups}-{mode}"
             agnostic_runs = [run for run in runs if re.fullmatch(re.escape(stem) + r"-nagnostic(-[\w.-]+)?", run)]
             budgets = [""] + sorted({m.group(1) for run in agnostic_runs
                                      if (m := re.fullmatch(re.escape(stem) + r"-nagnostic-(ep\d+).*", run))})

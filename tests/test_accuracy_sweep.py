@@ -245,6 +245,20 @@ def test_n_agnostic_recipes_are_compared_with_per_n_checkpoints_of_the_same_budg
     assert sweep.within(85.0, 84.0, "accuracy") and not sweep.within(83.6, 84.0, "accuracy")
 
 
+def test_kv_checkpoints_are_compared_with_their_per_n_references_too(sweep, tmp_path):
+    runs = tmp_path / "docs" / "results" / "runs"
+    runs.mkdir(parents=True)
+    n4 = {**gpt2_result("gpt2-g32-kv", 0, 36.40), "G": 32, "quantize": "kv", "eval_num_devices": 4}
+    n4["evals"] = [{"eval_dataset": "kjv:test", "eval_num_devices": 8, "eval_shard_sizes": None, "value": 36.90}]
+    n8 = {**gpt2_result("gpt2-g32-kv-n8", 0, 36.30), "G": 32, "quantize": "kv", "N": 8, "eval_num_devices": 8}
+    for row in (n4, n8):
+        (runs / f"{row['run']}.json").write_text(json.dumps(row))
+    sweep.cmd_report(type("Args", (), {"out": None}))
+    report = (tmp_path / "docs" / "results.md").read_text().split("## One checkpoint for any number")[1]
+    assert ("- gpt2-g32-kv at N=8: fine-tuned at N=8: 36.30 (1); N=4 checkpoint: 36.90 (1) (+1.7%: missed: at most "
+            "0.3 pts / 1 % worse)") in report.split("\n")
+
+
 def test_later_calls_carry_one_family_and_compare_at_one_budget(sweep):
     """Calls 9-16 each carry one base (a call's 64 MiB hold ViT's or GPT2's inputs, not both), and every N-agnostic
     recipe they run has per-N references of the same number of epochs (in that call or an earlier one)."""
