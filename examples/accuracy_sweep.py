@@ -416,12 +416,12 @@ def call14() -> list[Job]:
 
 
 def call15() -> list[Job]:
-    """GPT2 (carry: wheels, gpu_data/kjv.txt.gz, outputs/gpt2-base), prepared, not run: issue 12 goal 1's
+    """GPT2 (carry: wheels, gpu_data/kjv.txt.gz, outputs/gpt2-base), run 2026-11-28 (H200, 212 s): issue 12 goal 1's
     fewer-bit candidates and issue 13 item 2's G = 32 references. At 10 Mbps the link of G = 32 kv K = 256 (512 bits
     a token) is as large as a rank's compute (docs/benchmarks.md, 23:35 UTC), so: G = 16 kv at K = 1024 and K = 256
-    (320 and 256 bits a token; perplexity not measured), 3 seeds each; then G = 32 hidden and kv fine-tuned at N = 2
-    and 8 (one seed, like the other per-N references), the references the N = 4 and N-agnostic G = 32 checkpoints
-    lack. 10 runs, ~100-140 s each (call 4's 3-epoch G = 32 runs took 115-138 s sharing), estimated."""
+    (320 and 256 bits a token), 3 seeds each; then G = 32 hidden and kv fine-tuned at N = 2 and 8 (one seed, like the
+    other per-N references), the references the N = 4 and N-agnostic G = 32 checkpoints lacked. Measured with 16
+    sharing one H200: G = 16 kv 160-204 s, the per-N G = 32 runs 164-201 s, the 6-epoch runs added below 87-192 s."""
     jobs = estimated([finetune_job("gpt2", f"gpt2-g16-kv{suffix}", seed, ["--groups", "16", "--quantize", "kv", *extra,
                                                                           *EVAL_LAYOUTS])
                       for suffix, extra in (("", []), ("-k256", ["--codebook-size", "256"])) for seed in SEEDS], 140)
@@ -439,7 +439,7 @@ def call15() -> list[Job]:
 
 
 def call16() -> list[Job]:
-    """ViT (carry: wheels, gpu_data/fashion-mnist, outputs/vit-base), prepared, not run: issue 13 item 2's G = 32
+    """ViT (carry: wheels, gpu_data/fashion-mnist, outputs/vit-base), run 2026-11-28 (H200, 179 s): issue 13 item 2's G = 32
     references, ViT's side of call 15: G = 32 hidden and kv fine-tuned at N = 2 and 8 (one seed, like the other
     per-N references), against which the N = 4 G = 32 checkpoints evaluated at N = 2 and 8 are read. 4 runs,
     ~100-160 s each (call 3's 1-epoch ViT runs), estimated."""
