@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from transformers_astra import AstraConfig
-from transformers_astra.planner import GROUPS, DeviceProfile, LinkModel, balanced_shard_sizes, calibrate_device, predict_astra, predict_baseline
+from transformers_astra.planner import (GROUPS, PROBE_DEVICES, DeviceProfile, LinkModel, balanced_shard_sizes, calibrate_device,
+                                       predict_astra, predict_baseline, probed_at)  # fmt: skip
 
 from .workloads import build
 
@@ -175,18 +176,20 @@ def markdown(rows: list[dict], profiles: dict[tuple, DeviceProfile], commands: d
     if probed:
         settings = sorted({s for _, p in probed for s in p.rank_overhead_s}, key=lambda s: (int(s.split("/")[0]), s))
         parts += ["## Rank overheads",
-                  "Per layer, what a rank's forward without a network (ranks 0 and N-1 of N, the profile's length) took "
-                  "beyond the components, fitted by `fit_rank_overheads` (ms, send / receive; bidirectional models: every "
-                  "rank does both, so the sum is split evenly). Negative: the components overstate that rank.",
+                  "Per layer, what a rank's forward without a network (ranks 0 and N-1 of each N probed, the profile's length) took "
+                  "beyond the components, fitted by `fit_rank_overheads` (ms, send / receive; profiles probed at several N "
+                  "add send per receiver / receive per source: a rank sending to r ranks costs send + r × per receiver; "
+                  "bidirectional models: every rank does both, so the sums are split evenly). Negative: the components "
+                  "overstate that rank.",
                   "",
                   table(["profile", "N, tokens", *settings],
-                        [[f"{key[1]}, {key[2]} thread(s), K={key[3]}, {key[0].split(':')[0]}, {p.date}", f"{p.probe_devices}, {p.probe_tokens}",
+                        [[f"{key[1]}, {key[2]} thread(s), K={key[3]}, {key[0].split(':')[0]}, {p.date}", f"{probed_at(p)}, {p.probe_tokens}",
                           *[" / ".join(f"{1e3 * v:+.2f}" for v in p.rank_overhead_s[s]) if s in p.rank_overhead_s else ""
                             for s in settings]] for key, p in probed]), ""]  # fmt: skip
     for (machine, model, tokens), group in sorted(groups.items()):
         key = next((k for k in sorted(profiles, key=lambda k: k[3] != DEFAULT_K) if k[0] == machine_key(machine) and k[1] == model), None)
         profile = profiles[key] if key else None
-        overheads = profile and (f", rank overheads probed at {profile.probe_tokens} tokens, N={profile.probe_devices}"
+        overheads = profile and (f", rank overheads probed at {profile.probe_tokens} tokens, N={probed_at(profile)}"
                                  if profile.rank_overhead_s else ", components only")  # fmt: skip
         parts.append(f"## {model}, {tokens} tokens — {machine}" + (f" (profile {profile.date}, {profile.threads} thread(s){overheads})" if profile else ""))
         if profile and (commands or {}).get(key):
@@ -219,7 +222,7 @@ def cmd_calibrate(args) -> None:
     profile = calibrate_device(workload.model, num_tokens=workload.num_tokens, threads=args.threads, repeats=args.repeats,
                                groups=tuple(args.groups), codebook_size=args.codebook_size,
                                machine=args.machine, rank_probes=not args.no_rank_probe, probe_tokens=args.probe_tokens,
-                               probe_repeats=args.probe_repeats)  # fmt: skip
+                               probe_repeats=args.probe_repeats, probe_devices=tuple(args.probe_devices))  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     path = profile_path(args.out, args.machine, args.workload, args.threads, profile.codebook_size)
     command = "python -m benchmarks.validate_planner " + shlex.join(sys.argv[1:])
@@ -277,6 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     calibrate.add_argument("--groups", type=int, nargs="+", default=list(GROUPS), help="G of the settings timed")
     calibrate.add_argument("--probe-tokens", type=int, help="length of the timed rank forwards (default: calibrate_device's)")
     calibrate.add_argument("--probe-repeats", type=int, default=2, help="timed forwards per probed rank (after a warm-up)")
+    calibrate.add_argument("--probe-devices", type=int, nargs="+", default=list(PROBE_DEVICES),
+                           help="the N of the rank probes (two or more also fit per-peer overheads)")
     calibrate.add_argument("--no-rank-probe", action="store_true", help="components only (no rank forwards: overheads 0)")
     check = sub.add_parser("validate", help="predict the measured rows")
     check.add_argument("--latency", type=Path, default=REPO / "docs/results/latency.json")

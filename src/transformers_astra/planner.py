@@ -64,8 +64,11 @@ from .transport import code_sources
 
 GROUPS = (1, 8, 16, 32)
 BASELINES = ("single", "sp-fp32", "sp-fp16", "tp")
-PROFILE_VERSION = 2  # 2: + rank_overhead_s, probe_tokens, probe_devices (version-1 profiles load without them)
-READABLE_VERSIONS = (1, 2)
+# 2: + rank_overhead_s, probe_tokens, probe_devices (version-1 profiles load without them). 3: probe_devices is the list
+# of N probed, and rank_overhead_s may hold per-peer terms (probes at several N); version-2 profiles load as before.
+PROFILE_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+PROBE_DEVICES = (4, 8)  # calibrate_device's default N of the rank probes: two, so that overheads that grow with N are fitted
 MSS_BYTES = 1448  # TCP payload of one 1500-byte Ethernet frame
 TLP_MIN_S = 0.01  # Linux's shortest tail loss probe timeout
 
@@ -91,19 +94,26 @@ class DeviceProfile:
     decode_s: dict[str, float]  # "G/quantize" -> unpacking + decoding one received token, per layer (no projection)
     table_s: dict[str, float]  # "G/hidden" -> unpack + gather-sum from projection tables, one token, per layer
     codebook_size: int = 1024
-    # "G/quantize" -> [send, receive]: per layer, what a real rank's forward takes beyond the components above when
-    # it sends codes / receives codes (the runtime's per-layer fixed work: hooks, masks, partial attentions and
-    # merge, pack/unpack calls, small ops), fitted by `fit_rank_overheads` to measured rank forwards (may be < 0
-    # where the components overstate a rank). Empty: not measured (version-1 profiles), the components alone.
+    # "G/quantize" -> [send, receive] or [send, receive, send per receiver, receive per source]: per layer, what a
+    # real rank's forward takes beyond the components above when it sends codes / receives codes (the runtime's
+    # per-layer fixed work: hooks, masks, partial attentions and merge, pack/unpack calls, small ops), fitted by
+    # `fit_rank_overheads` to measured rank forwards (may be < 0 where the components overstate a rank). A rank that
+    # sends to r receivers adds send + r * (send per receiver); one that receives from s sources, receive + s *
+    # (receive per source); the per-peer terms exist where probes at several N told them apart (version 3).
+    # Empty: not measured (version-1 profiles), the components alone.
     rank_overhead_s: dict[str, list[float]] = field(default_factory=dict)
     probe_tokens: int = 0  # the sequence length of those rank forwards (0: none)
-    probe_devices: int = 0  # their N
+    probe_devices: list[int] = field(default_factory=list)  # the N they ran at (version 2: one int, read as [N])
     measured_tokens: list[int] = field(default_factory=list)
     measured_forward_s: list[float] = field(default_factory=list)
     machine: str = ""
     date: str = ""
     torch_version: str = ""
     version: int = PROFILE_VERSION
+
+    def __post_init__(self) -> None:
+        if isinstance(self.probe_devices, int):  # version 2's one N (0: none)
+            self.probe_devices = [self.probe_devices] if self.probe_devices else []
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -132,6 +142,12 @@ class DeviceProfile:
         pairs = causal_pairs(tokens) if self.causal else tokens * tokens
         rate = self.attention_causal_s if self.causal else self.attention_full_s
         return self.fixed_s + self.per_token_s * tokens + self.num_layers * rate * pairs
+
+
+def probed_at(profile: DeviceProfile) -> str:
+    """The N of a profile's rank probes, as text: "4", "4 and 8"."""
+    counts = [str(n) for n in profile.probe_devices]
+    return " and ".join([", ".join(counts[:-1]), counts[-1]] if len(counts) > 1 else counts)
 
 
 def setting_key(groups: int, quantize: str) -> str:
@@ -250,7 +266,7 @@ def calibrate_device(
     rank_probes: bool = False,
     rank_forward: Callable[[nn.Module, int, dict[str, Any]], Callable[[], Any]] | None = None,
     probe_tokens: int | None = None,
-    probe_devices: int = 4,
+    probe_devices: int | tuple[int, ...] = PROBE_DEVICES,
     probe_repeats: int = 2,
 ) -> DeviceProfile:
     """Time this model's building blocks on this device (CPU threads as set, or ``threads``); see the module doc.
@@ -263,11 +279,14 @@ def calibrate_device(
     the components (`fit_rank_overheads`; without them those overheads are taken as 0). Off by default: it
     about triples calibration (GPT2-small at 1024 tokens on one dev-VM thread: 51 s against 18 s, whole
     command; docs/design.md).
-    For every setting the model is patched (N = ``probe_devices``, even shards) and rank r's forward runs
+    For every setting and every N of ``probe_devices`` (default 4 and 8; one N or several) the model is patched
+    (that N, even shards) and rank r's forward runs
     with no network through `loopback_rank_forward` (the runtime with a `LoopbackTransport`: its received
     codes are stand-ins, so only its time counts); ranks 0 and N-1 (causal) or 0 (images), on
     ``probe_tokens`` tokens (default ``num_tokens``: on the dev VM, GPT2's overheads fitted at 256 tokens, +1-4 ms
-    a layer, did not hold at 1024, -1 to +1 ms), best of ``probe_repeats`` after one warm-up.
+    a layer, did not hold at 1024, -1 to +1 ms), best of ``probe_repeats`` after one warm-up. Probes at two or
+    more N also fit how the overheads grow with the number of peers (`fit_rank_overheads`), so that a profile
+    predicts other N than one it probed; with one N the overheads are that N's, whatever N is planned.
     ``rank_forward``: another way to run a rank (implies the probes): ``rank_forward(model, rank, inputs)``
     returns a callable that runs rank ``rank``'s forward on ``inputs`` with no network.
     """
@@ -350,13 +369,18 @@ def calibrate_device(
     if rank_probes and rank_forward is None:
         rank_forward = loopback_rank_forward
     probing = rank_forward is not None
+    device_counts = list(probe_devices) if isinstance(probe_devices, (tuple, list)) else [probe_devices]
     if probing:
-        _check_int("probe_devices", probe_devices, 2)
+        if not device_counts:
+            raise ValueError("probe_devices must name at least one N, got an empty sequence")
+        for n in device_counts:
+            _check_int("probe_devices", n, 2)
+        device_counts = sorted(set(device_counts))
         probe_tokens = probe_tokens or total
-        _check_int("probe_tokens", probe_tokens, 2 * probe_devices)
+        _check_int("probe_tokens", probe_tokens, 2 * max(device_counts))
         _check_int("probe_repeats", probe_repeats, 1)
     settings = [(g, q) for g in groups if not hidden % g for q in QUANTIZE_MODES]
-    bar = _progress(repeats + 1 + (len(settings) * (probe_repeats + 1) if probing else 0), progress)
+    bar = _progress(repeats + 1 + (len(settings) * len(device_counts) * (probe_repeats + 1) if probing else 0), progress)
     seconds = dict(zip(calls, _interleaved_best(list(calls.values()), repeats, device, bar)))
     rate = {name: seconds[name] / per_unit[name] for name in calls}
 
@@ -380,18 +404,19 @@ def calibrate_device(
     if probing:  # 4. real ranks' forwards per setting, for the per-layer overheads the components miss
         probes = []
         inputs = {k: v for k, v in _model_inputs(model, probe_tokens, generator).items() if k != "use_cache"}
-        ranks = [0, probe_devices - 1] if causal else [0]
         for g, quantize in settings:
-            config = AstraConfig(num_devices=probe_devices, groups=g, quantize=quantize, codebook_size=codebook_size, shard_sizes=None)
-            patch(model, config)
-            try:
-                forwards = [rank_forward(model, rank, inputs) for rank in ranks]
-                timed = _interleaved_best(forwards, probe_repeats, device, bar)
-            finally:
-                unpatch(model)
-            probes += [RankProbe(g, quantize, probe_devices, rank, _tokens_of(model, probe_tokens), t) for rank, t in zip(ranks, timed)]
+            for n in device_counts:
+                ranks = [0, n - 1] if causal else [0]
+                config = AstraConfig(num_devices=n, groups=g, quantize=quantize, codebook_size=codebook_size, shard_sizes=None)
+                patch(model, config)
+                try:
+                    forwards = [rank_forward(model, rank, inputs) for rank in ranks]
+                    timed = _interleaved_best(forwards, probe_repeats, device, bar)
+                finally:
+                    unpatch(model)
+                probes += [RankProbe(g, quantize, n, rank, _tokens_of(model, probe_tokens), t) for rank, t in zip(ranks, timed)]
         profile.rank_overhead_s = fit_rank_overheads(profile, probes)
-        profile.probe_tokens, profile.probe_devices = _tokens_of(model, probe_tokens), probe_devices
+        profile.probe_tokens, profile.probe_devices = _tokens_of(model, probe_tokens), device_counts
     bar.close()
     return profile
 
@@ -545,7 +570,7 @@ class Plan:
                 f"{link.bandwidth_mbps:g} Mbps" + (f", {link.latency_ms:g} ms" if link.latency_ms else "")
                 + (f", {link.loss_percent:g} % loss" if link.loss_percent else "")
                 + f"; device profile: {self.profile.threads} thread(s) on {self.profile.machine or 'this machine'}"
-                + (f", rank overheads probed at N={self.profile.probe_devices}, {self.profile.probe_tokens} tokens"
+                + (f", rank overheads probed at N={probed_at(self.profile)}, {self.profile.probe_tokens} tokens"
                    if self.profile.rank_overhead_s else ", components only (no rank probes)"))  # fmt: skip
         if rec.method == "single":
             verdict = f"recommended: one device ({single.latency_s:.3g} s predicted); {rec.reason}"
@@ -605,8 +630,10 @@ def astra_rank_compute(profile: DeviceProfile, config: AstraConfig, layout: Shar
         raise ValueError(f"the device profile has no measurement for G={config.groups} {config.quantize}: calibrate with groups including {config.groups}")
     per_layer = profile.per_token_s / profile.num_layers
     before = _layer_split(profile) * per_layer * n
-    send_overhead, receive_overhead = profile.rank_overhead_s.get(key, (0.0, 0.0))
-    if receivers_of(layout.num_devices, rank, causal):
+    receivers = len(receivers_of(layout.num_devices, rank, causal))
+    sources = len(code_sources(layout.num_devices, rank, causal))
+    send_overhead, receive_overhead = rank_overheads(profile, key, receivers, sources)
+    if receivers:
         before += profile.encode_s[key] * n + send_overhead
     start, end = layout.bounds(rank)
     received = start if causal else layout.total - n
@@ -618,9 +645,17 @@ def astra_rank_compute(profile: DeviceProfile, config: AstraConfig, layout: Shar
         rebuild = profile.decode_s[key]
     keys = end if causal else layout.total
     after = (1 - _layer_split(profile)) * per_layer * n + rebuild * received + profile.attention_masked_s * n * keys
-    if received:
+    if sources:
         after += receive_overhead
     return before, after
+
+
+def rank_overheads(profile: DeviceProfile, key: str, receivers: int, sources: int) -> tuple[float, float]:
+    """Per layer, the measured (send, receive) overheads of a rank that sends to ``receivers`` ranks and receives
+    from ``sources`` (`DeviceProfile.rank_overhead_s`: fixed parts, plus per-peer parts where fitted)."""
+    values = list(profile.rank_overhead_s.get(key, ())) + [0.0] * 4
+    send, receive, per_receiver, per_source = values[:4]
+    return send + per_receiver * receivers, receive + per_source * sources
 
 
 def astra_layout(profile: DeviceProfile, config: AstraConfig, num_tokens: int) -> ShardLayout:
@@ -654,12 +689,15 @@ class RankProbe:
 
 
 def fit_rank_overheads(profile: DeviceProfile, probes: list[RankProbe]) -> dict[str, list[float]]:
-    """Per setting, the per-layer [send, receive] overheads that make `rank_compute_s` (components only) equal the
-    probes' measured seconds, least squares over that setting's probes.
+    """Per setting, the per-layer overheads that make `rank_compute_s` (components only) equal the probes' measured
+    seconds, least squares over that setting's probes: [send, receive], or, where the setting's probes ran at
+    several N, [send, receive, send per receiver, receive per source] (see `DeviceProfile.rank_overhead_s`).
 
     A probed rank that sends and receives gives their sum only (bidirectional models: every rank): with no probe
     that tells them apart the sum is split evenly (the least-norm solution), which predicts every rank that does
-    both alike. Causal models: rank 0 only sends and the last rank only receives, so probing both separates them.
+    both alike. Causal models: rank 0 only sends and the last rank only receives, so probing both separates them;
+    probing them at two N (rank 0 sends to N-1 ranks, the last rank receives from N-1) separates the per-peer
+    parts from the fixed ones. Probes at one N (or all with the same peer counts) fit the fixed parts only.
     """
     if not probes:
         raise ValueError("fit_rank_overheads needs at least one RankProbe")
@@ -674,13 +712,20 @@ def fit_rank_overheads(profile: DeviceProfile, probes: list[RankProbe]) -> dict[
         for probe in group:
             config = AstraConfig(num_devices=probe.num_devices, groups=probe.groups, quantize=probe.quantize,
                                  codebook_size=profile.codebook_size, shard_sizes=None)  # fmt: skip
-            sends = bool(receivers_of(probe.num_devices, probe.rank, profile.causal))
-            receives = bool(code_sources(probe.num_devices, probe.rank, profile.causal))
+            receivers = len(receivers_of(probe.num_devices, probe.rank, profile.causal))
+            sources = len(code_sources(probe.num_devices, probe.rank, profile.causal))
             predicted = rank_compute_s(components, config, probe.num_tokens, probe.rank, probe.projection_table)
-            rows.append([profile.num_layers * float(sends), profile.num_layers * float(receives)])
+            rows.append([float(receivers > 0), float(sources > 0), float(receivers), float(sources)])
             residuals.append([probe.seconds - predicted])
-        solution = torch.linalg.pinv(torch.tensor(rows, dtype=torch.float64)) @ torch.tensor(residuals, dtype=torch.float64)
-        out[key] = [float(v) for v in solution.flatten()]
+        # A per-peer column only where the probes that send (receive) do so to (from) several peer counts: else it
+        # could not be told apart from its fixed part.
+        columns = [0, 1] + [2 + side for side in (0, 1) if len({row[2 + side] for row in rows if row[side]}) > 1]
+        design = profile.num_layers * torch.tensor([[row[c] for c in columns] for row in rows], dtype=torch.float64)
+        solution = (torch.linalg.pinv(design) @ torch.tensor(residuals, dtype=torch.float64)).flatten()
+        values = [0.0] * (4 if len(columns) > 2 else 2)
+        for column, value in zip(columns, solution.tolist()):
+            values[column] = value
+        out[key] = values
     return out
 
 
