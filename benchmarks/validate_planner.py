@@ -6,6 +6,9 @@
     python -m benchmarks.validate_planner validate
     # shard sizes that balance the predicted per-rank compute (for --shard-sizes of benchmarks.run_latency)
     python -m benchmarks.validate_planner balance --workload gpt2 --n 4 --groups 1 --quantize hidden
+    # do rank overheads fitted at some N predict other N? Loopback ranks at each N, fitted on subsets, predicted all
+    taskset -c 0 python -m benchmarks.validate_planner held-out --workload gpt2 --threads 1 --machine "LABEL" \
+        --devices 2 4 6 8 --fit 4 8 --out docs/results/raw/planner-held-out-LABEL.json
 
 Profiles live in docs/results/device_profiles/*.json (one per machine label, workload and threads; the
 label must be the rows' ``machine``). `validate` writes docs/results/planner_validation.json and
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import statistics
@@ -32,8 +36,10 @@ from pathlib import Path
 import torch
 
 from transformers_astra import AstraConfig
-from transformers_astra.planner import (GROUPS, PROBE_DEVICES, DeviceProfile, LinkModel, balanced_shard_sizes, calibrate_device,
-                                       predict_astra, predict_baseline, probed_at)  # fmt: skip
+from transformers_astra import patch, unpatch
+from transformers_astra.planner import (GROUPS, PROBE_DEVICES, DeviceProfile, LinkModel, RankProbe, _interleaved_best,
+                                       balanced_shard_sizes, calibrate_device, fit_rank_overheads, loopback_rank_forward,
+                                       predict_astra, predict_baseline, probed_at, rank_compute_s)  # fmt: skip
 
 from .workloads import build
 
@@ -266,6 +272,55 @@ def cmd_balance(args) -> None:
               f"{' / '.join(f'{t:.3g}' for t in balanced)} s; slowest rank {max(even) / max(balanced):.3f}x faster", file=sys.stderr)
 
 
+def cmd_held_out(args) -> None:
+    """Loopback rank forwards (ranks 0, N/2 and N-1) at every N of --devices; overheads fitted on each N of --fit alone
+    and on all of them; every probe predicted by each fit (components only, too). JSON rows and a summary printed."""
+    torch.set_num_threads(args.threads)
+    workload = build(args.workload, tokens=args.tokens)
+    model = workload.model
+    started = time.time()
+    profile = calibrate_device(model, num_tokens=workload.num_tokens, threads=args.threads, repeats=args.repeats,
+                               groups=tuple(args.groups), machine=args.machine)  # fmt: skip
+    inputs = {k: v for k, v in workload.inputs.items()}
+    if workload.causal:
+        inputs["logits_to_keep"] = 1
+    probes = []
+    for g in args.groups:
+        for quantize in args.quantize:
+            for n in args.devices:
+                ranks = sorted({0, n // 2, n - 1}) if workload.causal else [0]
+                patch(model, AstraConfig(num_devices=n, groups=g, quantize=quantize, shard_sizes=None))
+                try:
+                    timed = _interleaved_best([loopback_rank_forward(model, r, inputs) for r in ranks], args.probe_repeats)
+                finally:
+                    unpatch(model)
+                probes += [RankProbe(g, quantize, n, r, workload.num_tokens, t) for r, t in zip(ranks, timed)]
+    fits = {"components only": {}, **{f"fit N={n}": fit_rank_overheads(profile, [p for p in probes if p.num_devices == n and
+                                                                              p.rank in (0, n - 1)]) for n in args.fit},
+            "fit N=" + " and ".join(map(str, args.fit)): fit_rank_overheads(profile, [p for p in probes if p.num_devices in args.fit
+                                                                                     and p.rank in (0, p.num_devices - 1)])}  # fmt: skip
+    rows = []
+    for p in probes:
+        config = AstraConfig(num_devices=p.num_devices, groups=p.groups, quantize=p.quantize, shard_sizes=None)
+        predicted = {name: rank_compute_s(DeviceProfile.from_dict({**profile.to_dict(), "rank_overhead_s": fitted}), config,
+                                          p.num_tokens, p.rank) for name, fitted in fits.items()}  # fmt: skip
+        rows.append({"G": p.groups, "quantize": p.quantize, "N": p.num_devices, "rank": p.rank, "measured_s": p.seconds,
+                     "predicted_s": predicted, "error": {k: v / p.seconds - 1 for k, v in predicted.items()}})  # fmt: skip
+    command = "python -m benchmarks.validate_planner " + shlex.join(sys.argv[1:])
+    result = {"machine": args.machine, "workload": args.workload, "threads": args.threads, "command": command,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seconds": round(time.time() - started, 1),
+              "load_average_1m": os.getloadavg()[0], "overheads_ms": {k: {s: [round(1e3 * x, 3) for x in v] for s, v in f.items()}
+                                                                      for k, f in fits.items()},
+              "rows": rows, "profile": profile.to_dict()}  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    for name in fits:
+        per_n = {n: [abs(r["error"][name]) for r in rows if r["N"] == n] for n in args.devices}
+        print(f"{name:24s} " + "  ".join(f"N={n}: median |error| {100 * statistics.median(e):4.1f} %, largest {100 * max(e):4.1f} %"
+                                         for n, e in per_n.items()))  # fmt: skip
+    print(f"-> {args.out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -298,8 +353,20 @@ def main(argv: list[str] | None = None) -> None:
     balance.add_argument("--machine")
     balance.add_argument("--predict", action="store_true", help="also print the predicted per-rank compute (stderr)")
     balance.add_argument("--profiles", type=Path, nargs=1, default=[PROFILES])
+    held = sub.add_parser("held-out", help="do rank overheads fitted at some N predict rank forwards at other N?")
+    held.add_argument("--workload", choices=("gpt2", "vit", "llama"), required=True)
+    held.add_argument("--threads", type=int, required=True)
+    held.add_argument("--machine", required=True)
+    held.add_argument("--tokens", type=int, help="prefill length (causal workloads)")
+    held.add_argument("--repeats", type=int, default=3)
+    held.add_argument("--probe-repeats", type=int, default=2)
+    held.add_argument("--groups", type=int, nargs="+", default=[1, 32])
+    held.add_argument("--quantize", nargs="+", default=["hidden", "kv"], choices=["hidden", "kv"])
+    held.add_argument("--devices", type=int, nargs="+", default=[2, 4, 6, 8], help="the N of the timed rank forwards")
+    held.add_argument("--fit", type=int, nargs="+", default=list(PROBE_DEVICES), help="the N whose ranks 0 and N-1 are fitted")
+    held.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    {"calibrate": cmd_calibrate, "validate": cmd_validate, "balance": cmd_balance}[args.command](args)
+    {"calibrate": cmd_calibrate, "validate": cmd_validate, "balance": cmd_balance, "held-out": cmd_held_out}[args.command](args)
 
 
 if __name__ == "__main__":

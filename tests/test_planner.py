@@ -232,7 +232,7 @@ def test_fit_rank_overheads_recovers_known_send_and_receive_overheads():
 def test_fit_rank_overheads_at_two_n_predicts_overheads_that_grow_with_the_peers():
     # A device whose rank overheads grow with the number of peers (per layer: 1 ms + 0.5 ms per receiver to send,
     # 0.2 ms + 1.5 ms per source to receive): probes at N=4 alone fit N=4 and miss N=8; probes at N=4 and 8 fit both.
-    truth = {"1/hidden": [1e-3, 2e-4, 5e-4, 1.5e-3], "32/kv": [-1e-3, 3e-3, 2e-4, 8e-4]}
+    truth = {"1/hidden": [1e-3, 2e-4, 5e-4, 1.5e-3], "32/kv": [-1e-3, 3e-3, 5e-4, 1.5e-3]}  # per-peer parts: shared
     measured = gpt2_profile(rank_overhead_s=truth)
     two_n = probes_of(measured, [0, 3], 1024) + probes_of(measured, [0, 7], 1024, world=8)
     fitted = fit_rank_overheads(gpt2_profile(), two_n)

@@ -12,11 +12,12 @@ dot-product attention (causal and explicitly masked), and ASTRA's per-token work
 packing) at each G, and on the receiver unpacking + decoding + projecting K/V (hidden mode), gathering
 from the runtime's codeword-projection tables (hidden mode, where they fit) or decoding keys and values
 (kv mode). A `DeviceProfile` holds these rates; it is JSON, so one profile per device type can be kept.
-With ``rank_probes=True`` it also times a real rank per setting (`loopback_rank_forward`: the runtime's forward
-of one rank with no network, `transport.LoopbackTransport`) and fits what the components miss of it: a
-per-layer overhead for sending and one for receiving (`fit_rank_overheads`; the runtime's hooks, masks,
-partial attentions and merge, pack/unpack calls and small ops). Opt-in: it about triples calibration
-(docs/design.md: GPT2-small at 1024 tokens on one thread, 51 s against 18 s). Profiles of version 1 (without them) still load.
+With ``rank_probes=True`` it also times real ranks per setting (`loopback_rank_forward`: the runtime's forward
+of one rank with no network, `transport.LoopbackTransport`; ranks 0 and N-1 at N=4 and N=8) and fits what the
+components miss of them: a per-layer overhead for sending and one for receiving, each a fixed part plus a part
+per peer (`fit_rank_overheads`; the runtime's hooks, masks, partial attentions and merge, pack/unpack calls and
+small ops, some of them once per source), so that one profile predicts N=8 as well as N=4. Opt-in: it makes
+calibration about 4-5 times longer (docs/design.md). Profiles of versions 1 (without them) and 2 (one N) still load.
 
 `plan` predicts the latency of: one device; ASTRA at every G in (1, 8, 16, 32) that divides the width,
 in hidden and kv mode; full-precision sequence parallelism (fp32 and fp16 all-gathers) and Megatron tensor
@@ -277,8 +278,8 @@ def calibrate_device(
 
     ``rank_probes``: also time real ASTRA ranks, so that the profile holds what a rank's forward costs beyond
     the components (`fit_rank_overheads`; without them those overheads are taken as 0). Off by default: it
-    about triples calibration (GPT2-small at 1024 tokens on one dev-VM thread: 51 s against 18 s, whole
-    command; docs/design.md).
+    makes calibration about 4-5 times longer (GPT2-small at 1024 tokens on one dev-VM thread, probes at N=4
+    and 8, whole command; docs/design.md).
     For every setting and every N of ``probe_devices`` (default 4 and 8; one N or several) the model is patched
     (that N, even shards) and rank r's forward runs
     with no network through `loopback_rank_forward` (the runtime with a `LoopbackTransport`: its received
@@ -689,9 +690,14 @@ class RankProbe:
 
 
 def fit_rank_overheads(profile: DeviceProfile, probes: list[RankProbe]) -> dict[str, list[float]]:
-    """Per setting, the per-layer overheads that make `rank_compute_s` (components only) equal the probes' measured
-    seconds, least squares over that setting's probes: [send, receive], or, where the setting's probes ran at
-    several N, [send, receive, send per receiver, receive per source] (see `DeviceProfile.rank_overhead_s`).
+    """The per-layer overheads that make `rank_compute_s` (components only) equal the probes' measured seconds, least
+    squares over all probes: per setting [send, receive], or, where probes ran at several N, [send, receive, send per
+    receiver, receive per source] (see `DeviceProfile.rank_overhead_s`).
+
+    The fixed parts are each setting's own. The per-peer parts are one pair shared by every setting: what grows
+    with the peers is per-message work (a receive's unpack call, the runtime's per-source bookkeeping), not per-token
+    work, which the components hold; sharing them fits 2 numbers from every setting's probes instead of 2 from each
+    setting's few, so the noise of a shared machine moves them less.
 
     A probed rank that sends and receives gives their sum only (bidirectional models: every rank): with no probe
     that tells them apart the sum is split evenly (the least-norm solution), which predicts every rank that does
@@ -702,31 +708,33 @@ def fit_rank_overheads(profile: DeviceProfile, probes: list[RankProbe]) -> dict[
     if not probes:
         raise ValueError("fit_rank_overheads needs at least one RankProbe")
     components = dataclasses.replace(profile, rank_overhead_s={})
-    by_setting: dict[str, list[RankProbe]] = {}
+    keys: list[str] = []
+    rows, residuals = [], []  # per probe: (setting index, sends?, receives?, receivers, sources)
     for probe in probes:
         _check_positive("RankProbe.seconds", probe.seconds)
-        by_setting.setdefault(setting_key(probe.groups, probe.quantize), []).append(probe)
-    out = {}
-    for key, group in by_setting.items():
-        rows, residuals = [], []
-        for probe in group:
-            config = AstraConfig(num_devices=probe.num_devices, groups=probe.groups, quantize=probe.quantize,
-                                 codebook_size=profile.codebook_size, shard_sizes=None)  # fmt: skip
-            receivers = len(receivers_of(probe.num_devices, probe.rank, profile.causal))
-            sources = len(code_sources(probe.num_devices, probe.rank, profile.causal))
-            predicted = rank_compute_s(components, config, probe.num_tokens, probe.rank, probe.projection_table)
-            rows.append([float(receivers > 0), float(sources > 0), float(receivers), float(sources)])
-            residuals.append([probe.seconds - predicted])
-        # A per-peer column only where the probes that send (receive) do so to (from) several peer counts: else it
-        # could not be told apart from its fixed part.
-        columns = [0, 1] + [2 + side for side in (0, 1) if len({row[2 + side] for row in rows if row[side]}) > 1]
-        design = profile.num_layers * torch.tensor([[row[c] for c in columns] for row in rows], dtype=torch.float64)
-        solution = (torch.linalg.pinv(design) @ torch.tensor(residuals, dtype=torch.float64)).flatten()
-        values = [0.0] * (4 if len(columns) > 2 else 2)
-        for column, value in zip(columns, solution.tolist()):
-            values[column] = value
-        out[key] = values
-    return out
+        key = setting_key(probe.groups, probe.quantize)
+        if key not in keys:
+            keys.append(key)
+        config = AstraConfig(num_devices=probe.num_devices, groups=probe.groups, quantize=probe.quantize,
+                             codebook_size=profile.codebook_size, shard_sizes=None)  # fmt: skip
+        receivers = len(receivers_of(probe.num_devices, probe.rank, profile.causal))
+        sources = len(code_sources(probe.num_devices, probe.rank, profile.causal))
+        rows.append((keys.index(key), float(receivers > 0), float(sources > 0), float(receivers), float(sources)))
+        residuals.append(probe.seconds - rank_compute_s(components, config, probe.num_tokens, probe.rank, probe.projection_table))
+    # A per-peer part only where some setting's probes that send (receive) do so to (from) several peer counts: else
+    # it could not be told apart from the fixed parts.
+    per_peer = [side for side in (0, 1) if any(len({r[3 + side] for r in rows if r[0] == i and r[1 + side]}) > 1
+                                               for i in range(len(keys)))]  # fmt: skip
+    design = torch.zeros(len(rows), 2 * len(keys) + len(per_peer), dtype=torch.float64)
+    for j, (i, sends, receives, receivers, sources) in enumerate(rows):
+        design[j, 2 * i], design[j, 2 * i + 1] = sends, receives
+        for c, side in enumerate(per_peer):
+            design[j, 2 * len(keys) + c] = (receivers, sources)[side]
+    solution = (torch.linalg.pinv(profile.num_layers * design) @ torch.tensor(residuals, dtype=torch.float64)).tolist()
+    slopes = [0.0, 0.0]
+    for c, side in enumerate(per_peer):
+        slopes[side] = solution[2 * len(keys) + c]
+    return {key: solution[2 * i : 2 * i + 2] + (slopes if per_peer else []) for i, key in enumerate(keys)}
 
 
 def _simulate_point_to_point(before: list[float], after: list[float], payload: list[int], layers: int, link: LinkModel,
