@@ -273,8 +273,9 @@ def cmd_balance(args) -> None:
 
 
 def cmd_held_out(args) -> None:
-    """Loopback rank forwards (ranks 0, N/2 and N-1) at every N of --devices; overheads fitted on each N of --fit alone
-    and on all of them; every probe predicted by each fit (components only, too). JSON rows and a summary printed."""
+    """Loopback rank forwards (ranks 0, N/2 and N-1) at every N of --devices; overheads fitted, as `calibrate_device`
+    would, on each N of --fit alone and on all of them (and without the middle rank); every probe predicted by each
+    fit (components only, too). JSON rows and a summary printed."""
     torch.set_num_threads(args.threads)
     workload = build(args.workload, tokens=args.tokens)
     model = workload.model
@@ -295,10 +296,14 @@ def cmd_held_out(args) -> None:
                 finally:
                     unpatch(model)
                 probes += [RankProbe(g, quantize, n, r, workload.num_tokens, t) for r, t in zip(ranks, timed)]
-    fits = {"components only": {}, **{f"fit N={n}": fit_rank_overheads(profile, [p for p in probes if p.num_devices == n and
-                                                                              p.rank in (0, n - 1)]) for n in args.fit},
-            "fit N=" + " and ".join(map(str, args.fit)): fit_rank_overheads(profile, [p for p in probes if p.num_devices in args.fit
-                                                                                     and p.rank in (0, p.num_devices - 1)])}  # fmt: skip
+    def probed(fit: list[int]) -> list[RankProbe]:  # the ranks calibrate_device(probe_devices=fit) times
+        return [p for p in probes if p.num_devices in fit and (p.rank in (0, p.num_devices - 1) or not workload.causal
+                                                               or (p.num_devices == max(fit) and p.rank == p.num_devices // 2))]
+
+    fits = {"components only": {}, **{f"fit N={n}": fit_rank_overheads(profile, probed([n])) for n in args.fit},
+            "fit N=" + " and ".join(map(str, args.fit)): fit_rank_overheads(profile, probed(args.fit)),
+            "fit N=" + " and ".join(map(str, args.fit)) + ", no middle rank": fit_rank_overheads(
+                profile, [p for p in probed(args.fit) if p.rank in (0, p.num_devices - 1)])}  # fmt: skip
     rows = []
     for p in probes:
         config = AstraConfig(num_devices=p.num_devices, groups=p.groups, quantize=p.quantize, shard_sizes=None)

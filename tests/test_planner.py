@@ -231,15 +231,21 @@ def test_fit_rank_overheads_recovers_known_send_and_receive_overheads():
 
 def test_fit_rank_overheads_at_two_n_predicts_overheads_that_grow_with_the_peers():
     # A device whose rank overheads grow with the number of peers (per layer: 1 ms + 0.5 ms per receiver to send,
-    # 0.2 ms + 1.5 ms per source to receive): probes at N=4 alone fit N=4 and miss N=8; probes at N=4 and 8 fit both.
-    truth = {"1/hidden": [1e-3, 2e-4, 5e-4, 1.5e-3], "32/kv": [-1e-3, 3e-3, 5e-4, 1.5e-3]}  # per-peer parts: shared
+    # 0.2 ms + 1.5 ms per source to receive, and 2 ms for every rank with a peer): probes at N=4 alone fit N=4 and
+    # miss N=8; probes at N=4 and 8 (with a middle rank, which both sends and receives) fit every rank at every N.
+    truth = {"1/hidden": [1e-3, 2e-4, 5e-4, 1.5e-3, 2e-3], "32/kv": [-1e-3, 3e-3, 5e-4, 1.5e-3, -5e-4]}  # per-peer: shared
     measured = gpt2_profile(rank_overhead_s=truth)
-    two_n = probes_of(measured, [0, 3], 1024) + probes_of(measured, [0, 7], 1024, world=8)
+    two_n = probes_of(measured, [0, 3], 1024) + probes_of(measured, [0, 4, 7], 1024, world=8)
     fitted = fit_rank_overheads(gpt2_profile(), two_n)
     for key, values in truth.items():
         assert fitted[key] == pytest.approx(values, rel=1e-6, abs=1e-12)
+    # Without the middle rank the common part cannot be told apart: it goes into send and receive (0 for common).
+    ends = fit_rank_overheads(gpt2_profile(), probes_of(measured, [0, 3], 1024) + probes_of(measured, [0, 7], 1024, world=8))
+    assert ends["1/hidden"] == pytest.approx([3e-3, 2.2e-3, 5e-4, 1.5e-3], rel=1e-6)
     one_n = fit_rank_overheads(gpt2_profile(), probes_of(measured, [0, 3], 1024))
     assert all(len(v) == 2 for v in one_n.values())  # one N: the fixed parts only, as version-2 profiles
+    one_n_middle = fit_rank_overheads(gpt2_profile(), probes_of(measured, [0, 2, 3], 1024))  # + common, still no per-peer part
+    assert all(len(v) == 5 and v[2:4] == [0.0, 0.0] for v in one_n_middle.values())
     with_two, with_one = gpt2_profile(rank_overhead_s=fitted), gpt2_profile(rank_overhead_s=one_n)
     for world in (2, 4, 6, 8, 16):
         config = astra.AstraConfig(num_devices=world, groups=1, quantize="hidden", shard_sizes=None)
@@ -250,6 +256,8 @@ def test_fit_rank_overheads_at_two_n_predicts_overheads_that_grow_with_the_peers
     config = astra.AstraConfig(num_devices=8, groups=1, quantize="hidden", shard_sizes=None)
     missed = rank_compute_s(measured, config, 1024, 7) - rank_compute_s(with_one, config, 1024, 7)
     assert missed == pytest.approx(12 * 1.5e-3 * (7 - 3))  # 4 more sources than at N=4, 1.5 ms each and layer
+    doubled = rank_compute_s(gpt2_profile(rank_overhead_s=ends), config, 1024, 4) - rank_compute_s(measured, config, 1024, 4)
+    assert doubled == pytest.approx(12 * 2e-3)  # a middle rank, fitted from the end ranks only, pays the common part twice
     # Bidirectional: every rank sends to and receives from N-1 peers; two N give the fixed and per-peer sums, split evenly.
     vit_truth = {"8/hidden": [1e-3, 3e-3, 2e-4, 6e-4]}
     vit_measured = dataclasses.replace(vit_profile(), rank_overhead_s=vit_truth)
@@ -320,12 +328,12 @@ def test_calibration_times_every_setting_on_patched_ranks_and_fits_them():
     profile = astra.calibrate_device(built.model, num_tokens=48, groups=(1, 4), repeats=1, progress=False,
                                      rank_forward=rank_forward, probe_tokens=32, probe_repeats=2, probe_devices=4)  # fmt: skip
     assert not astra.is_patched(built.model)
-    assert sorted(set(calls)) == sorted((g, q, 4, r, 32) for g in (1, 4) for q in ("hidden", "kv") for r in (0, 3))
+    assert sorted(set(calls)) == sorted((g, q, 4, r, 32) for g in (1, 4) for q in ("hidden", "kv") for r in (0, 2, 3))
     assert set(profile.rank_overhead_s) == {"1/hidden", "1/kv", "4/hidden", "4/kv"}
     assert (profile.probe_tokens, profile.probe_devices, profile.version) == (32, [4], 3)
     for g in (1, 4):
         config = astra.AstraConfig(num_devices=4, groups=g, quantize="kv", shard_sizes=None)
-        for rank, slept in ((0, 0.02), (3, 0.05)):  # the fitted profile reproduces each probed rank's time
+        for rank, slept in ((0, 0.02), (2, 0.04), (3, 0.05)):  # the fitted profile reproduces each probed rank's time
             assert rank_compute_s(profile, config, 32, rank) == pytest.approx(slept, rel=0.5)
     assert DeviceProfile.from_dict(profile.to_dict()) == profile
 
@@ -341,8 +349,8 @@ def test_calibration_probes_two_n_by_default_and_fits_per_peer_overheads():
 
     profile = astra.calibrate_device(built.model, num_tokens=48, groups=(4,), repeats=1, progress=False, rank_forward=rank_forward,
                                      probe_tokens=32, probe_repeats=2)  # fmt: skip
-    assert sorted(set(calls)) == [(4, 0), (4, 3), (8, 0), (8, 7)] and profile.probe_devices == [4, 8]
-    assert all(len(v) == 4 for v in profile.rank_overhead_s.values())
+    assert sorted(set(calls)) == [(4, 0), (4, 3), (8, 0), (8, 4), (8, 7)] and profile.probe_devices == [4, 8]
+    assert all(len(v) == 5 for v in profile.rank_overhead_s.values())
     for world in (4, 8):
         config = astra.AstraConfig(num_devices=world, groups=4, quantize="kv", shard_sizes=None)
         last = rank_compute_s(profile, config, 32, world - 1)
@@ -518,7 +526,7 @@ def test_calibration_with_rank_probes_fits_every_setting_and_plan_uses_them(name
         astra.calibrate_device(built.model, rank_probes="yes")
     settings = {f"{g}/{q}" for g in (1, 4) for q in ("hidden", "kv")}
     assert profile.version == 3 and set(profile.rank_overhead_s) == settings
-    assert all(len(v) == 4 and all(map(math.isfinite, v)) for v in profile.rank_overhead_s.values())
+    assert all(len(v) == (5 if built.causal else 4) and all(map(math.isfinite, v)) for v in profile.rank_overhead_s.values())
     assert (profile.probe_devices, profile.probe_tokens) == ([4, 8], 48 if built.causal else 17)
     if not built.causal:  # every ViT rank sends and receives: the fitted sums are split evenly
         assert all(v[0] == pytest.approx(v[1]) and v[2] == pytest.approx(v[3]) for v in profile.rank_overhead_s.values())
@@ -528,10 +536,11 @@ def test_calibration_with_rank_probes_fits_every_setting_and_plan_uses_them(name
     with_probes = astra.plan(built.model, num_tokens=tokens, num_devices=4, bandwidth_mbps=1e6, profile=profile, groups=(1, 4))
     without = astra.plan(built.model, num_tokens=tokens, num_devices=4, bandwidth_mbps=1e6, profile=components, groups=(1, 4))
     layers = built.model.config.num_hidden_layers
-    for key, (send, receive, per_receiver, per_source) in profile.rank_overhead_s.items():
+    for key, values in profile.rank_overhead_s.items():
+        send, receive, per_receiver, per_source, common = values + [0.0] * (5 - len(values))
         g, q = key.split("/")
         probed, plain = with_probes.prediction("astra", int(g), q), without.prediction("astra", int(g), q)
-        send, receive = send + 3 * per_receiver, receive + 3 * per_source  # at N=4: 3 peers
+        send, receive = send + 3 * per_receiver + common, receive + 3 * per_source + common  # at N=4: 3 peers
         first = send + (0.0 if built.causal else receive)  # causal rank 0 only sends
         assert probed.compute_s[0] - plain.compute_s[0] == pytest.approx(layers * first, abs=1e-12)
         assert probed.compute_s[3] - plain.compute_s[3] == pytest.approx(layers * (receive + (0.0 if built.causal else send)), abs=1e-12)

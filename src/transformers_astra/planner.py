@@ -17,7 +17,7 @@ of one rank with no network, `transport.LoopbackTransport`; ranks 0 and N-1 at N
 components miss of them: a per-layer overhead for sending and one for receiving, each a fixed part plus a part
 per peer (`fit_rank_overheads`; the runtime's hooks, masks, partial attentions and merge, pack/unpack calls and
 small ops, some of them once per source), so that one profile predicts N=8 as well as N=4. Opt-in: it makes
-calibration about 4-5 times longer (docs/design.md). Profiles of versions 1 (without them) and 2 (one N) still load.
+calibration 4.4 times longer (docs/design.md: GPT2-small at 1024 tokens on one thread, 76 s against 17 s). Profiles of versions 1 (without them) and 2 (one N) still load.
 
 `plan` predicts the latency of: one device; ASTRA at every G in (1, 8, 16, 32) that divides the width,
 in hidden and kv mode; full-precision sequence parallelism (fp32 and fp16 all-gathers) and Megatron tensor
@@ -95,12 +95,13 @@ class DeviceProfile:
     decode_s: dict[str, float]  # "G/quantize" -> unpacking + decoding one received token, per layer (no projection)
     table_s: dict[str, float]  # "G/hidden" -> unpack + gather-sum from projection tables, one token, per layer
     codebook_size: int = 1024
-    # "G/quantize" -> [send, receive] or [send, receive, send per receiver, receive per source]: per layer, what a
-    # real rank's forward takes beyond the components above when it sends codes / receives codes (the runtime's
-    # per-layer fixed work: hooks, masks, partial attentions and merge, pack/unpack calls, small ops), fitted by
-    # `fit_rank_overheads` to measured rank forwards (may be < 0 where the components overstate a rank). A rank that
-    # sends to r receivers adds send + r * (send per receiver); one that receives from s sources, receive + s *
-    # (receive per source); the per-peer terms exist where probes at several N told them apart (version 3).
+    # "G/quantize" -> [send, receive] or [send, receive, send per receiver, receive per source, common]: per layer,
+    # what a real rank's forward takes beyond the components above when it sends codes / receives codes (the
+    # runtime's per-layer fixed work: hooks, masks, partial attentions and merge, pack/unpack calls, small ops),
+    # fitted by `fit_rank_overheads` to measured rank forwards (may be < 0 where the components overstate a rank). A
+    # rank that sends to r receivers adds send + r * (send per receiver); one that receives from s sources, receive
+    # + s * (receive per source); every rank with a peer, common. The per-peer parts exist where probes at several
+    # N told them apart, common where a probed rank that sends and receives did (version 3; else 0).
     # Empty: not measured (version-1 profiles), the components alone.
     rank_overhead_s: dict[str, list[float]] = field(default_factory=dict)
     probe_tokens: int = 0  # the sequence length of those rank forwards (0: none)
@@ -278,8 +279,8 @@ def calibrate_device(
 
     ``rank_probes``: also time real ASTRA ranks, so that the profile holds what a rank's forward costs beyond
     the components (`fit_rank_overheads`; without them those overheads are taken as 0). Off by default: it
-    makes calibration about 4-5 times longer (GPT2-small at 1024 tokens on one dev-VM thread, probes at N=4
-    and 8, whole command; docs/design.md).
+    makes calibration 4.4 times longer (GPT2-small at 1024 tokens on one dev-VM thread, probes at N=4 and 8,
+    whole command: 76 s against 17 s, and 52 s with probes at N=4 only; docs/design.md).
     For every setting and every N of ``probe_devices`` (default 4 and 8; one N or several) the model is patched
     (that N, even shards) and rank r's forward runs
     with no network through `loopback_rank_forward` (the runtime with a `LoopbackTransport`: its received
@@ -407,7 +408,8 @@ def calibrate_device(
         inputs = {k: v for k, v in _model_inputs(model, probe_tokens, generator).items() if k != "use_cache"}
         for g, quantize in settings:
             for n in device_counts:
-                ranks = [0, n - 1] if causal else [0]
+                # Causal: ranks 0 (sends only) and N-1 (receives only), and at the largest N a middle rank (both).
+                ranks = sorted({0, n - 1} | ({n // 2} if n == device_counts[-1] else set())) if causal else [0]
                 config = AstraConfig(num_devices=n, groups=g, quantize=quantize, codebook_size=codebook_size, shard_sizes=None)
                 patch(model, config)
                 try:
@@ -634,8 +636,9 @@ def astra_rank_compute(profile: DeviceProfile, config: AstraConfig, layout: Shar
     receivers = len(receivers_of(layout.num_devices, rank, causal))
     sources = len(code_sources(layout.num_devices, rank, causal))
     send_overhead, receive_overhead = rank_overheads(profile, key, receivers, sources)
+    before += send_overhead
     if receivers:
-        before += profile.encode_s[key] * n + send_overhead
+        before += profile.encode_s[key] * n
     start, end = layout.bounds(rank)
     received = start if causal else layout.total - n
     if config.quantize == "hidden" and projection_table and _table_fits(config, profile.hidden_size) and key in profile.table_s:
@@ -646,17 +649,17 @@ def astra_rank_compute(profile: DeviceProfile, config: AstraConfig, layout: Shar
         rebuild = profile.decode_s[key]
     keys = end if causal else layout.total
     after = (1 - _layer_split(profile)) * per_layer * n + rebuild * received + profile.attention_masked_s * n * keys
-    if sources:
-        after += receive_overhead
-    return before, after
+    return before, after + receive_overhead
 
 
 def rank_overheads(profile: DeviceProfile, key: str, receivers: int, sources: int) -> tuple[float, float]:
-    """Per layer, the measured (send, receive) overheads of a rank that sends to ``receivers`` ranks and receives
-    from ``sources`` (`DeviceProfile.rank_overhead_s`: fixed parts, plus per-peer parts where fitted)."""
-    values = list(profile.rank_overhead_s.get(key, ())) + [0.0] * 4
-    send, receive, per_receiver, per_source = values[:4]
-    return send + per_receiver * receivers, receive + per_source * sources
+    """Per layer, the measured overheads of a rank that sends to ``receivers`` ranks and receives from ``sources``,
+    before its exchange and after it (`DeviceProfile.rank_overhead_s`: send and receive parts, per-peer parts and
+    the part common to every rank with a peer, where fitted; the common part is counted after the exchange)."""
+    send, receive, per_receiver, per_source, common = (list(profile.rank_overhead_s.get(key, ())) + [0.0] * 5)[:5]
+    before = send + per_receiver * receivers if receivers else 0.0
+    after = (receive + per_source * sources if sources else 0.0) + (common if receivers or sources else 0.0)
+    return before, after
 
 
 def astra_layout(profile: DeviceProfile, config: AstraConfig, num_tokens: int) -> ShardLayout:
@@ -691,25 +694,26 @@ class RankProbe:
 
 def fit_rank_overheads(profile: DeviceProfile, probes: list[RankProbe]) -> dict[str, list[float]]:
     """The per-layer overheads that make `rank_compute_s` (components only) equal the probes' measured seconds, least
-    squares over all probes: per setting [send, receive], or, where probes ran at several N, [send, receive, send per
-    receiver, receive per source] (see `DeviceProfile.rank_overhead_s`).
+    squares over all probes: per setting [send, receive], or [send, receive, send per receiver, receive per source,
+    common] where the probes tell those apart (see `DeviceProfile.rank_overhead_s`; a part they do not: 0).
 
     The fixed parts are each setting's own. The per-peer parts are one pair shared by every setting: what grows
     with the peers is per-message work (a receive's unpack call, the runtime's per-source bookkeeping), not per-token
     work, which the components hold; sharing them fits 2 numbers from every setting's probes instead of 2 from each
     setting's few, so the noise of a shared machine moves them less.
 
-    A probed rank that sends and receives gives their sum only (bidirectional models: every rank): with no probe
-    that tells them apart the sum is split evenly (the least-norm solution), which predicts every rank that does
-    both alike. Causal models: rank 0 only sends and the last rank only receives, so probing both separates them;
+    Causal models: rank 0 only sends and the last rank only receives, so probing both separates send from receive;
     probing them at two N (rank 0 sends to N-1 ranks, the last rank receives from N-1) separates the per-peer
-    parts from the fixed ones. Probes at one N (or all with the same peer counts) fit the fixed parts only.
+    parts from the fixed ones (probes at one N fit no per-peer part); a probed middle rank (sends and receives) separates what every rank with a peer
+    pays (common: hooks, masks, merge), which would otherwise be counted twice for the ranks that do both.
+    A probed rank that sends and receives where no probe tells them apart (bidirectional models: every rank) gives
+    their sum only: it is split evenly (the least-norm solution), which predicts every rank that does both alike.
     """
     if not probes:
         raise ValueError("fit_rank_overheads needs at least one RankProbe")
     components = dataclasses.replace(profile, rank_overhead_s={})
     keys: list[str] = []
-    rows, residuals = [], []  # per probe: (setting index, sends?, receives?, receivers, sources)
+    rows, residuals = [], []  # per probe: (setting index, sends?, receives?, receivers, sources, N)
     for probe in probes:
         _check_positive("RankProbe.seconds", probe.seconds)
         key = setting_key(probe.groups, probe.quantize)
@@ -719,22 +723,32 @@ def fit_rank_overheads(profile: DeviceProfile, probes: list[RankProbe]) -> dict[
                              codebook_size=profile.codebook_size, shard_sizes=None)  # fmt: skip
         receivers = len(receivers_of(probe.num_devices, probe.rank, profile.causal))
         sources = len(code_sources(probe.num_devices, probe.rank, profile.causal))
-        rows.append((keys.index(key), float(receivers > 0), float(sources > 0), float(receivers), float(sources)))
+        rows.append((keys.index(key), float(receivers > 0), float(sources > 0), float(receivers), float(sources), probe.num_devices))
         residuals.append(probe.seconds - rank_compute_s(components, config, probe.num_tokens, probe.rank, probe.projection_table))
-    # A per-peer part only where some setting's probes that send (receive) do so to (from) several peer counts: else
-    # it could not be told apart from the fixed parts.
-    per_peer = [side for side in (0, 1) if any(len({r[3 + side] for r in rows if r[0] == i and r[1 + side]}) > 1
-                                               for i in range(len(keys)))]  # fmt: skip
-    design = torch.zeros(len(rows), 2 * len(keys) + len(per_peer), dtype=torch.float64)
-    for j, (i, sends, receives, receivers, sources) in enumerate(rows):
-        design[j, 2 * i], design[j, 2 * i + 1] = sends, receives
+    of = [[r for r in rows if r[0] == i] for i in range(len(keys))]
+    # A per-peer part only where some setting's probes that send (receive) ran at several N (at one N, the peer
+    # counts of its ranks differ too, but they are all of that N: per-peer and fixed parts would trade off), the
+    # common part only where a setting has a probe that does both and one that does one: else they could not be
+    # told apart from the fixed parts.
+    per_peer = [side for side in (0, 1) if any(len({r[5] for r in group if r[1 + side]}) > 1 for group in of)]
+    common = any(any(r[1] and r[2] for r in group) and any(r[1] != r[2] for r in group) for group in of)
+    width = 2 + common
+    design = torch.zeros(len(rows), width * len(keys) + len(per_peer), dtype=torch.float64)
+    for j, (i, sends, receives, receivers, sources, _) in enumerate(rows):
+        design[j, width * i : width * i + 2] = torch.tensor([sends, receives], dtype=torch.float64)
+        if common:
+            design[j, width * i + 2] = float(sends or receives)
         for c, side in enumerate(per_peer):
-            design[j, 2 * len(keys) + c] = (receivers, sources)[side]
+            design[j, width * len(keys) + c] = (receivers, sources)[side]
     solution = (torch.linalg.pinv(profile.num_layers * design) @ torch.tensor(residuals, dtype=torch.float64)).tolist()
     slopes = [0.0, 0.0]
     for c, side in enumerate(per_peer):
-        slopes[side] = solution[2 * len(keys) + c]
-    return {key: solution[2 * i : 2 * i + 2] + (slopes if per_peer else []) for i, key in enumerate(keys)}
+        slopes[side] = solution[width * len(keys) + c]
+    out = {}
+    for i, key in enumerate(keys):
+        fixed = solution[width * i : width * i + width]
+        out[key] = fixed[:2] + (slopes + fixed[2:] if per_peer or common else [])
+    return out
 
 
 def _simulate_point_to_point(before: list[float], after: list[float], payload: list[int], layers: int, link: LinkModel,
