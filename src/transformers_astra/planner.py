@@ -13,11 +13,11 @@ packing) at each G, and on the receiver unpacking + decoding + projecting K/V (h
 from the runtime's codeword-projection tables (hidden mode, where they fit) or decoding keys and values
 (kv mode). A `DeviceProfile` holds these rates; it is JSON, so one profile per device type can be kept.
 With ``rank_probes=True`` it also times real ranks per setting (`loopback_rank_forward`: the runtime's forward
-of one rank with no network, `transport.LoopbackTransport`; ranks 0 and N-1 at N=4 and N=8) and fits what the
-components miss of them: a per-layer overhead for sending and one for receiving, each a fixed part plus a part
-per peer (`fit_rank_overheads`; the runtime's hooks, masks, partial attentions and merge, pack/unpack calls and
+of one rank with no network, `transport.LoopbackTransport`; ranks 0 and N-1 at N=4 and N=8, and rank 4 of 8) and
+fits what the components miss of them: per layer, an overhead for sending and one for receiving, each a fixed
+part plus a part per peer, and one that every rank with a peer pays (`fit_rank_overheads`; the runtime's hooks, masks, partial attentions and merge, pack/unpack calls and
 small ops, some of them once per source), so that one profile predicts N=8 as well as N=4. Opt-in: it makes
-calibration 4.4 times longer (docs/design.md: GPT2-small at 1024 tokens on one thread, 76 s against 17 s). Profiles of versions 1 (without them) and 2 (one N) still load.
+calibration about 5 times longer (docs/design.md: GPT2-small at 1024 tokens on one thread, 89 s against 17 s). Profiles of versions 1 (without them) and 2 (one N) still load.
 
 `plan` predicts the latency of: one device; ASTRA at every G in (1, 8, 16, 32) that divides the width,
 in hidden and kv mode; full-precision sequence parallelism (fp32 and fp16 all-gathers) and Megatron tensor
@@ -279,12 +279,13 @@ def calibrate_device(
 
     ``rank_probes``: also time real ASTRA ranks, so that the profile holds what a rank's forward costs beyond
     the components (`fit_rank_overheads`; without them those overheads are taken as 0). Off by default: it
-    makes calibration 4.4 times longer (GPT2-small at 1024 tokens on one dev-VM thread, probes at N=4 and 8,
-    whole command: 76 s against 17 s, and 52 s with probes at N=4 only; docs/design.md).
+    makes calibration about 5 times longer (GPT2-small at 1024 tokens on one dev-VM thread, probes at N=4 and 8,
+    whole command: 89 s against 17 s, and 52 s with probes at N=4 only; docs/design.md).
     For every setting and every N of ``probe_devices`` (default 4 and 8; one N or several) the model is patched
     (that N, even shards) and rank r's forward runs
     with no network through `loopback_rank_forward` (the runtime with a `LoopbackTransport`: its received
-    codes are stand-ins, so only its time counts); ranks 0 and N-1 (causal) or 0 (images), on
+    codes are stand-ins, so only its time counts); ranks 0 and N-1, and at the largest N also rank N//2 (causal),
+    or rank 0 (images), on
     ``probe_tokens`` tokens (default ``num_tokens``: on the dev VM, GPT2's overheads fitted at 256 tokens, +1-4 ms
     a layer, did not hold at 1024, -1 to +1 ms), best of ``probe_repeats`` after one warm-up. Probes at two or
     more N also fit how the overheads grow with the number of peers (`fit_rank_overheads`), so that a profile
