@@ -182,11 +182,12 @@ def markdown(rows: list[dict], profiles: dict[tuple, DeviceProfile], commands: d
     if probed:
         settings = sorted({s for _, p in probed for s in p.rank_overhead_s}, key=lambda s: (int(s.split("/")[0]), s))
         parts += ["## Rank overheads",
-                  "Per layer, what a rank's forward without a network (ranks 0 and N-1 of each N probed, the profile's length) took "
-                  "beyond the components, fitted by `fit_rank_overheads` (ms, send / receive; profiles probed at several N "
-                  "add send per receiver / receive per source: a rank sending to r ranks costs send + r × per receiver; "
-                  "bidirectional models: every rank does both, so the sums are split evenly). Negative: the components "
-                  "overstate that rank.",
+                  "Per layer, what a rank's forward without a network (ranks 0 and N-1 of each N probed, and since "
+                  "version-3 profiles rank N/2 of the largest N; the profile's length) took beyond the components, fitted by "
+                  "`fit_rank_overheads` (ms, send / receive; profiles probed at several N add send per receiver / receive per "
+                  "source / common: a rank sending to r ranks costs send + r × per receiver, one receiving from s ranks "
+                  "receive + s × per source, and every rank with a peer common; bidirectional models: every rank does "
+                  "both, so the sums are split evenly and common is not fitted). Negative: the components overstate that rank.",
                   "",
                   table(["profile", "N, tokens", *settings],
                         [[f"{key[1]}, {key[2]} thread(s), K={key[3]}, {key[0].split(':')[0]}, {p.date}", f"{probed_at(p)}, {p.probe_tokens}",
