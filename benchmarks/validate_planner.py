@@ -86,14 +86,28 @@ def link_for(row: dict) -> LinkModel:
 
 
 def predict_row(profile: DeviceProfile, row: dict) -> float:
+    return prediction_of_row(profile, row).latency_s
+
+
+def prediction_of_row(profile: DeviceProfile, row: dict):
     link = link_for(row)
     if row["method"] == "astra":
         settings = row.get("settings") or {}
         config = AstraConfig(num_devices=row["N"], groups=row["G"], quantize=row["quantize"],
                              codebook_size=row.get("codebook_size") or 1024, shard_sizes=settings.get("shard_sizes"))  # fmt: skip
         table = settings.get("projection_table", False)  # rows without settings predate the tables
-        return predict_astra(profile, config, row["tokens"], link, projection_table=table).latency_s
-    return predict_baseline(profile, row["method"], row["tokens"], row["N"], link).latency_s
+        return predict_astra(profile, config, row["tokens"], link, projection_table=table)
+    return predict_baseline(profile, row["method"], row["tokens"], row["N"], link)
+
+
+def rank_compute_error(row: dict, predicted_compute: list[float], own_scale: float | None) -> float | None:
+    """Median over the ranks of (measured compute / (predicted compute × own scale) - 1): the ranks' own compute
+    (`DistributedRuntime.timings`: wall time less waits for peers, rows' ``per_rank_compute_s``) against the model's,
+    scaled as the row's own one device is against the predicted one (the machine's speed in that run)."""
+    measured = row.get("per_rank_compute_s")
+    if not measured or own_scale is None or len(measured) != len(predicted_compute):
+        return None
+    return statistics.median(m / (p * own_scale) - 1 for m, p in zip(measured, predicted_compute))
 
 
 def validate(latency: list[dict], profiles: dict[tuple, DeviceProfile], skipped: list | None = None) -> list[dict]:
@@ -112,7 +126,8 @@ def validate(latency: list[dict], profiles: dict[tuple, DeviceProfile], skipped:
             if skipped is not None and (machine_key(row["machine"]), row["model"], row.get("threads_per_rank")) in profiled:
                 skipped.append(row)
             continue  # no profile of this machine, threads and K, or it did not time this G
-        predicted = predict_row(profile, row)
+        prediction = prediction_of_row(profile, row)
+        predicted = prediction.latency_s
         single = predict_baseline(profile, "single", row["tokens"], 1, link_for(row)).latency_s
         measured_speedup = row.get("speedup_vs_single")
         predicted_speedup = single / predicted
@@ -134,6 +149,7 @@ def validate(latency: list[dict], profiles: dict[tuple, DeviceProfile], skipped:
             "measured_single_s": own_single, "predicted_from_own_single_s": own_predicted,
             "error_vs_own_single": None if own_predicted is None else (own_predicted - row["median_s"]) / row["median_s"],
             "profile_date": profile.date, "profile_rank_overheads": bool(profile.rank_overhead_s),
+            "rank_compute_error_vs_own_single": rank_compute_error(row, prediction.compute_s, own_single / single if own_single else None),
         })  # fmt: skip
     return out
 
@@ -171,7 +187,10 @@ def markdown(rows: list[dict], profiles: dict[tuple, DeviceProfile], commands: d
               "measured median. Speed-up: the predicted speed-up over one device (both predicted) against the measured "
               "one (the row's baseline). A machine that is uniformly slower or faster at calibration than during the "
               "rows (shared machines; rows and profiles measured in other calls, possibly on other hosts of a kind) "
-              "shifts the first, not the other two. Profile with rank overheads: calibrated with rank forwards without a network "
+              "shifts the first, not the other two. Per row, the ranks' compute (rows that record each rank's wall time "
+              "less its waits for peers, `per_rank_compute_s`) against the predicted per-rank compute scaled as the row's own one "
+              "device is against the predicted one: what the ranks computed beyond the model at that run's machine speed "
+              "(the waits on peers and links excluded). Profile with rank overheads: calibrated with rank forwards without a network "
               "(`calibrate_device(rank_probes=True)`, `fit_rank_overheads`; profiles of 2026-11-27 timed the benchmarks' "
               "emulated rank, `benchmarks.links` compute mode, which the library's loopback rank replaced; `calibrate --no-rank-probe` leaves them out); without: the components alone.",
               "",
@@ -210,10 +229,12 @@ def markdown(rows: list[dict], profiles: dict[tuple, DeviceProfile], commands: d
             own = ("", "") if r.get("error_vs_own_single") is None else (
                 f"{r['measured_single_s']:.3g} / {r['predicted_speedup']:.2f} = {r['predicted_from_own_single_s']:.3g}",
                 f"{100 * r['error_vs_own_single']:+.0f} %")
+            compute = "" if r.get("rank_compute_error_vs_own_single") is None else f"{100 * r['rank_compute_error_vs_own_single']:+.0f} %"
             lines.append([str(r["N"]), r["label"], link, f"{r['measured_s']:.3g} ({r['measured_p10_s']:.3g}–{r['measured_p90_s']:.3g})",
-                          f"{r['predicted_s']:.3g}", f"{100 * r['error']:+.0f} %", *own, *speedups])  # fmt: skip
+                          f"{r['predicted_s']:.3g}", f"{100 * r['error']:+.0f} %", *own, compute, *speedups])  # fmt: skip
         parts += [table(["N", "method", "link", "measured median (p10–p90) s", "predicted s", "error",
-                         "own one device s / predicted speed-up", "error vs own one device", "measured speed-up",
+                         "own one device s / predicted speed-up", "error vs own one device",
+                         "ranks' compute vs predicted × own one device's scale (median rank)", "measured speed-up",
                          "predicted speed-up", "speed-up error"], lines), ""]  # fmt: skip
     return "\n".join(parts)
 

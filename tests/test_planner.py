@@ -386,6 +386,14 @@ def test_validation_reports_latency_against_the_rows_own_one_device():
     assert new["error"] == pytest.approx(predicted / 2.0 - 1)  # the plain latency error stays
     text = markdown([old, new], profiles)
     assert "latency from own one device" in text and f"{100 * new['error_vs_own_single']:+.0f} %" in text
+    # The ranks' own compute (wall time less waits) against the model's, at the run's speed (its one device's scale).
+    compute = predict_astra(profile, config, 1024, LinkModel(1e9, per_message_s=0.0)).compute_s
+    scale = 3.3 / profile.forward_s(1024)
+    measured = [1.1 * c * scale for c in compute[:3]] + [1.5 * compute[3] * scale]
+    (ranked,) = validate([{**new_row, "per_rank_compute_s": measured}], profiles)
+    assert ranked["rank_compute_error_vs_own_single"] == pytest.approx(0.1)  # the median rank: 10 % beyond the model
+    assert old["rank_compute_error_vs_own_single"] is None and new["rank_compute_error_vs_own_single"] is None
+    assert "+10 %" in markdown([ranked], profiles)
 
 
 def test_validation_needs_a_profile_of_the_rows_codebook_size():
