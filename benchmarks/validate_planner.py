@@ -2,6 +2,8 @@
 
     # on each benchmark machine, with the cores and threads of one benchmark rank:
     taskset -c 0 python -m benchmarks.validate_planner calibrate --workload gpt2 --threads 1 --machine "LABEL"
+    # a benchmark host whose N ranks share it: probe all ranks of each N at once, each on its own 2 cores
+    python -m benchmarks.validate_planner calibrate --workload gpt2 --threads 2 --colocated 2 --machine "LABEL" --out DIR
     # anywhere: predict every row of docs/results/latency.json that has a profile of its machine and threads
     python -m benchmarks.validate_planner validate
     # shard sizes that balance the predicted per-rank compute (for --shard-sizes of benchmarks.run_latency)
@@ -244,18 +246,81 @@ def table(header: list[str], lines: list[list[str]]) -> str:
     return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines])
 
 
+def colocated_rank_worker(workload_name: str, tokens: int | None, codebook_size: int | None, settings: list, world: int,
+                          rank: int, cores: list[int], threads: int, repeats: int, barrier, results) -> None:  # fmt: skip
+    """One of ``world`` processes that run their loopback rank forwards at the same moments (`colocated_probes`)."""
+    os.sched_setaffinity(0, cores)
+    torch.set_num_threads(threads)
+    workload = build(workload_name, tokens=tokens)
+    inputs = {**workload.inputs, **({"logits_to_keep": 1} if workload.causal else {})}
+    out = []
+    try:
+        for groups, quantize in settings:
+            patch(workload.model, AstraConfig(num_devices=world, groups=groups, quantize=quantize, shard_sizes=None,
+                                              **({"codebook_size": codebook_size} if codebook_size else {})))  # fmt: skip
+            try:
+                forward, best = loopback_rank_forward(workload.model, rank, inputs), float("inf")
+                for round_ in range(repeats + 1):  # one warm-up round
+                    barrier.wait()
+                    started = time.perf_counter()
+                    forward()
+                    best = best if round_ == 0 else min(best, time.perf_counter() - started)
+            finally:
+                unpatch(workload.model)
+            out.append((groups, quantize, rank, best))
+    finally:
+        results.put(out)
+
+
+def colocated_probes(args, settings: list, num_tokens: int) -> list[RankProbe]:
+    """Every rank of each N of --probe-devices at once, one process per rank pinned to its own --colocated cores
+    (rank r: cores r*C .. r*C+C-1, as `benchmarks.run_latency` pins its ranks), each round started together: the
+    ranks' forwards as a benchmark host runs them, sharing its memory and caches, without a network."""
+    import multiprocessing
+
+    cores_per_rank, probes = args.colocated, []
+    context = multiprocessing.get_context("spawn")
+    for world in args.probe_devices:
+        if world * cores_per_rank > os.cpu_count():
+            raise SystemExit(f"--colocated {cores_per_rank} at N={world} needs {world * cores_per_rank} cores, this machine has {os.cpu_count()}")
+        barrier, results = context.Barrier(world), context.Queue()
+        workers = [context.Process(target=colocated_rank_worker, args=(
+            args.workload, args.tokens, args.codebook_size, settings, world, rank,
+            list(range(rank * cores_per_rank, (rank + 1) * cores_per_rank)), args.threads, args.probe_repeats, barrier, results))
+            for rank in range(world)]  # fmt: skip
+        for worker in workers:
+            worker.start()
+        answers = [results.get(timeout=1800) for _ in workers]
+        for worker in workers:
+            worker.join()
+        if any(worker.exitcode for worker in workers) or any(len(a) != len(settings) for a in answers):
+            raise SystemExit(f"a co-located rank at N={world} failed (exit codes {[w.exitcode for w in workers]})")
+        probes += [RankProbe(g, q, world, rank, num_tokens, seconds) for answer in answers for g, q, rank, seconds in answer]
+        print(f"co-located probes at N={world}: done", file=sys.stderr)
+    return probes
+
+
 def cmd_calibrate(args) -> None:
     torch.set_num_threads(args.threads)
     workload = build(args.workload, tokens=args.tokens)
+    colocated = args.colocated is not None and not args.no_rank_probe
+    if colocated and args.probe_tokens:
+        raise SystemExit("--colocated probes run at the workload's own length: leave out --probe-tokens")
     profile = calibrate_device(workload.model, num_tokens=workload.num_tokens, threads=args.threads, repeats=args.repeats,
                                groups=tuple(args.groups), codebook_size=args.codebook_size,
-                               machine=args.machine, rank_probes=not args.no_rank_probe, probe_tokens=args.probe_tokens,
-                               probe_repeats=args.probe_repeats, probe_devices=tuple(args.probe_devices))  # fmt: skip
+                               machine=args.machine, rank_probes=not args.no_rank_probe and not colocated,
+                               probe_tokens=args.probe_tokens, probe_repeats=args.probe_repeats,
+                               probe_devices=tuple(args.probe_devices))  # fmt: skip
+    if colocated:
+        settings = [(g, q) for g in args.groups if not profile.hidden_size % g for q in ("hidden", "kv")]
+        profile.rank_overhead_s = fit_rank_overheads(profile, colocated_probes(args, settings, workload.num_tokens))
+        profile.probe_tokens, profile.probe_devices = workload.num_tokens, sorted(set(args.probe_devices))
     args.out.mkdir(parents=True, exist_ok=True)
     path = profile_path(args.out, args.machine, args.workload, args.threads, profile.codebook_size)
     command = "python -m benchmarks.validate_planner " + shlex.join(sys.argv[1:])
     path.write_text(json.dumps({"machine": args.machine, "workload": args.workload, "command": command,
-                                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "profile": profile.to_dict()},
+                                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                "colocated_cores_per_rank": args.colocated if colocated else None, "profile": profile.to_dict()},
                                indent=1) + "\n")  # fmt: skip
     print(f"profile -> {path}")
 
@@ -365,6 +430,9 @@ def main(argv: list[str] | None = None) -> None:
     calibrate.add_argument("--probe-devices", type=int, nargs="+", default=list(PROBE_DEVICES),
                            help="the N of the rank probes (two or more also fit per-peer overheads)")
     calibrate.add_argument("--no-rank-probe", action="store_true", help="components only (no rank forwards: overheads 0)")
+    calibrate.add_argument("--colocated", type=int, metavar="CORES_PER_RANK",
+                           help="probe every rank of each N at once, one process per rank on its own CORES_PER_RANK cores "
+                                "(a benchmark host's ranks share its memory and caches; separate devices do not)")
     check = sub.add_parser("validate", help="predict the measured rows")
     check.add_argument("--latency", type=Path, default=REPO / "docs/results/latency.json")
     check.add_argument("--profiles", type=Path, nargs="+", default=[PROFILES],

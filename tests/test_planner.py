@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import os
 import time
 
 import pytest
@@ -570,3 +571,17 @@ def test_plan_calibrates_with_rank_probes_when_asked():
     assert plain.profile.rank_overhead_s == {} and plain.summary().splitlines()[0].endswith("(no rank probes)")
     with pytest.raises(ValueError, match="rank_probes"):
         astra.plan(model, num_tokens=64, num_devices=2, groups=(8,), rank_probes="yes")
+
+
+def test_colocated_probes_run_every_rank_at_once_on_its_own_cores():
+    from types import SimpleNamespace
+
+    from benchmarks.validate_planner import colocated_probes
+
+    args = SimpleNamespace(workload="gpt2", tokens=16, codebook_size=None, colocated=1, probe_devices=[2], threads=1, probe_repeats=1)
+    probes = colocated_probes(args, [(8, "hidden")], 16)
+    assert sorted((p.num_devices, p.rank, p.groups, p.quantize, p.num_tokens) for p in probes) == [(2, 0, 8, "hidden", 16),
+                                                                                                  (2, 1, 8, "hidden", 16)]  # fmt: skip
+    assert all(0 < p.seconds < 60 for p in probes)
+    with pytest.raises(SystemExit, match="needs .* cores"):
+        colocated_probes(SimpleNamespace(**{**vars(args), "probe_devices": [os.cpu_count() + 1]}), [(8, "hidden")], 16)
