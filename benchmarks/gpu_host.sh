@@ -224,10 +224,10 @@ step gpt2-n4-g1 30 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --
 # the same call to validate against (ViT G=8 kv and hidden at 10 Mbps and compute only, GPT2 G=1/32 hidden compute
 # only; ~45 s per ViT step and ~70 s for GPT2, estimated from the timeline comment above, not measured):
 #   STEPS='^(vit-n4-g8-kv|vit-n4-g8-hidden|calibrate-.*|gpt2-n4-compute)$' BUDGET_S=330 bash benchmarks/gpu_host.sh OUT
-step calibrate-gpt2 70 calibrate --workload gpt2 "${tokens[@]}"
-step calibrate-vit 30 calibrate --workload vit
+step calibrate-gpt2 110 calibrate --workload gpt2 "${tokens[@]}"
+step calibrate-vit 35 calibrate --workload vit
 # GPT2 at K=256 (goal 1's G=32 kv K=256 rows), G=16 and 32 only: about half of calibrate-gpt2 (estimated).
-step calibrate-gpt2-k256 40 calibrate --workload gpt2 "${tokens[@]}" --codebook-size 256 --groups 16 32
+step calibrate-gpt2-k256 65 calibrate --workload gpt2 "${tokens[@]}" --codebook-size 256 --groups 16 32
 # Packet loss (issue 11 item 9) on this host's links, if time is left: the default setting and the fastest.
 step gpt2-n4-loss 60 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 32 1 --quantize hidden --links real \
     --bandwidths 10 --loss 1 5

@@ -2,10 +2,15 @@
 
     # on each benchmark machine, with the cores and threads of one benchmark rank:
     taskset -c 0 python -m benchmarks.validate_planner calibrate --workload gpt2 --threads 1 --machine "LABEL"
+    # a benchmark host whose N ranks share it: probe all ranks of each N at once, each on its own 2 cores
+    python -m benchmarks.validate_planner calibrate --workload gpt2 --threads 2 --colocated 2 --machine "LABEL" --out DIR
     # anywhere: predict every row of docs/results/latency.json that has a profile of its machine and threads
     python -m benchmarks.validate_planner validate
     # shard sizes that balance the predicted per-rank compute (for --shard-sizes of benchmarks.run_latency)
     python -m benchmarks.validate_planner balance --workload gpt2 --n 4 --groups 1 --quantize hidden
+    # do rank overheads fitted at some N predict other N? Loopback ranks at each N, fitted on subsets, predicted all
+    taskset -c 0 python -m benchmarks.validate_planner held-out --workload gpt2 --threads 1 --machine "LABEL" \
+        --devices 2 4 6 8 --fit 4 8 --out docs/results/raw/planner-held-out-LABEL.json
 
 Profiles live in docs/results/device_profiles/*.json (one per machine label, workload and threads; the
 label must be the rows' ``machine``). `validate` writes docs/results/planner_validation.json and
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import statistics
@@ -32,7 +38,10 @@ from pathlib import Path
 import torch
 
 from transformers_astra import AstraConfig
-from transformers_astra.planner import GROUPS, DeviceProfile, LinkModel, balanced_shard_sizes, calibrate_device, predict_astra, predict_baseline
+from transformers_astra import patch, unpatch
+from transformers_astra.planner import (GROUPS, PROBE_DEVICES, DeviceProfile, LinkModel, RankProbe, _interleaved_best,
+                                       balanced_shard_sizes, calibrate_device, fit_rank_overheads, loopback_rank_forward,
+                                       predict_astra, predict_baseline, probed_at, rank_compute_s)  # fmt: skip
 
 from .workloads import build
 
@@ -79,14 +88,28 @@ def link_for(row: dict) -> LinkModel:
 
 
 def predict_row(profile: DeviceProfile, row: dict) -> float:
+    return prediction_of_row(profile, row).latency_s
+
+
+def prediction_of_row(profile: DeviceProfile, row: dict):
     link = link_for(row)
     if row["method"] == "astra":
         settings = row.get("settings") or {}
         config = AstraConfig(num_devices=row["N"], groups=row["G"], quantize=row["quantize"],
                              codebook_size=row.get("codebook_size") or 1024, shard_sizes=settings.get("shard_sizes"))  # fmt: skip
         table = settings.get("projection_table", False)  # rows without settings predate the tables
-        return predict_astra(profile, config, row["tokens"], link, projection_table=table).latency_s
-    return predict_baseline(profile, row["method"], row["tokens"], row["N"], link).latency_s
+        return predict_astra(profile, config, row["tokens"], link, projection_table=table)
+    return predict_baseline(profile, row["method"], row["tokens"], row["N"], link)
+
+
+def rank_compute_error(row: dict, predicted_compute: list[float], own_scale: float | None) -> float | None:
+    """Median over the ranks of (measured compute / (predicted compute × own scale) - 1): the ranks' own compute
+    (`DistributedRuntime.timings`: wall time less waits for peers, rows' ``per_rank_compute_s``) against the model's,
+    scaled as the row's own one device is against the predicted one (the machine's speed in that run)."""
+    measured = row.get("per_rank_compute_s")
+    if not measured or own_scale is None or len(measured) != len(predicted_compute):
+        return None
+    return statistics.median(m / (p * own_scale) - 1 for m, p in zip(measured, predicted_compute))
 
 
 def validate(latency: list[dict], profiles: dict[tuple, DeviceProfile], skipped: list | None = None) -> list[dict]:
@@ -105,7 +128,8 @@ def validate(latency: list[dict], profiles: dict[tuple, DeviceProfile], skipped:
             if skipped is not None and (machine_key(row["machine"]), row["model"], row.get("threads_per_rank")) in profiled:
                 skipped.append(row)
             continue  # no profile of this machine, threads and K, or it did not time this G
-        predicted = predict_row(profile, row)
+        prediction = prediction_of_row(profile, row)
+        predicted = prediction.latency_s
         single = predict_baseline(profile, "single", row["tokens"], 1, link_for(row)).latency_s
         measured_speedup = row.get("speedup_vs_single")
         predicted_speedup = single / predicted
@@ -127,6 +151,7 @@ def validate(latency: list[dict], profiles: dict[tuple, DeviceProfile], skipped:
             "measured_single_s": own_single, "predicted_from_own_single_s": own_predicted,
             "error_vs_own_single": None if own_predicted is None else (own_predicted - row["median_s"]) / row["median_s"],
             "profile_date": profile.date, "profile_rank_overheads": bool(profile.rank_overhead_s),
+            "rank_compute_error_vs_own_single": rank_compute_error(row, prediction.compute_s, own_single / single if own_single else None),
         })  # fmt: skip
     return out
 
@@ -164,7 +189,10 @@ def markdown(rows: list[dict], profiles: dict[tuple, DeviceProfile], commands: d
               "measured median. Speed-up: the predicted speed-up over one device (both predicted) against the measured "
               "one (the row's baseline). A machine that is uniformly slower or faster at calibration than during the "
               "rows (shared machines; rows and profiles measured in other calls, possibly on other hosts of a kind) "
-              "shifts the first, not the other two. Profile with rank overheads: calibrated with rank forwards without a network "
+              "shifts the first, not the other two. Per row, the ranks' compute (rows that record each rank's wall time "
+              "less its waits for peers, `per_rank_compute_s`) against the predicted per-rank compute scaled as the row's own one "
+              "device is against the predicted one: what the ranks computed beyond the model at that run's machine speed "
+              "(the waits on peers and links excluded). Profile with rank overheads: calibrated with rank forwards without a network "
               "(`calibrate_device(rank_probes=True)`, `fit_rank_overheads`; profiles of 2026-11-27 timed the benchmarks' "
               "emulated rank, `benchmarks.links` compute mode, which the library's loopback rank replaced; `calibrate --no-rank-probe` leaves them out); without: the components alone.",
               "",
@@ -175,18 +203,21 @@ def markdown(rows: list[dict], profiles: dict[tuple, DeviceProfile], commands: d
     if probed:
         settings = sorted({s for _, p in probed for s in p.rank_overhead_s}, key=lambda s: (int(s.split("/")[0]), s))
         parts += ["## Rank overheads",
-                  "Per layer, what a rank's forward without a network (ranks 0 and N-1 of N, the profile's length) took "
-                  "beyond the components, fitted by `fit_rank_overheads` (ms, send / receive; bidirectional models: every "
-                  "rank does both, so the sum is split evenly). Negative: the components overstate that rank.",
+                  "Per layer, what a rank's forward without a network (ranks 0 and N-1 of each N probed, and since "
+                  "version-3 profiles rank N/2 of the largest N; the profile's length) took beyond the components, fitted by "
+                  "`fit_rank_overheads` (ms, send / receive; profiles probed at several N add send per receiver / receive per "
+                  "source / common: a rank sending to r ranks costs send + r × per receiver, one receiving from s ranks "
+                  "receive + s × per source, and every rank with a peer common; bidirectional models: every rank does "
+                  "both, so the sums are split evenly and common is not fitted). Negative: the components overstate that rank.",
                   "",
                   table(["profile", "N, tokens", *settings],
-                        [[f"{key[1]}, {key[2]} thread(s), K={key[3]}, {key[0].split(':')[0]}, {p.date}", f"{p.probe_devices}, {p.probe_tokens}",
+                        [[f"{key[1]}, {key[2]} thread(s), K={key[3]}, {key[0].split(':')[0]}, {p.date}", f"{probed_at(p)}, {p.probe_tokens}",
                           *[" / ".join(f"{1e3 * v:+.2f}" for v in p.rank_overhead_s[s]) if s in p.rank_overhead_s else ""
                             for s in settings]] for key, p in probed]), ""]  # fmt: skip
     for (machine, model, tokens), group in sorted(groups.items()):
         key = next((k for k in sorted(profiles, key=lambda k: k[3] != DEFAULT_K) if k[0] == machine_key(machine) and k[1] == model), None)
         profile = profiles[key] if key else None
-        overheads = profile and (f", rank overheads probed at {profile.probe_tokens} tokens, N={profile.probe_devices}"
+        overheads = profile and (f", rank overheads probed at {profile.probe_tokens} tokens, N={probed_at(profile)}"
                                  if profile.rank_overhead_s else ", components only")  # fmt: skip
         parts.append(f"## {model}, {tokens} tokens — {machine}" + (f" (profile {profile.date}, {profile.threads} thread(s){overheads})" if profile else ""))
         if profile and (commands or {}).get(key):
@@ -200,10 +231,12 @@ def markdown(rows: list[dict], profiles: dict[tuple, DeviceProfile], commands: d
             own = ("", "") if r.get("error_vs_own_single") is None else (
                 f"{r['measured_single_s']:.3g} / {r['predicted_speedup']:.2f} = {r['predicted_from_own_single_s']:.3g}",
                 f"{100 * r['error_vs_own_single']:+.0f} %")
+            compute = "" if r.get("rank_compute_error_vs_own_single") is None else f"{100 * r['rank_compute_error_vs_own_single']:+.0f} %"
             lines.append([str(r["N"]), r["label"], link, f"{r['measured_s']:.3g} ({r['measured_p10_s']:.3g}–{r['measured_p90_s']:.3g})",
-                          f"{r['predicted_s']:.3g}", f"{100 * r['error']:+.0f} %", *own, *speedups])  # fmt: skip
+                          f"{r['predicted_s']:.3g}", f"{100 * r['error']:+.0f} %", *own, compute, *speedups])  # fmt: skip
         parts += [table(["N", "method", "link", "measured median (p10–p90) s", "predicted s", "error",
-                         "own one device s / predicted speed-up", "error vs own one device", "measured speed-up",
+                         "own one device s / predicted speed-up", "error vs own one device",
+                         "ranks' compute vs predicted × own one device's scale (median rank)", "measured speed-up",
                          "predicted speed-up", "speed-up error"], lines), ""]  # fmt: skip
     return "\n".join(parts)
 
@@ -213,18 +246,81 @@ def table(header: list[str], lines: list[list[str]]) -> str:
     return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines])
 
 
+def colocated_rank_worker(workload_name: str, tokens: int | None, codebook_size: int | None, settings: list, world: int,
+                          rank: int, cores: list[int], threads: int, repeats: int, barrier, results) -> None:  # fmt: skip
+    """One of ``world`` processes that run their loopback rank forwards at the same moments (`colocated_probes`)."""
+    os.sched_setaffinity(0, cores)
+    torch.set_num_threads(threads)
+    workload = build(workload_name, tokens=tokens)
+    inputs = {**workload.inputs, **({"logits_to_keep": 1} if workload.causal else {})}
+    out = []
+    try:
+        for groups, quantize in settings:
+            patch(workload.model, AstraConfig(num_devices=world, groups=groups, quantize=quantize, shard_sizes=None,
+                                              **({"codebook_size": codebook_size} if codebook_size else {})))  # fmt: skip
+            try:
+                forward, best = loopback_rank_forward(workload.model, rank, inputs), float("inf")
+                for round_ in range(repeats + 1):  # one warm-up round
+                    barrier.wait()
+                    started = time.perf_counter()
+                    forward()
+                    best = best if round_ == 0 else min(best, time.perf_counter() - started)
+            finally:
+                unpatch(workload.model)
+            out.append((groups, quantize, rank, best))
+    finally:
+        results.put(out)
+
+
+def colocated_probes(args, settings: list, num_tokens: int) -> list[RankProbe]:
+    """Every rank of each N of --probe-devices at once, one process per rank pinned to its own --colocated cores
+    (rank r: cores r*C .. r*C+C-1, as `benchmarks.run_latency` pins its ranks), each round started together: the
+    ranks' forwards as a benchmark host runs them, sharing its memory and caches, without a network."""
+    import multiprocessing
+
+    cores_per_rank, probes = args.colocated, []
+    context = multiprocessing.get_context("spawn")
+    for world in args.probe_devices:
+        if world * cores_per_rank > os.cpu_count():
+            raise SystemExit(f"--colocated {cores_per_rank} at N={world} needs {world * cores_per_rank} cores, this machine has {os.cpu_count()}")
+        barrier, results = context.Barrier(world), context.Queue()
+        workers = [context.Process(target=colocated_rank_worker, args=(
+            args.workload, args.tokens, args.codebook_size, settings, world, rank,
+            list(range(rank * cores_per_rank, (rank + 1) * cores_per_rank)), args.threads, args.probe_repeats, barrier, results))
+            for rank in range(world)]  # fmt: skip
+        for worker in workers:
+            worker.start()
+        answers = [results.get(timeout=1800) for _ in workers]
+        for worker in workers:
+            worker.join()
+        if any(worker.exitcode for worker in workers) or any(len(a) != len(settings) for a in answers):
+            raise SystemExit(f"a co-located rank at N={world} failed (exit codes {[w.exitcode for w in workers]})")
+        probes += [RankProbe(g, q, world, rank, num_tokens, seconds) for answer in answers for g, q, rank, seconds in answer]
+        print(f"co-located probes at N={world}: done", file=sys.stderr)
+    return probes
+
+
 def cmd_calibrate(args) -> None:
     torch.set_num_threads(args.threads)
     workload = build(args.workload, tokens=args.tokens)
+    colocated = args.colocated is not None and not args.no_rank_probe
+    if colocated and args.probe_tokens:
+        raise SystemExit("--colocated probes run at the workload's own length: leave out --probe-tokens")
     profile = calibrate_device(workload.model, num_tokens=workload.num_tokens, threads=args.threads, repeats=args.repeats,
                                groups=tuple(args.groups), codebook_size=args.codebook_size,
-                               machine=args.machine, rank_probes=not args.no_rank_probe, probe_tokens=args.probe_tokens,
-                               probe_repeats=args.probe_repeats)  # fmt: skip
+                               machine=args.machine, rank_probes=not args.no_rank_probe and not colocated,
+                               probe_tokens=args.probe_tokens, probe_repeats=args.probe_repeats,
+                               probe_devices=tuple(args.probe_devices))  # fmt: skip
+    if colocated:
+        settings = [(g, q) for g in args.groups if not profile.hidden_size % g for q in ("hidden", "kv")]
+        profile.rank_overhead_s = fit_rank_overheads(profile, colocated_probes(args, settings, workload.num_tokens))
+        profile.probe_tokens, profile.probe_devices = workload.num_tokens, sorted(set(args.probe_devices))
     args.out.mkdir(parents=True, exist_ok=True)
     path = profile_path(args.out, args.machine, args.workload, args.threads, profile.codebook_size)
     command = "python -m benchmarks.validate_planner " + shlex.join(sys.argv[1:])
     path.write_text(json.dumps({"machine": args.machine, "workload": args.workload, "command": command,
-                                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "profile": profile.to_dict()},
+                                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                "colocated_cores_per_rank": args.colocated if colocated else None, "profile": profile.to_dict()},
                                indent=1) + "\n")  # fmt: skip
     print(f"profile -> {path}")
 
@@ -263,6 +359,60 @@ def cmd_balance(args) -> None:
               f"{' / '.join(f'{t:.3g}' for t in balanced)} s; slowest rank {max(even) / max(balanced):.3f}x faster", file=sys.stderr)
 
 
+def cmd_held_out(args) -> None:
+    """Loopback rank forwards (ranks 0, N/2 and N-1) at every N of --devices; overheads fitted, as `calibrate_device`
+    would, on each N of --fit alone and on all of them (and without the middle rank); every probe predicted by each
+    fit (components only, too). JSON rows and a summary printed."""
+    torch.set_num_threads(args.threads)
+    workload = build(args.workload, tokens=args.tokens)
+    model = workload.model
+    started = time.time()
+    profile = calibrate_device(model, num_tokens=workload.num_tokens, threads=args.threads, repeats=args.repeats,
+                               groups=tuple(args.groups), machine=args.machine)  # fmt: skip
+    inputs = {k: v for k, v in workload.inputs.items()}
+    if workload.causal:
+        inputs["logits_to_keep"] = 1
+    probes = []
+    for g in args.groups:
+        for quantize in args.quantize:
+            for n in args.devices:
+                ranks = sorted({0, n // 2, n - 1}) if workload.causal else [0]
+                patch(model, AstraConfig(num_devices=n, groups=g, quantize=quantize, shard_sizes=None))
+                try:
+                    timed = _interleaved_best([loopback_rank_forward(model, r, inputs) for r in ranks], args.probe_repeats)
+                finally:
+                    unpatch(model)
+                probes += [RankProbe(g, quantize, n, r, workload.num_tokens, t) for r, t in zip(ranks, timed)]
+    def probed(fit: list[int]) -> list[RankProbe]:  # the ranks calibrate_device(probe_devices=fit) times
+        return [p for p in probes if p.num_devices in fit and (p.rank in (0, p.num_devices - 1) or not workload.causal
+                                                               or (p.num_devices == max(fit) and p.rank == p.num_devices // 2))]
+
+    fits = {"components only": {}, **{f"fit N={n}": fit_rank_overheads(profile, probed([n])) for n in args.fit},
+            "fit N=" + " and ".join(map(str, args.fit)): fit_rank_overheads(profile, probed(args.fit)),
+            "fit N=" + " and ".join(map(str, args.fit)) + ", no middle rank": fit_rank_overheads(
+                profile, [p for p in probed(args.fit) if p.rank in (0, p.num_devices - 1)])}  # fmt: skip
+    rows = []
+    for p in probes:
+        config = AstraConfig(num_devices=p.num_devices, groups=p.groups, quantize=p.quantize, shard_sizes=None)
+        predicted = {name: rank_compute_s(DeviceProfile.from_dict({**profile.to_dict(), "rank_overhead_s": fitted}), config,
+                                          p.num_tokens, p.rank) for name, fitted in fits.items()}  # fmt: skip
+        rows.append({"G": p.groups, "quantize": p.quantize, "N": p.num_devices, "rank": p.rank, "measured_s": p.seconds,
+                     "predicted_s": predicted, "error": {k: v / p.seconds - 1 for k, v in predicted.items()}})  # fmt: skip
+    command = "python -m benchmarks.validate_planner " + shlex.join(sys.argv[1:])
+    result = {"machine": args.machine, "workload": args.workload, "threads": args.threads, "command": command,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seconds": round(time.time() - started, 1),
+              "load_average_1m": os.getloadavg()[0], "overheads_ms": {k: {s: [round(1e3 * x, 3) for x in v] for s, v in f.items()}
+                                                                      for k, f in fits.items()},
+              "rows": rows, "profile": profile.to_dict()}  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    for name in fits:
+        per_n = {n: [abs(r["error"][name]) for r in rows if r["N"] == n] for n in args.devices}
+        print(f"{name:24s} " + "  ".join(f"N={n}: median |error| {100 * statistics.median(e):4.1f} %, largest {100 * max(e):4.1f} %"
+                                         for n, e in per_n.items()))  # fmt: skip
+    print(f"-> {args.out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -277,7 +427,12 @@ def main(argv: list[str] | None = None) -> None:
     calibrate.add_argument("--groups", type=int, nargs="+", default=list(GROUPS), help="G of the settings timed")
     calibrate.add_argument("--probe-tokens", type=int, help="length of the timed rank forwards (default: calibrate_device's)")
     calibrate.add_argument("--probe-repeats", type=int, default=2, help="timed forwards per probed rank (after a warm-up)")
+    calibrate.add_argument("--probe-devices", type=int, nargs="+", default=list(PROBE_DEVICES),
+                           help="the N of the rank probes (two or more also fit per-peer overheads)")
     calibrate.add_argument("--no-rank-probe", action="store_true", help="components only (no rank forwards: overheads 0)")
+    calibrate.add_argument("--colocated", type=int, metavar="CORES_PER_RANK",
+                           help="probe every rank of each N at once, one process per rank on its own CORES_PER_RANK cores "
+                                "(a benchmark host's ranks share its memory and caches; separate devices do not)")
     check = sub.add_parser("validate", help="predict the measured rows")
     check.add_argument("--latency", type=Path, default=REPO / "docs/results/latency.json")
     check.add_argument("--profiles", type=Path, nargs="+", default=[PROFILES],
@@ -293,8 +448,20 @@ def main(argv: list[str] | None = None) -> None:
     balance.add_argument("--machine")
     balance.add_argument("--predict", action="store_true", help="also print the predicted per-rank compute (stderr)")
     balance.add_argument("--profiles", type=Path, nargs=1, default=[PROFILES])
+    held = sub.add_parser("held-out", help="do rank overheads fitted at some N predict rank forwards at other N?")
+    held.add_argument("--workload", choices=("gpt2", "vit", "llama"), required=True)
+    held.add_argument("--threads", type=int, required=True)
+    held.add_argument("--machine", required=True)
+    held.add_argument("--tokens", type=int, help="prefill length (causal workloads)")
+    held.add_argument("--repeats", type=int, default=3)
+    held.add_argument("--probe-repeats", type=int, default=2)
+    held.add_argument("--groups", type=int, nargs="+", default=[1, 32])
+    held.add_argument("--quantize", nargs="+", default=["hidden", "kv"], choices=["hidden", "kv"])
+    held.add_argument("--devices", type=int, nargs="+", default=[2, 4, 6, 8], help="the N of the timed rank forwards")
+    held.add_argument("--fit", type=int, nargs="+", default=list(PROBE_DEVICES), help="the N whose ranks 0 and N-1 are fitted")
+    held.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    {"calibrate": cmd_calibrate, "validate": cmd_validate, "balance": cmd_balance}[args.command](args)
+    {"calibrate": cmd_calibrate, "validate": cmd_validate, "balance": cmd_balance, "held-out": cmd_held_out}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """The planner's cost model: limits, monotonicity, the runtime's byte formula, named errors."""
 
 import dataclasses
+import json
 import math
+import os
 import time
 
 import pytest
@@ -202,11 +204,11 @@ def test_calibration_measures_positive_rates_and_leaves_a_patched_model_alone(wo
     assert result.summary().splitlines()[0].startswith("ASTRA plan:")
 
 
-def probes_of(profile: DeviceProfile, ranks: list[int], tokens: int, settings=((1, "hidden"), (32, "kv"))) -> list:
+def probes_of(profile: DeviceProfile, ranks: list[int], tokens: int, settings=((1, "hidden"), (32, "kv")), world: int = 4) -> list:
     """What a rank forward would measure if the device were exactly ``profile`` (its overheads included)."""
     return [
-        RankProbe(g, q, 4, rank, tokens, rank_compute_s(profile, astra.AstraConfig(num_devices=4, groups=g, quantize=q, shard_sizes=None),
-                                                        tokens, rank))  # fmt: skip
+        RankProbe(g, q, world, rank, tokens, rank_compute_s(profile, astra.AstraConfig(num_devices=world, groups=g, quantize=q,
+                                                                                       shard_sizes=None), tokens, rank))  # fmt: skip
         for g, q in settings
         for rank in ranks
     ]
@@ -226,6 +228,47 @@ def test_fit_rank_overheads_recovers_known_send_and_receive_overheads():
         assert rank_compute_s(with_fit, config, tokens, 1) == pytest.approx(rank_compute_s(measured, config, tokens, 1))
         assert rank_compute_s(with_fit, config, tokens, 1) - rank_compute_s(gpt2_profile(), config, tokens, 1) == pytest.approx(
             12 * (truth["32/kv"][0] + truth["32/kv"][1]))
+
+
+def test_fit_rank_overheads_at_two_n_predicts_overheads_that_grow_with_the_peers():
+    # A device whose rank overheads grow with the number of peers (per layer: 1 ms + 0.5 ms per receiver to send,
+    # 0.2 ms + 1.5 ms per source to receive, and 2 ms for every rank with a peer): probes at N=4 alone fit N=4 and
+    # miss N=8; probes at N=4 and 8 (with a middle rank, which both sends and receives) fit every rank at every N.
+    truth = {"1/hidden": [1e-3, 2e-4, 5e-4, 1.5e-3, 2e-3], "32/kv": [-1e-3, 3e-3, 5e-4, 1.5e-3, -5e-4]}  # per-peer: shared
+    measured = gpt2_profile(rank_overhead_s=truth)
+    two_n = probes_of(measured, [0, 3], 1024) + probes_of(measured, [0, 4, 7], 1024, world=8)
+    fitted = fit_rank_overheads(gpt2_profile(), two_n)
+    for key, values in truth.items():
+        assert fitted[key] == pytest.approx(values, rel=1e-6, abs=1e-12)
+    # Without the middle rank the common part cannot be told apart: it goes into send and receive (0 for common).
+    ends = fit_rank_overheads(gpt2_profile(), probes_of(measured, [0, 3], 1024) + probes_of(measured, [0, 7], 1024, world=8))
+    assert ends["1/hidden"] == pytest.approx([3e-3, 2.2e-3, 5e-4, 1.5e-3], rel=1e-6)
+    one_n = fit_rank_overheads(gpt2_profile(), probes_of(measured, [0, 3], 1024))
+    assert all(len(v) == 2 for v in one_n.values())  # one N: the fixed parts only, as version-2 profiles
+    one_n_middle = fit_rank_overheads(gpt2_profile(), probes_of(measured, [0, 2, 3], 1024))  # + common, still no per-peer part
+    assert all(len(v) == 5 and v[2:4] == [0.0, 0.0] for v in one_n_middle.values())
+    with_two, with_one = gpt2_profile(rank_overhead_s=fitted), gpt2_profile(rank_overhead_s=one_n)
+    for world in (2, 4, 6, 8, 16):
+        config = astra.AstraConfig(num_devices=world, groups=1, quantize="hidden", shard_sizes=None)
+        for rank in range(world):  # every rank, probed or not, at every N
+            assert rank_compute_s(with_two, config, 1024, rank) == pytest.approx(rank_compute_s(measured, config, 1024, rank), rel=1e-9)
+        assert predict_astra(with_two, config, 1024, LinkModel(10)).latency_s == pytest.approx(
+            predict_astra(measured, config, 1024, LinkModel(10)).latency_s, rel=1e-9)
+    config = astra.AstraConfig(num_devices=8, groups=1, quantize="hidden", shard_sizes=None)
+    missed = rank_compute_s(measured, config, 1024, 7) - rank_compute_s(with_one, config, 1024, 7)
+    assert missed == pytest.approx(12 * 1.5e-3 * (7 - 3))  # 4 more sources than at N=4, 1.5 ms each and layer
+    doubled = rank_compute_s(gpt2_profile(rank_overhead_s=ends), config, 1024, 4) - rank_compute_s(measured, config, 1024, 4)
+    assert doubled == pytest.approx(12 * 2e-3)  # a middle rank, fitted from the end ranks only, pays the common part twice
+    # Bidirectional: every rank sends to and receives from N-1 peers; two N give the fixed and per-peer sums, split evenly.
+    vit_truth = {"8/hidden": [1e-3, 3e-3, 2e-4, 6e-4]}
+    vit_measured = dataclasses.replace(vit_profile(), rank_overhead_s=vit_truth)
+    vit_fit = fit_rank_overheads(vit_profile(), probes_of(vit_measured, [0], 197, ((8, "hidden"),))
+                                 + probes_of(vit_measured, [0], 197, ((8, "hidden"),), world=8))  # fmt: skip
+    assert vit_fit["8/hidden"] == pytest.approx([2e-3, 2e-3, 4e-4, 4e-4])
+    for world in (2, 4, 8):
+        vit_config = astra.AstraConfig(num_devices=world, groups=8, quantize="hidden")
+        assert predict_astra(dataclasses.replace(vit_profile(), rank_overhead_s=vit_fit), vit_config, 197, fast_link()).latency_s == (
+            pytest.approx(predict_astra(vit_measured, vit_config, 197, fast_link()).latency_s))
 
 
 def test_fit_rank_overheads_bidirectional_splits_the_sum_evenly():
@@ -257,7 +300,17 @@ def test_measured_rank_overheads_can_make_plan_recommend_one_device():
 def test_profile_versions_old_loads_unknown_fails_clearly():
     old = {k: v for k, v in gpt2_profile().to_dict().items() if k not in ("rank_overhead_s", "probe_tokens", "probe_devices")}
     loaded = DeviceProfile.from_dict({**old, "version": 1})
-    assert loaded.rank_overhead_s == {} and loaded.version == 1
+    assert loaded.rank_overhead_s == {} and loaded.version == 1 and loaded.probe_devices == []
+    # Version 2: one N of probes as an int, [send, receive] per setting; predicts as before (no per-peer parts).
+    v2 = DeviceProfile.from_dict({**old, "version": 2, "rank_overhead_s": {"8/hidden": [1e-3, 2e-3]}, "probe_tokens": 1024,
+                                  "probe_devices": 4})  # fmt: skip
+    assert v2.probe_devices == [4] and v2.version == 2
+    assert DeviceProfile.from_dict({**old, "version": 2, "probe_devices": 0}).probe_devices == []
+    for world in (4, 8):
+        config = astra.AstraConfig(num_devices=world, groups=8, quantize="hidden", shard_sizes=None)
+        assert rank_compute_s(v2, config, 1024, world - 1) - rank_compute_s(gpt2_profile(), config, 1024, world - 1) == pytest.approx(12 * 2e-3)
+    v3 = gpt2_profile(rank_overhead_s={"8/hidden": [1e-3, 2e-3, 1e-4, 3e-4]}, probe_tokens=1024, probe_devices=[4, 8])
+    assert v3.version == 3 and DeviceProfile.from_dict(json.loads(json.dumps(v3.to_dict()))) == v3
     config = astra.AstraConfig(num_devices=4, groups=8)
     assert predict_astra(loaded, config, 1024, fast_link()).latency_s == predict_astra(gpt2_profile(), config, 1024, fast_link()).latency_s
     with pytest.raises(ValueError, match="version 99 .*calibrate again"):
@@ -274,16 +327,43 @@ def test_calibration_times_every_setting_on_patched_ranks_and_fits_them():
         return lambda: time.sleep(0.02 + 0.01 * rank)
 
     profile = astra.calibrate_device(built.model, num_tokens=48, groups=(1, 4), repeats=1, progress=False,
-                                     rank_forward=rank_forward, probe_tokens=32, probe_repeats=2)  # fmt: skip
+                                     rank_forward=rank_forward, probe_tokens=32, probe_repeats=2, probe_devices=4)  # fmt: skip
     assert not astra.is_patched(built.model)
-    assert sorted(set(calls)) == sorted((g, q, 4, r, 32) for g in (1, 4) for q in ("hidden", "kv") for r in (0, 3))
+    assert sorted(set(calls)) == sorted((g, q, 4, r, 32) for g in (1, 4) for q in ("hidden", "kv") for r in (0, 2, 3))
     assert set(profile.rank_overhead_s) == {"1/hidden", "1/kv", "4/hidden", "4/kv"}
-    assert (profile.probe_tokens, profile.probe_devices, profile.version) == (32, 4, 2)
+    assert (profile.probe_tokens, profile.probe_devices, profile.version) == (32, [4], 3)
     for g in (1, 4):
         config = astra.AstraConfig(num_devices=4, groups=g, quantize="kv", shard_sizes=None)
-        for rank, slept in ((0, 0.02), (3, 0.05)):  # the fitted profile reproduces each probed rank's time
+        for rank, slept in ((0, 0.02), (2, 0.04), (3, 0.05)):  # the fitted profile reproduces each probed rank's time
             assert rank_compute_s(profile, config, 32, rank) == pytest.approx(slept, rel=0.5)
     assert DeviceProfile.from_dict(profile.to_dict()) == profile
+
+
+def test_calibration_probes_two_n_by_default_and_fits_per_peer_overheads():
+    built = build("gpt2", small=True)
+    calls = []
+
+    def rank_forward(model, rank, inputs):  # the last rank's time grows with its sources (N-1): a per-peer cost
+        config = astra_state(model).config
+        calls.append((config.num_devices, rank))
+        return lambda: time.sleep(0.01 if rank == 0 else 0.005 * (config.num_devices - 1))
+
+    profile = astra.calibrate_device(built.model, num_tokens=48, groups=(4,), repeats=1, progress=False, rank_forward=rank_forward,
+                                     probe_tokens=32, probe_repeats=2)  # fmt: skip
+    assert sorted(set(calls)) == [(4, 0), (4, 3), (8, 0), (8, 4), (8, 7)] and profile.probe_devices == [4, 8]
+    assert all(len(v) == 5 for v in profile.rank_overhead_s.values())
+    for world in (4, 8):
+        config = astra.AstraConfig(num_devices=world, groups=4, quantize="kv", shard_sizes=None)
+        last = rank_compute_s(profile, config, 32, world - 1)
+        assert last == pytest.approx(0.005 * (world - 1), rel=0.5)  # both N reproduced, from one profile
+    per_source = profile.rank_overhead_s["4/kv"][3]
+    assert per_source * 2 == pytest.approx(0.005, rel=0.5)  # 5 ms per source over the small model's 2 layers
+    with pytest.raises(ValueError, match="probe_devices"):
+        astra.calibrate_device(built.model, num_tokens=48, groups=(4,), repeats=1, progress=False, rank_forward=rank_forward,
+                               probe_devices=(4, 1))  # fmt: skip
+    with pytest.raises(ValueError, match="probe_devices"):
+        astra.calibrate_device(built.model, num_tokens=48, groups=(4,), repeats=1, progress=False, rank_forward=rank_forward,
+                               probe_devices=())  # fmt: skip
 
 
 def test_validation_reports_latency_against_the_rows_own_one_device():
@@ -307,6 +387,14 @@ def test_validation_reports_latency_against_the_rows_own_one_device():
     assert new["error"] == pytest.approx(predicted / 2.0 - 1)  # the plain latency error stays
     text = markdown([old, new], profiles)
     assert "latency from own one device" in text and f"{100 * new['error_vs_own_single']:+.0f} %" in text
+    # The ranks' own compute (wall time less waits) against the model's, at the run's speed (its one device's scale).
+    compute = predict_astra(profile, config, 1024, LinkModel(1e9, per_message_s=0.0)).compute_s
+    scale = 3.3 / profile.forward_s(1024)
+    measured = [1.1 * c * scale for c in compute[:3]] + [1.5 * compute[3] * scale]
+    (ranked,) = validate([{**new_row, "per_rank_compute_s": measured}], profiles)
+    assert ranked["rank_compute_error_vs_own_single"] == pytest.approx(0.1)  # the median rank: 10 % beyond the model
+    assert old["rank_compute_error_vs_own_single"] is None and new["rank_compute_error_vs_own_single"] is None
+    assert "+10 %" in markdown([ranked], profiles)
 
 
 def test_validation_needs_a_profile_of_the_rows_codebook_size():
@@ -446,20 +534,22 @@ def test_calibration_with_rank_probes_fits_every_setting_and_plan_uses_them(name
     with pytest.raises(ValueError, match="rank_probes must be True or False"):
         astra.calibrate_device(built.model, rank_probes="yes")
     settings = {f"{g}/{q}" for g in (1, 4) for q in ("hidden", "kv")}
-    assert profile.version == 2 and set(profile.rank_overhead_s) == settings
-    assert all(len(v) == 2 and all(map(math.isfinite, v)) for v in profile.rank_overhead_s.values())
-    assert (profile.probe_devices, profile.probe_tokens) == (4, 48 if built.causal else 17)
-    if not built.causal:  # every ViT rank sends and receives: the fitted sum is split evenly
-        assert all(send == pytest.approx(receive) for send, receive in profile.rank_overhead_s.values())
+    assert profile.version == 3 and set(profile.rank_overhead_s) == settings
+    assert all(len(v) == (5 if built.causal else 4) and all(map(math.isfinite, v)) for v in profile.rank_overhead_s.values())
+    assert (profile.probe_devices, profile.probe_tokens) == ([4, 8], 48 if built.causal else 17)
+    if not built.causal:  # every ViT rank sends and receives: the fitted sums are split evenly
+        assert all(v[0] == pytest.approx(v[1]) and v[2] == pytest.approx(v[3]) for v in profile.rank_overhead_s.values())
     assert DeviceProfile.from_dict(profile.to_dict()) == profile
     components = dataclasses.replace(profile, rank_overhead_s={})
     tokens = 48 if built.causal else None
     with_probes = astra.plan(built.model, num_tokens=tokens, num_devices=4, bandwidth_mbps=1e6, profile=profile, groups=(1, 4))
     without = astra.plan(built.model, num_tokens=tokens, num_devices=4, bandwidth_mbps=1e6, profile=components, groups=(1, 4))
     layers = built.model.config.num_hidden_layers
-    for key, (send, receive) in profile.rank_overhead_s.items():
+    for key, values in profile.rank_overhead_s.items():
+        send, receive, per_receiver, per_source, common = values + [0.0] * (5 - len(values))
         g, q = key.split("/")
         probed, plain = with_probes.prediction("astra", int(g), q), without.prediction("astra", int(g), q)
+        send, receive = send + 3 * per_receiver + common, receive + 3 * per_source + common  # at N=4: 3 peers
         first = send + (0.0 if built.causal else receive)  # causal rank 0 only sends
         assert probed.compute_s[0] - plain.compute_s[0] == pytest.approx(layers * first, abs=1e-12)
         assert probed.compute_s[3] - plain.compute_s[3] == pytest.approx(layers * (receive + (0.0 if built.causal else send)), abs=1e-12)
@@ -475,9 +565,23 @@ def test_summary_says_whether_rank_overheads_were_probed():
 def test_plan_calibrates_with_rank_probes_when_asked():
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=97)).eval()
     probed = astra.plan(model, num_tokens=64, num_devices=2, groups=(8,), quantize=("hidden",), rank_probes=True)
-    assert probed.profile.probe_devices == 2 and set(probed.profile.rank_overhead_s) >= {"8/hidden"}
+    assert probed.profile.probe_devices == [2] and set(probed.profile.rank_overhead_s) >= {"8/hidden"}
     assert probed.summary().splitlines()[0].endswith("rank overheads probed at N=2, 64 tokens")
     plain = astra.plan(model, num_tokens=64, num_devices=2, groups=(8,), quantize=("hidden",))
     assert plain.profile.rank_overhead_s == {} and plain.summary().splitlines()[0].endswith("(no rank probes)")
     with pytest.raises(ValueError, match="rank_probes"):
         astra.plan(model, num_tokens=64, num_devices=2, groups=(8,), rank_probes="yes")
+
+
+def test_colocated_probes_run_every_rank_at_once_on_its_own_cores():
+    from types import SimpleNamespace
+
+    from benchmarks.validate_planner import colocated_probes
+
+    args = SimpleNamespace(workload="gpt2", tokens=16, codebook_size=None, colocated=1, probe_devices=[2], threads=1, probe_repeats=1)
+    probes = colocated_probes(args, [(8, "hidden")], 16)
+    assert sorted((p.num_devices, p.rank, p.groups, p.quantize, p.num_tokens) for p in probes) == [(2, 0, 8, "hidden", 16),
+                                                                                                  (2, 1, 8, "hidden", 16)]  # fmt: skip
+    assert all(0 < p.seconds < 60 for p in probes)
+    with pytest.raises(SystemExit, match="needs .* cores"):
+        colocated_probes(SimpleNamespace(**{**vars(args), "probe_devices": [os.cpu_count() + 1]}), [(8, "hidden")], 16)

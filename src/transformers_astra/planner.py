@@ -12,11 +12,12 @@ dot-product attention (causal and explicitly masked), and ASTRA's per-token work
 packing) at each G, and on the receiver unpacking + decoding + projecting K/V (hidden mode), gathering
 from the runtime's codeword-projection tables (hidden mode, where they fit) or decoding keys and values
 (kv mode). A `DeviceProfile` holds these rates; it is JSON, so one profile per device type can be kept.
-With ``rank_probes=True`` it also times a real rank per setting (`loopback_rank_forward`: the runtime's forward
-of one rank with no network, `transport.LoopbackTransport`) and fits what the components miss of it: a
-per-layer overhead for sending and one for receiving (`fit_rank_overheads`; the runtime's hooks, masks,
-partial attentions and merge, pack/unpack calls and small ops). Opt-in: it about triples calibration
-(docs/design.md: GPT2-small at 1024 tokens on one thread, 51 s against 18 s). Profiles of version 1 (without them) still load.
+With ``rank_probes=True`` it also times real ranks per setting (`loopback_rank_forward`: the runtime's forward
+of one rank with no network, `transport.LoopbackTransport`; ranks 0 and N-1 at N=4 and N=8, and rank 4 of 8) and
+fits what the components miss of them: per layer, an overhead for sending and one for receiving, each a fixed
+part plus a part per peer, and one that every rank with a peer pays (`fit_rank_overheads`; the runtime's hooks, masks, partial attentions and merge, pack/unpack calls and
+small ops, some of them once per source), so that one profile predicts N=8 as well as N=4. Opt-in: it makes
+calibration about 5 times longer (docs/design.md: GPT2-small at 1024 tokens on one thread, 89 s against 17 s). Profiles of versions 1 (without them) and 2 (one N) still load.
 
 `plan` predicts the latency of: one device; ASTRA at every G in (1, 8, 16, 32) that divides the width,
 in hidden and kv mode; full-precision sequence parallelism (fp32 and fp16 all-gathers) and Megatron tensor
@@ -64,8 +65,11 @@ from .transport import code_sources
 
 GROUPS = (1, 8, 16, 32)
 BASELINES = ("single", "sp-fp32", "sp-fp16", "tp")
-PROFILE_VERSION = 2  # 2: + rank_overhead_s, probe_tokens, probe_devices (version-1 profiles load without them)
-READABLE_VERSIONS = (1, 2)
+# 2: + rank_overhead_s, probe_tokens, probe_devices (version-1 profiles load without them). 3: probe_devices is the list
+# of N probed, and rank_overhead_s may hold per-peer terms (probes at several N); version-2 profiles load as before.
+PROFILE_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+PROBE_DEVICES = (4, 8)  # calibrate_device's default N of the rank probes: two, so that overheads that grow with N are fitted
 MSS_BYTES = 1448  # TCP payload of one 1500-byte Ethernet frame
 TLP_MIN_S = 0.01  # Linux's shortest tail loss probe timeout
 
@@ -91,19 +95,27 @@ class DeviceProfile:
     decode_s: dict[str, float]  # "G/quantize" -> unpacking + decoding one received token, per layer (no projection)
     table_s: dict[str, float]  # "G/hidden" -> unpack + gather-sum from projection tables, one token, per layer
     codebook_size: int = 1024
-    # "G/quantize" -> [send, receive]: per layer, what a real rank's forward takes beyond the components above when
-    # it sends codes / receives codes (the runtime's per-layer fixed work: hooks, masks, partial attentions and
-    # merge, pack/unpack calls, small ops), fitted by `fit_rank_overheads` to measured rank forwards (may be < 0
-    # where the components overstate a rank). Empty: not measured (version-1 profiles), the components alone.
+    # "G/quantize" -> [send, receive] or [send, receive, send per receiver, receive per source, common]: per layer,
+    # what a real rank's forward takes beyond the components above when it sends codes / receives codes (the
+    # runtime's per-layer fixed work: hooks, masks, partial attentions and merge, pack/unpack calls, small ops),
+    # fitted by `fit_rank_overheads` to measured rank forwards (may be < 0 where the components overstate a rank). A
+    # rank that sends to r receivers adds send + r * (send per receiver); one that receives from s sources, receive
+    # + s * (receive per source); every rank with a peer, common. The per-peer parts exist where probes at several
+    # N told them apart, common where a probed rank that sends and receives did (version 3; else 0).
+    # Empty: not measured (version-1 profiles), the components alone.
     rank_overhead_s: dict[str, list[float]] = field(default_factory=dict)
     probe_tokens: int = 0  # the sequence length of those rank forwards (0: none)
-    probe_devices: int = 0  # their N
+    probe_devices: list[int] = field(default_factory=list)  # the N they ran at (version 2: one int, read as [N])
     measured_tokens: list[int] = field(default_factory=list)
     measured_forward_s: list[float] = field(default_factory=list)
     machine: str = ""
     date: str = ""
     torch_version: str = ""
     version: int = PROFILE_VERSION
+
+    def __post_init__(self) -> None:
+        if isinstance(self.probe_devices, int):  # version 2's one N (0: none)
+            self.probe_devices = [self.probe_devices] if self.probe_devices else []
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -132,6 +144,12 @@ class DeviceProfile:
         pairs = causal_pairs(tokens) if self.causal else tokens * tokens
         rate = self.attention_causal_s if self.causal else self.attention_full_s
         return self.fixed_s + self.per_token_s * tokens + self.num_layers * rate * pairs
+
+
+def probed_at(profile: DeviceProfile) -> str:
+    """The N of a profile's rank probes, as text: "4", "4 and 8"."""
+    counts = [str(n) for n in profile.probe_devices]
+    return " and ".join([", ".join(counts[:-1]), counts[-1]] if len(counts) > 1 else counts)
 
 
 def setting_key(groups: int, quantize: str) -> str:
@@ -250,7 +268,7 @@ def calibrate_device(
     rank_probes: bool = False,
     rank_forward: Callable[[nn.Module, int, dict[str, Any]], Callable[[], Any]] | None = None,
     probe_tokens: int | None = None,
-    probe_devices: int = 4,
+    probe_devices: int | tuple[int, ...] = PROBE_DEVICES,
     probe_repeats: int = 2,
 ) -> DeviceProfile:
     """Time this model's building blocks on this device (CPU threads as set, or ``threads``); see the module doc.
@@ -261,13 +279,17 @@ def calibrate_device(
 
     ``rank_probes``: also time real ASTRA ranks, so that the profile holds what a rank's forward costs beyond
     the components (`fit_rank_overheads`; without them those overheads are taken as 0). Off by default: it
-    about triples calibration (GPT2-small at 1024 tokens on one dev-VM thread: 51 s against 18 s, whole
-    command; docs/design.md).
-    For every setting the model is patched (N = ``probe_devices``, even shards) and rank r's forward runs
+    makes calibration about 5 times longer (GPT2-small at 1024 tokens on one dev-VM thread, probes at N=4 and 8,
+    whole command: 89 s against 17 s, and 52 s with probes at N=4 only; docs/design.md).
+    For every setting and every N of ``probe_devices`` (default 4 and 8; one N or several) the model is patched
+    (that N, even shards) and rank r's forward runs
     with no network through `loopback_rank_forward` (the runtime with a `LoopbackTransport`: its received
-    codes are stand-ins, so only its time counts); ranks 0 and N-1 (causal) or 0 (images), on
+    codes are stand-ins, so only its time counts); ranks 0 and N-1, and at the largest N also rank N//2 (causal),
+    or rank 0 (images), on
     ``probe_tokens`` tokens (default ``num_tokens``: on the dev VM, GPT2's overheads fitted at 256 tokens, +1-4 ms
-    a layer, did not hold at 1024, -1 to +1 ms), best of ``probe_repeats`` after one warm-up.
+    a layer, did not hold at 1024, -1 to +1 ms), best of ``probe_repeats`` after one warm-up. Probes at two or
+    more N also fit how the overheads grow with the number of peers (`fit_rank_overheads`), so that a profile
+    predicts other N than one it probed; with one N the overheads are that N's, whatever N is planned.
     ``rank_forward``: another way to run a rank (implies the probes): ``rank_forward(model, rank, inputs)``
     returns a callable that runs rank ``rank``'s forward on ``inputs`` with no network.
     """
@@ -350,13 +372,18 @@ def calibrate_device(
     if rank_probes and rank_forward is None:
         rank_forward = loopback_rank_forward
     probing = rank_forward is not None
+    device_counts = list(probe_devices) if isinstance(probe_devices, (tuple, list)) else [probe_devices]
     if probing:
-        _check_int("probe_devices", probe_devices, 2)
+        if not device_counts:
+            raise ValueError("probe_devices must name at least one N, got an empty sequence")
+        for n in device_counts:
+            _check_int("probe_devices", n, 2)
+        device_counts = sorted(set(device_counts))
         probe_tokens = probe_tokens or total
-        _check_int("probe_tokens", probe_tokens, 2 * probe_devices)
+        _check_int("probe_tokens", probe_tokens, 2 * max(device_counts))
         _check_int("probe_repeats", probe_repeats, 1)
     settings = [(g, q) for g in groups if not hidden % g for q in QUANTIZE_MODES]
-    bar = _progress(repeats + 1 + (len(settings) * (probe_repeats + 1) if probing else 0), progress)
+    bar = _progress(repeats + 1 + (len(settings) * len(device_counts) * (probe_repeats + 1) if probing else 0), progress)
     seconds = dict(zip(calls, _interleaved_best(list(calls.values()), repeats, device, bar)))
     rate = {name: seconds[name] / per_unit[name] for name in calls}
 
@@ -380,18 +407,20 @@ def calibrate_device(
     if probing:  # 4. real ranks' forwards per setting, for the per-layer overheads the components miss
         probes = []
         inputs = {k: v for k, v in _model_inputs(model, probe_tokens, generator).items() if k != "use_cache"}
-        ranks = [0, probe_devices - 1] if causal else [0]
         for g, quantize in settings:
-            config = AstraConfig(num_devices=probe_devices, groups=g, quantize=quantize, codebook_size=codebook_size, shard_sizes=None)
-            patch(model, config)
-            try:
-                forwards = [rank_forward(model, rank, inputs) for rank in ranks]
-                timed = _interleaved_best(forwards, probe_repeats, device, bar)
-            finally:
-                unpatch(model)
-            probes += [RankProbe(g, quantize, probe_devices, rank, _tokens_of(model, probe_tokens), t) for rank, t in zip(ranks, timed)]
+            for n in device_counts:
+                # Causal: ranks 0 (sends only) and N-1 (receives only), and at the largest N a middle rank (both).
+                ranks = sorted({0, n - 1} | ({n // 2} if n == device_counts[-1] else set())) if causal else [0]
+                config = AstraConfig(num_devices=n, groups=g, quantize=quantize, codebook_size=codebook_size, shard_sizes=None)
+                patch(model, config)
+                try:
+                    forwards = [rank_forward(model, rank, inputs) for rank in ranks]
+                    timed = _interleaved_best(forwards, probe_repeats, device, bar)
+                finally:
+                    unpatch(model)
+                probes += [RankProbe(g, quantize, n, rank, _tokens_of(model, probe_tokens), t) for rank, t in zip(ranks, timed)]
         profile.rank_overhead_s = fit_rank_overheads(profile, probes)
-        profile.probe_tokens, profile.probe_devices = _tokens_of(model, probe_tokens), probe_devices
+        profile.probe_tokens, profile.probe_devices = _tokens_of(model, probe_tokens), device_counts
     bar.close()
     return profile
 
@@ -545,7 +574,7 @@ class Plan:
                 f"{link.bandwidth_mbps:g} Mbps" + (f", {link.latency_ms:g} ms" if link.latency_ms else "")
                 + (f", {link.loss_percent:g} % loss" if link.loss_percent else "")
                 + f"; device profile: {self.profile.threads} thread(s) on {self.profile.machine or 'this machine'}"
-                + (f", rank overheads probed at N={self.profile.probe_devices}, {self.profile.probe_tokens} tokens"
+                + (f", rank overheads probed at N={probed_at(self.profile)}, {self.profile.probe_tokens} tokens"
                    if self.profile.rank_overhead_s else ", components only (no rank probes)"))  # fmt: skip
         if rec.method == "single":
             verdict = f"recommended: one device ({single.latency_s:.3g} s predicted); {rec.reason}"
@@ -605,9 +634,12 @@ def astra_rank_compute(profile: DeviceProfile, config: AstraConfig, layout: Shar
         raise ValueError(f"the device profile has no measurement for G={config.groups} {config.quantize}: calibrate with groups including {config.groups}")
     per_layer = profile.per_token_s / profile.num_layers
     before = _layer_split(profile) * per_layer * n
-    send_overhead, receive_overhead = profile.rank_overhead_s.get(key, (0.0, 0.0))
-    if receivers_of(layout.num_devices, rank, causal):
-        before += profile.encode_s[key] * n + send_overhead
+    receivers = len(receivers_of(layout.num_devices, rank, causal))
+    sources = len(code_sources(layout.num_devices, rank, causal))
+    send_overhead, receive_overhead = rank_overheads(profile, key, receivers, sources)
+    before += send_overhead
+    if receivers:
+        before += profile.encode_s[key] * n
     start, end = layout.bounds(rank)
     received = start if causal else layout.total - n
     if config.quantize == "hidden" and projection_table and _table_fits(config, profile.hidden_size) and key in profile.table_s:
@@ -618,8 +650,16 @@ def astra_rank_compute(profile: DeviceProfile, config: AstraConfig, layout: Shar
         rebuild = profile.decode_s[key]
     keys = end if causal else layout.total
     after = (1 - _layer_split(profile)) * per_layer * n + rebuild * received + profile.attention_masked_s * n * keys
-    if received:
-        after += receive_overhead
+    return before, after + receive_overhead
+
+
+def rank_overheads(profile: DeviceProfile, key: str, receivers: int, sources: int) -> tuple[float, float]:
+    """Per layer, the measured overheads of a rank that sends to ``receivers`` ranks and receives from ``sources``,
+    before its exchange and after it (`DeviceProfile.rank_overhead_s`: send and receive parts, per-peer parts and
+    the part common to every rank with a peer, where fitted; the common part is counted after the exchange)."""
+    send, receive, per_receiver, per_source, common = (list(profile.rank_overhead_s.get(key, ())) + [0.0] * 5)[:5]
+    before = send + per_receiver * receivers if receivers else 0.0
+    after = (receive + per_source * sources if sources else 0.0) + (common if receivers or sources else 0.0)
     return before, after
 
 
@@ -654,33 +694,61 @@ class RankProbe:
 
 
 def fit_rank_overheads(profile: DeviceProfile, probes: list[RankProbe]) -> dict[str, list[float]]:
-    """Per setting, the per-layer [send, receive] overheads that make `rank_compute_s` (components only) equal the
-    probes' measured seconds, least squares over that setting's probes.
+    """The per-layer overheads that make `rank_compute_s` (components only) equal the probes' measured seconds, least
+    squares over all probes: per setting [send, receive], or [send, receive, send per receiver, receive per source,
+    common] where the probes tell those apart (see `DeviceProfile.rank_overhead_s`; a part they do not: 0).
 
-    A probed rank that sends and receives gives their sum only (bidirectional models: every rank): with no probe
-    that tells them apart the sum is split evenly (the least-norm solution), which predicts every rank that does
-    both alike. Causal models: rank 0 only sends and the last rank only receives, so probing both separates them.
+    The fixed parts are each setting's own. The per-peer parts are one pair shared by every setting: what grows
+    with the peers is per-message work (a receive's unpack call, the runtime's per-source bookkeeping), not per-token
+    work, which the components hold; sharing them fits 2 numbers from every setting's probes instead of 2 from each
+    setting's few, so the noise of a shared machine moves them less.
+
+    Causal models: rank 0 only sends and the last rank only receives, so probing both separates send from receive;
+    probing them at two N (rank 0 sends to N-1 ranks, the last rank receives from N-1) separates the per-peer
+    parts from the fixed ones (probes at one N fit no per-peer part); a probed middle rank (sends and receives) separates what every rank with a peer
+    pays (common: hooks, masks, merge), which would otherwise be counted twice for the ranks that do both.
+    A probed rank that sends and receives where no probe tells them apart (bidirectional models: every rank) gives
+    their sum only: it is split evenly (the least-norm solution), which predicts every rank that does both alike.
     """
     if not probes:
         raise ValueError("fit_rank_overheads needs at least one RankProbe")
     components = dataclasses.replace(profile, rank_overhead_s={})
-    by_setting: dict[str, list[RankProbe]] = {}
+    keys: list[str] = []
+    rows, residuals = [], []  # per probe: (setting index, sends?, receives?, receivers, sources, N)
     for probe in probes:
         _check_positive("RankProbe.seconds", probe.seconds)
-        by_setting.setdefault(setting_key(probe.groups, probe.quantize), []).append(probe)
+        key = setting_key(probe.groups, probe.quantize)
+        if key not in keys:
+            keys.append(key)
+        config = AstraConfig(num_devices=probe.num_devices, groups=probe.groups, quantize=probe.quantize,
+                             codebook_size=profile.codebook_size, shard_sizes=None)  # fmt: skip
+        receivers = len(receivers_of(probe.num_devices, probe.rank, profile.causal))
+        sources = len(code_sources(probe.num_devices, probe.rank, profile.causal))
+        rows.append((keys.index(key), float(receivers > 0), float(sources > 0), float(receivers), float(sources), probe.num_devices))
+        residuals.append(probe.seconds - rank_compute_s(components, config, probe.num_tokens, probe.rank, probe.projection_table))
+    of = [[r for r in rows if r[0] == i] for i in range(len(keys))]
+    # A per-peer part only where some setting's probes that send (receive) ran at several N (at one N, the peer
+    # counts of its ranks differ too, but they are all of that N: per-peer and fixed parts would trade off), the
+    # common part only where a setting has a probe that does both and one that does one: else they could not be
+    # told apart from the fixed parts.
+    per_peer = [side for side in (0, 1) if any(len({r[5] for r in group if r[1 + side]}) > 1 for group in of)]
+    common = any(any(r[1] and r[2] for r in group) and any(r[1] != r[2] for r in group) for group in of)
+    width = 2 + common
+    design = torch.zeros(len(rows), width * len(keys) + len(per_peer), dtype=torch.float64)
+    for j, (i, sends, receives, receivers, sources, _) in enumerate(rows):
+        design[j, width * i : width * i + 2] = torch.tensor([sends, receives], dtype=torch.float64)
+        if common:
+            design[j, width * i + 2] = float(sends or receives)
+        for c, side in enumerate(per_peer):
+            design[j, width * len(keys) + c] = (receivers, sources)[side]
+    solution = (torch.linalg.pinv(profile.num_layers * design) @ torch.tensor(residuals, dtype=torch.float64)).tolist()
+    slopes = [0.0, 0.0]
+    for c, side in enumerate(per_peer):
+        slopes[side] = solution[width * len(keys) + c]
     out = {}
-    for key, group in by_setting.items():
-        rows, residuals = [], []
-        for probe in group:
-            config = AstraConfig(num_devices=probe.num_devices, groups=probe.groups, quantize=probe.quantize,
-                                 codebook_size=profile.codebook_size, shard_sizes=None)  # fmt: skip
-            sends = bool(receivers_of(probe.num_devices, probe.rank, profile.causal))
-            receives = bool(code_sources(probe.num_devices, probe.rank, profile.causal))
-            predicted = rank_compute_s(components, config, probe.num_tokens, probe.rank, probe.projection_table)
-            rows.append([profile.num_layers * float(sends), profile.num_layers * float(receives)])
-            residuals.append([probe.seconds - predicted])
-        solution = torch.linalg.pinv(torch.tensor(rows, dtype=torch.float64)) @ torch.tensor(residuals, dtype=torch.float64)
-        out[key] = [float(v) for v in solution.flatten()]
+    for i, key in enumerate(keys):
+        fixed = solution[width * i : width * i + width]
+        out[key] = fixed[:2] + (slopes + fixed[2:] if per_peer or common else [])
     return out
 
 
