@@ -72,6 +72,7 @@ STEPS = [
     ("transformers_astra.quantizer", "_recheck", "encode's recheck"),
     ("transformers_astra.transport", "pack", "pack"),
     ("transformers_astra.transport", "unpack", "unpack"),
+    ("transformers_astra.transport", "unpack_rows", "unpack"),  # a layer's sources at once (`CodeTransport.unpack_all`)
     ("transformers_astra.distributed", "RankExchange.remote_keys_values", "received K/V (decode, projection)"),
     ("transformers_astra.distributed", "partial_attention", "partial attentions"),
     ("transformers_astra.distributed", "merge_partials", "merge_partials"),

@@ -504,6 +504,48 @@ def test_projection_tables_equal_decode_then_project(family, groups):
 
 
 
+@pytest.mark.parametrize("family, groups", [("gpt2", 1), ("gpt2", 4), ("vit", 1), ("vit", 8)])
+def test_fused_projection_tables_equal_the_two_gather_sums_bit_for_bit(family, groups):
+    """The runtime's fused tables (one gather for K and V; at G=1 the biases folded in) give exactly `projected_from_codes`."""
+    import transformers_astra as astra
+    from conftest import make_pair, tiny_gpt2_config, tiny_vit_config
+    from transformers import GPT2LMHeadModel, ViTModel
+
+    from transformers_astra.kernels import fused_tables, projected_from_fused
+
+    model_class, config = (GPT2LMHeadModel, tiny_gpt2_config()) if family == "gpt2" else (ViTModel, tiny_vit_config())
+    model, _ = make_pair(model_class, config)
+    astra.patch(model, num_devices=2, groups=groups, codebook_size=16)
+    state = model._astra_state
+    for module in state.adapter.attention_modules(model):
+        tables = projection_tables(module, state.adapter, module.astra_quantizer)
+        fused = fused_tables(tables, groups)
+        assert (fused.bias is None) == (groups == 1) and fused.table.shape == (groups * 16, 2 * tables[0].shape[1])
+        for shape in [(3, 5, groups), (2, 1, groups)]:
+            codes = torch.randint(0, 16, shape)
+            want_key, want_value = projected_from_codes(tables, codes, 16)
+            key, value = projected_from_fused(fused, codes, 16)
+            assert key.shape == want_key.shape and value.shape == want_value.shape
+            assert torch.equal(key, want_key) and torch.equal(value, want_value), (family, groups, shape)
+
+
+def test_unpack_all_gives_each_sources_unpack():
+    """A layer's payloads unpacked together (even shards) or one by one (uneven) give each source's `unpack`."""
+    import transformers_astra as astra
+    from transformers_astra.packing import pack
+    from transformers_astra.transport import LoopbackTransport
+
+    config = astra.AstraConfig(num_devices=4, groups=2, codebook_size=1024)
+    transport = LoopbackTransport(3, 4, config)
+    for shapes in ([(1, 7, 2)] * 3, [(1, 7, 2), (1, 6, 2), (1, 7, 2)], [(2, 5, 2)] * 2, [(1, 4, 2)]):
+        codes = [torch.randint(0, 1024, shape) for shape in shapes]
+        payloads = [pack(c, config.bits_per_code) for c in codes]
+        got = transport.unpack_all(payloads, shapes)
+        assert len(got) == len(codes)
+        for one, want, payload, shape in zip(got, codes, payloads, shapes):
+            assert torch.equal(one, want) and torch.equal(one, transport.unpack(payload, shape))
+
+
 def test_projection_table_limit_is_bytes_per_layer_or_a_switch():
     from transformers_astra.kernels import PROJECTION_TABLE_MAX_BYTES, table_limit
 
