@@ -16,7 +16,8 @@ Each rank r of N is emulated in one process (`links` compute mode: collectives r
   model on its 256 tokens with a KV cache of the earlier ones, built untimed), "plain layers, rank r's exact work".
 - ``gpt2-kv16-k256``: GPT2, 1024 tokens, N=4, kv G=16 K=256 (issue 12's most accurate cheap setting, +0.85 %
   perplexity), ranks 0, 1 and 3; ``gpt2-n8-g1``, ``gpt2-n8-g1-k256``: N=8 (`NUM_DEVICES`), G=1 hidden at K=1024
-  and K=256 (goal 3's settings), ranks 0, 3 and 7 (128-token shards). Every causal case times each of its ranks'
+  and K=256 (goal 3's settings), ranks 0, 3 and 7 (128-token shards); ``gpt2-n2-g1``: N=2, G=1 hidden, both ranks (the
+  dev VM's multi-process runtime, `run_latency --n 2`, has the same ranks). Every causal case times each of its ranks'
   exact work beside it.
 
 ``--ranks``: time these ranks instead of the case's (e.g. one rank per process, four processes at once).
@@ -30,6 +31,9 @@ attentions and merge against one SDPA over all 197 keys), as "kernel ..." median
 top aten ops by self CPU time of one forward of the last rank timed (``ops_ms``, with the count of aten ops
 called from Python, "calls from Python"; the plain floor's count beside it; for the GPT2 kv cases the last
 rank's exact work's ops too, ", exact work"). Step times are per rank ("<step>, rank r").
+
+Every forward is timed twice: wall seconds and the process's CPU seconds (labels ending " (CPU time)"), which on a
+shared machine leave out the moments other processes held the cores.
 
 ``--before SRC``: also time another source tree (e.g. ``git archive <commit> src | tar -x -C /tmp/before``),
 alternating the two trees run by run (each run is a fresh process timing ``--repeats`` forwards), and write
@@ -58,9 +62,10 @@ CASES = {
     "gpt2-kv32": ("gpt2", 32, "kv", [0, 1, 3], 256), "gpt2-kv8": ("gpt2", 8, "kv", [0, 1, 3], 1024),
     "gpt2-kv16-k256": ("gpt2", 16, "kv", [0, 1, 3], 256),
     "gpt2-n8-g1": ("gpt2", 1, "hidden", [0, 3, 7], 1024), "gpt2-n8-g1-k256": ("gpt2", 1, "hidden", [0, 3, 7], 256),
+    "gpt2-n2-g1": ("gpt2", 1, "hidden", [0, 1], 1024),
 }  # fmt: skip
 # case -> N where it is not 4.
-NUM_DEVICES = {"gpt2-n8-g1": 8, "gpt2-n8-g1-k256": 8}
+NUM_DEVICES = {"gpt2-n8-g1": 8, "gpt2-n8-g1-k256": 8, "gpt2-n2-g1": 2}
 
 
 def num_devices(case: str) -> int:
@@ -109,6 +114,24 @@ def time_steps() -> dict[str, float]:
     return spent
 
 
+CPU_TIME = " (CPU time)"  # label suffix of a forward's CPU seconds (`cpu_timed_runs`)
+
+
+def cpu_timed_runs(fn, repeats: int, prepare=None) -> tuple[list[float], list[float]]:
+    """(wall seconds, CPU seconds of this process) of ``repeats`` calls of ``fn`` after one untimed warm-up call, as
+    `profile_astra.timed_runs` (``prepare``: untimed). On a shared machine the CPU time leaves out the moments other
+    processes took the cores (the wall time does not), so a small change shows through their load."""
+    walls, cpus = [], []
+    for index in range(repeats + 1):
+        arguments = () if prepare is None else (prepare(),)
+        wall, cpu = time.perf_counter(), time.process_time()
+        fn(*arguments)
+        if index:
+            walls.append(time.perf_counter() - wall)
+            cpus.append(time.process_time() - cpu)
+    return walls, cpus
+
+
 def worker(case: str, repeats: int, threads: int = 1, steps: bool = False, only: list[int] | None = None) -> dict:
     """Time this tree's rank forwards (and the ViT floor) in this process; returns {label: [seconds]}."""
     import torch
@@ -150,7 +173,8 @@ def worker(case: str, repeats: int, threads: int = 1, steps: bool = False, only:
         with torch.inference_mode():
             for rank in ranks:
                 prepare, run = rank_call(workload, world, rank)
-                out[f"plain layers, rank {rank}'s exact work"] = timed_runs(run, repeats, prepare)
+                label = f"plain layers, rank {rank}'s exact work"
+                out[label], out[label + CPU_TIME] = cpu_timed_runs(run, repeats, prepare)
                 if steps and rank == ranks[-1]:  # its ops, beside the rank's own (``ops_ms``)
                     state = prepare()
                     for op, milliseconds in profiled_ops(lambda: run(state)).items():
@@ -169,7 +193,9 @@ def worker(case: str, repeats: int, threads: int = 1, steps: bool = False, only:
                     runtime(**workload.inputs, **extra)  # the warm-up, not in the steps' times
                     if spent is not None:
                         spent.clear()
-                    out.setdefault(label, []).extend(timed_runs(lambda: runtime(**workload.inputs, **extra), 1))
+                    walls, cpus = cpu_timed_runs(lambda: runtime(**workload.inputs, **extra), 1)
+                    out.setdefault(label, []).extend(walls)
+                    out.setdefault(label + CPU_TIME, []).extend(cpus)
                     if spent is not None:  # per timed forward (timed_runs also runs one untimed warm-up)
                         for step, seconds in spent.items():
                             out.setdefault(f"step {step}, {label}", []).append(seconds / 2)

@@ -324,10 +324,15 @@ class PostedAhead:
         self.works: list = []  # every work of the forward (tests ask whether all ended)
         if not self.sources:
             return
+        # Every receive buffer of the forward is a row of one tensor (a contiguous view: one allocation, not one per
+        # layer and source), so a layer's filler bytes are read in one gather (`receive`).
+        widest = max(self.sizes[source] for source in self.sources) + 1
+        self.buffer = torch.zeros(num_layers, len(self.sources), widest, dtype=torch.uint8, device=transport.comm_device)
+        self._ends = torch.tensor([[self.sizes[source]] for source in self.sources], device=transport.comm_device)  # (S, 1)
         ops, buffers = [], {}
         for layer in range(num_layers):
-            for source in self.sources:
-                buffer = torch.zeros(self.sizes[source] + 1, dtype=torch.uint8, device=transport.comm_device)
+            for row, source in enumerate(self.sources):
+                buffer = self.buffer[layer, row, : self.sizes[source] + 1]
                 buffers[layer, source] = buffer
                 ops.append(dist.P2POp(dist.irecv, buffer, self._global[source], transport.group, tag=layer))
         works = transport.post(ops, f"the code exchange with ranks {self.sources}")
@@ -358,7 +363,8 @@ class PostedAhead:
         what = f"the code exchange with ranks {self.sources}"
         started = time.monotonic()
         transport.wait([work for _, work in pending.values()], what, kind="codes", layer=layer)
-        gave_up = [source for source, (buffer, _) in pending.items() if self._filler(source, buffer)]
+        flags = self.buffer[layer].gather(1, self._ends)  # (S, 1): each source's byte after its payload, 1 after a filler
+        gave_up = [source for source, flag in zip(self.sources, flags.flatten().tolist()) if flag] if bool(flags.any()) else []
         if gave_up:
             transport.count("control", 0, sum(self.sizes[s] + 1 for s in gave_up))
             cause = f"rank(s) {gave_up} raised during this call and sent no codes for layer {layer}"
