@@ -73,7 +73,6 @@ class FusedTables:
 
     table: torch.Tensor
     bias: torch.Tensor | None
-    groups: int
     key_width: int
 
 
@@ -82,8 +81,8 @@ def fused_tables(tables, groups: int) -> FusedTables:
     table_key, table_value, bias_key, bias_value = tables
     table, bias = torch.cat([table_key, table_value], dim=1), torch.cat([bias_key, bias_value])
     if groups == 1:
-        return FusedTables(table + bias, None, 1, table_key.shape[1])
-    return FusedTables(table, bias, groups, table_key.shape[1])
+        return FusedTables(table + bias, None, table_key.shape[1])
+    return FusedTables(table, bias, table_key.shape[1])
 
 
 def projected_from_fused(fused: FusedTables, codes: torch.Tensor, codebook_size: int) -> tuple[torch.Tensor, torch.Tensor]:

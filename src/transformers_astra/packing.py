@@ -69,7 +69,7 @@ def _pack_bits(flat: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tensor:
     """The first ``num_codes`` codes of a packed stream, as int64 of shape (num_codes,)."""
-    if packed.ndim != 1:
+    if packed.dtype != torch.uint8 or packed.ndim != 1:
         raise ValueError(f"unpack expects a 1-D uint8 tensor, got dtype {packed.dtype} and shape {tuple(packed.shape)}")
     return unpack_rows(packed[None], bits, num_codes)[0]
 
