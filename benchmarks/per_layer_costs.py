@@ -14,6 +14,11 @@ Each rank r of N is emulated in one process (`links` compute mode: collectives r
 - ``gpt2-kv32``, ``gpt2-kv8``: GPT2, 1024 tokens, N=4, kv mode at G=32 K=256 (goal 1's setting that keeps the
   perplexity) and G=8 K=1024, ranks 0, 1 and 3, each against its exact work (`ceiling.rank_call`: the plain
   model on its 256 tokens with a KV cache of the earlier ones, built untimed), "plain layers, rank r's exact work".
+- ``gpt2-kv16-k256``: GPT2, 1024 tokens, N=4, kv G=16 K=256 (issue 12's most accurate cheap setting, +0.85 %
+  perplexity), ranks 0, 1 and 3; ``gpt2-n8-g1``, ``gpt2-n8-g1-k256``: N=8 (`NUM_DEVICES`), G=1 hidden at K=1024
+  and K=256 (goal 3's settings), ranks 0, 3 and 7 (128-token shards); ``gpt2-n2-g1``: N=2, G=1 hidden, both ranks (the
+  dev VM's multi-process runtime, `run_latency --n 2`, has the same ranks). Every causal case times each of its ranks'
+  exact work beside it.
 
 ``--ranks``: time these ranks instead of the case's (e.g. one rank per process, four processes at once).
 
@@ -26,6 +31,9 @@ attentions and merge against one SDPA over all 197 keys), as "kernel ..." median
 top aten ops by self CPU time of one forward of the last rank timed (``ops_ms``, with the count of aten ops
 called from Python, "calls from Python"; the plain floor's count beside it; for the GPT2 kv cases the last
 rank's exact work's ops too, ", exact work"). Step times are per rank ("<step>, rank r").
+
+Every forward is timed twice: wall seconds and the process's CPU seconds (labels ending " (CPU time)"), which on a
+shared machine leave out the moments other processes held the cores.
 
 ``--before SRC``: also time another source tree (e.g. ``git archive <commit> src | tar -x -C /tmp/before``),
 alternating the two trees run by run (each run is a fresh process timing ``--repeats`` forwards), and write
@@ -52,13 +60,24 @@ CASES = {
     "vit-kv8": ("vit", 8, "kv", [0, 3], 1024), "vit-kv32": ("vit", 32, "kv", [0, 3], 1024),
     "vit-hidden32": ("vit", 32, "hidden", [0, 3], 1024),
     "gpt2-kv32": ("gpt2", 32, "kv", [0, 1, 3], 256), "gpt2-kv8": ("gpt2", 8, "kv", [0, 1, 3], 1024),
+    "gpt2-kv16-k256": ("gpt2", 16, "kv", [0, 1, 3], 256),
+    "gpt2-n8-g1": ("gpt2", 1, "hidden", [0, 3, 7], 1024), "gpt2-n8-g1-k256": ("gpt2", 1, "hidden", [0, 3, 7], 256),
+    "gpt2-n2-g1": ("gpt2", 1, "hidden", [0, 1], 1024),
 }  # fmt: skip
+# case -> N where it is not 4.
+NUM_DEVICES = {"gpt2-n8-g1": 8, "gpt2-n8-g1-k256": 8, "gpt2-n2-g1": 2}
+
+
+def num_devices(case: str) -> int:
+    """The number of ranks N of ``case``'s layout (4 unless `NUM_DEVICES` says otherwise)."""
+    return NUM_DEVICES.get(case, 4)
 # (module, attribute, label) of the runtime steps `--steps` times; labels with "(all)" include others.
 STEPS = [
     ("transformers_astra.quantizer", "GroupedVQ.encode", "encode (with recheck)"),
     ("transformers_astra.quantizer", "_recheck", "encode's recheck"),
     ("transformers_astra.transport", "pack", "pack"),
     ("transformers_astra.transport", "unpack", "unpack"),
+    ("transformers_astra.transport", "unpack_rows", "unpack"),  # a layer's sources at once (`CodeTransport.unpack_all`)
     ("transformers_astra.distributed", "RankExchange.remote_keys_values", "received K/V (decode, projection)"),
     ("transformers_astra.distributed", "partial_attention", "partial attentions"),
     ("transformers_astra.distributed", "merge_partials", "merge_partials"),
@@ -95,6 +114,24 @@ def time_steps() -> dict[str, float]:
     return spent
 
 
+CPU_TIME = " (CPU time)"  # label suffix of a forward's CPU seconds (`cpu_timed_runs`)
+
+
+def cpu_timed_runs(fn, repeats: int, prepare=None) -> tuple[list[float], list[float]]:
+    """(wall seconds, CPU seconds of this process) of ``repeats`` calls of ``fn`` after one untimed warm-up call, as
+    `profile_astra.timed_runs` (``prepare``: untimed). On a shared machine the CPU time leaves out the moments other
+    processes took the cores (the wall time does not), so a small change shows through their load."""
+    walls, cpus = [], []
+    for index in range(repeats + 1):
+        arguments = () if prepare is None else (prepare(),)
+        wall, cpu = time.perf_counter(), time.process_time()
+        fn(*arguments)
+        if index:
+            walls.append(time.perf_counter() - wall)
+            cpus.append(time.process_time() - cpu)
+    return walls, cpus
+
+
 def worker(case: str, repeats: int, threads: int = 1, steps: bool = False, only: list[int] | None = None) -> dict:
     """Time this tree's rank forwards (and the ViT floor) in this process; returns {label: [seconds]}."""
     import torch
@@ -115,7 +152,7 @@ def worker(case: str, repeats: int, threads: int = 1, steps: bool = False, only:
     links.install()
     links.set_mode("compute", None)
     name, groups, quantize, ranks, size = CASES[case]
-    ranks = only or ranks
+    ranks, world = only or ranks, num_devices(case)
     out: dict[str, list[float]] = {}
     workload = build(name)
     if name == "vit":  # the floor: the plain layers on one rank's 50 tokens
@@ -132,11 +169,12 @@ def worker(case: str, repeats: int, threads: int = 1, steps: bool = False, only:
             out["plain layers, 50 tokens"] = timed_runs(plain, repeats)
             if steps:
                 out["op calls from Python, plain layers"] = [profiled_ops(plain)["calls from Python"]]
-    if workload.causal and quantize == "kv":  # the floor: each timed rank's exact work (`ceiling.rank_call`)
+    if workload.causal:  # the floor: each timed rank's exact work (`ceiling.rank_call`)
         with torch.inference_mode():
             for rank in ranks:
-                prepare, run = rank_call(workload, 4, rank)
-                out[f"plain layers, rank {rank}'s exact work"] = timed_runs(run, repeats, prepare)
+                prepare, run = rank_call(workload, world, rank)
+                label = f"plain layers, rank {rank}'s exact work"
+                out[label], out[label + CPU_TIME] = cpu_timed_runs(run, repeats, prepare)
                 if steps and rank == ranks[-1]:  # its ops, beside the rank's own (``ops_ms``)
                     state = prepare()
                     for op, milliseconds in profiled_ops(lambda: run(state)).items():
@@ -147,22 +185,24 @@ def worker(case: str, repeats: int, threads: int = 1, steps: bool = False, only:
     layouts = {"even": None, "balanced": "balanced"} if case == "gpt2-balance" else {"": None}
     for _ in range(repeats):  # the layouts alternate forward by forward
         for layout, sizes in layouts.items():
-            astra.patch(workload.model, astra.AstraConfig(num_devices=4, groups=groups, quantize=quantize, codebook_size=size, shard_sizes=sizes))
+            astra.patch(workload.model, astra.AstraConfig(num_devices=world, groups=groups, quantize=quantize, codebook_size=size, shard_sizes=sizes))
             for rank in ranks:
-                with as_rank(rank, 4), torch.inference_mode():
+                with as_rank(rank, world), torch.inference_mode():
                     runtime = DistributedRuntime(workload.model, check_inputs=False)
                     label = " ".join(filter(None, [layout, f"rank {rank}"]))
                     runtime(**workload.inputs, **extra)  # the warm-up, not in the steps' times
                     if spent is not None:
                         spent.clear()
-                    out.setdefault(label, []).extend(timed_runs(lambda: runtime(**workload.inputs, **extra), 1))
+                    walls, cpus = cpu_timed_runs(lambda: runtime(**workload.inputs, **extra), 1)
+                    out.setdefault(label, []).extend(walls)
+                    out.setdefault(label + CPU_TIME, []).extend(cpus)
                     if spent is not None:  # per timed forward (timed_runs also runs one untimed warm-up)
                         for step, seconds in spent.items():
                             out.setdefault(f"step {step}, {label}", []).append(seconds / 2)
                     if layout:
                         out[f"{layout} sizes"] = list(runtime.layout.sizes)
                 if spent is not None and rank == ranks[-1]:  # torch.profiler: one forward of the last rank, per op
-                    with as_rank(rank, 4), torch.inference_mode():
+                    with as_rank(rank, world), torch.inference_mode():
                         for op, milliseconds in profiled_ops(lambda: runtime(**workload.inputs, **extra)).items():
                             out.setdefault(f"op {op}", []).append(milliseconds)
             astra.unpatch(workload.model)
@@ -241,11 +281,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--before", help="another source tree (its src/ directory) to time alternately")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the timed processes")
     parser.add_argument("--steps", action="store_true", help="also time the runtime's steps (the 'after' tree)")
-    parser.add_argument("--ranks", type=int, nargs="+", choices=range(4), help="time these ranks instead of the case's")
+    parser.add_argument("--ranks", type=int, nargs="+", help="time these ranks instead of the case's")
     parser.add_argument("--machine", default=platform.node())
     parser.add_argument("--out", help="append the row to this JSON list")
     parser.add_argument("--worker", choices=sorted(CASES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    for case in ([args.worker] if args.worker else args.case) if args.ranks else []:
+        if max(args.ranks) >= num_devices(case) or min(args.ranks) < 0:
+            parser.error(f"--ranks must lie in [0, {num_devices(case)}) for case {case} (N={num_devices(case)}), got {args.ranks}")
     if args.worker:
         print(json.dumps(worker(args.worker, args.repeats, args.threads, args.steps, args.ranks)))
         return
@@ -263,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
                     else:
                         samples[tree].setdefault(label, []).extend(times)
         row = {
-            "case": case, "N": 4, "G": CASES[case][1], "quantize": CASES[case][2], "codebook_size": CASES[case][4],
+            "case": case, "N": num_devices(case), "G": CASES[case][1], "quantize": CASES[case][2], "codebook_size": CASES[case][4],
             "ranks": args.ranks or CASES[case][3], "threads": args.threads,
             "shard_sizes": "even and balanced" if case == "gpt2-balance" else "even",
             "median_s": {tree: {k: statistics.median(v) for k, v in s.items() if is_forward_time(k)}

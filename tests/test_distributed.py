@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 
 from transformers_astra.attention import attend
 from transformers_astra.exchange import split_heads
-from transformers_astra.kernels import KeyMask
+from transformers_astra.kernels import KeyMask, fused_tables, projected_from_fused
 from transformers_astra.distributed import (
     DistributedRuntime,
     Timings,
@@ -497,11 +497,36 @@ def test_projection_tables_equal_decode_then_project(family, groups):
     codes = torch.randint(0, 16, (3, 5, groups))
     with torch.no_grad():
         want_key, want_value = state.adapter.project_kv(module, quantizer.decode(codes))
-        key, value = projected_from_codes(projection_tables(module, state.adapter, quantizer), codes, 16)
+        tables = projection_tables(module, state.adapter, quantizer)
+        key, value = projected_from_codes(tables, codes, 16)
     heads = want_key.shape[1]
     assert torch.allclose(split_heads(key, heads), want_key, atol=1e-5)
     assert torch.allclose(split_heads(value, heads), want_value, atol=1e-5)
+    # The runtime's layout of the same tables (one gather for K and V; at G=1 the biases folded in): the same bits.
+    fused = fused_tables(tables, groups)
+    assert (fused.bias is None) == (groups == 1) and fused.table.shape == (groups * 16, 2 * tables[0].shape[1])
+    for some in (codes, torch.randint(0, 16, (1, 1, groups))):
+        fused_key, fused_value = projected_from_fused(fused, some, 16)
+        reference_key, reference_value = projected_from_codes(tables, some, 16)
+        assert torch.equal(fused_key, reference_key) and torch.equal(fused_value, reference_value)
 
+
+
+def test_unpack_all_gives_each_sources_unpack():
+    """A layer's payloads unpacked together (even shards) or one by one (uneven) give each source's `unpack`."""
+    import transformers_astra as astra
+    from transformers_astra.packing import pack
+    from transformers_astra.transport import LoopbackTransport
+
+    config = astra.AstraConfig(num_devices=4, groups=2, codebook_size=1024)
+    transport = LoopbackTransport(3, 4, config)
+    for shapes in ([(1, 7, 2)] * 3, [(1, 7, 2), (1, 6, 2), (1, 7, 2)], [(2, 5, 2)] * 2, [(1, 4, 2)]):
+        codes = [torch.randint(0, 1024, shape) for shape in shapes]
+        payloads = [pack(c, config.bits_per_code) for c in codes]
+        got = transport.unpack_all(payloads, shapes)
+        assert len(got) == len(codes)
+        for one, want, payload, shape in zip(got, codes, payloads, shapes):
+            assert torch.equal(one, want) and torch.equal(one, transport.unpack(payload, shape))
 
 
 def test_projection_table_limit_is_bytes_per_layer_or_a_switch():

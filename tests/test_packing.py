@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from transformers_astra.packing import _pack_bits, _unpack_bits, pack, packed_size, unpack
+from transformers_astra.packing import _pack_bits, _unpack_bits, pack, packed_size, unpack, unpack_rows
 
 
 @pytest.mark.parametrize("bits", range(1, 17))
@@ -28,6 +28,30 @@ def test_word_packing_gives_the_bit_streams_bytes(bits):
         assert torch.equal(pack(codes, bits), _pack_bits(codes.to(torch.int32), bits)), (bits, num_codes)
         noise = torch.randint(0, 256, (packed_size(num_codes, bits) + 2,), dtype=torch.uint8, generator=generator)
         assert torch.equal(unpack(noise, bits, num_codes), _unpack_bits(noise, bits, num_codes)), (bits, num_codes)
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+def test_unpack_rows_gives_each_rows_unpack(bits):
+    """A receiver's sources unpacked at once (`unpack_rows`) against `unpack` row by row, on the word and bit paths."""
+    generator = torch.Generator().manual_seed(100 + bits)
+    for rows, num_codes in [(1, 0), (1, 5), (3, 7), (7, 128), (3, 16389)]:
+        packed = torch.randint(0, 256, (rows, packed_size(num_codes, bits) + 1), dtype=torch.uint8, generator=generator)
+        together = unpack_rows(packed, bits, num_codes)
+        assert together.shape == (rows, num_codes) and together.dtype == torch.int64
+        for row in range(rows):
+            assert torch.equal(together[row], unpack(packed[row], bits, num_codes)), (bits, rows, num_codes, row)
+            assert torch.equal(together[row], _unpack_bits(packed[row], bits, num_codes)), (bits, rows, num_codes, row)
+
+
+def test_unpack_rows_refuses_other_shapes_and_short_rows():
+    with pytest.raises(ValueError, match="2-D uint8"):
+        unpack_rows(torch.zeros(4, dtype=torch.uint8), 10, 2)
+    with pytest.raises(ValueError, match="2-D uint8"):
+        unpack_rows(torch.zeros(2, 4, dtype=torch.int32), 10, 2)
+    with pytest.raises(ValueError, match="need 5 bytes"):
+        unpack_rows(torch.zeros(2, 4, dtype=torch.uint8), 10, 4)
+    with pytest.raises(ValueError, match="1-D uint8"):
+        unpack(torch.zeros(2, 4, dtype=torch.uint8), 10, 2)
 
 
 def test_extreme_values_and_shapes_survive():

@@ -54,7 +54,7 @@ def test_every_case_names_its_codebook_size_and_gpt2_kv_floors_time_a_ranks_exac
     from benchmarks.workloads import build
 
     for name, (workload, groups, quantize, ranks, size) in per_layer_costs.CASES.items():
-        assert workload in ("gpt2", "vit") and quantize in ("hidden", "kv") and set(ranks) <= {0, 1, 2, 3}, name
+        assert workload in ("gpt2", "vit") and quantize in ("hidden", "kv") and set(ranks) <= set(range(per_layer_costs.num_devices(name))), name
         assert size >= 2 and size & (size - 1) == 0, name
     assert per_layer_costs.CASES["gpt2-kv32"][1:] == (32, "kv", [0, 1, 3], 256)
     workload = build("gpt2", small=True)
@@ -68,3 +68,29 @@ def test_every_case_names_its_codebook_size_and_gpt2_kv_floors_time_a_ranks_exac
     with torch.inference_mode():
         times = timed_runs(run, 3, prepare)
     assert len(times) == 3 and min(times) > 0 and len(prepared) == 4  # a warm-up, then one untimed prepare per run
+
+
+def test_cpu_timed_runs_time_each_call_in_wall_and_cpu_seconds_and_not_the_prepare():
+    calls = []
+
+    def prepare():
+        calls.append("prepare")
+        sum(range(300_000))  # CPU work that must not be counted
+        return 3
+
+    def run(value):
+        calls.append(value)
+        sum(range(30_000))
+
+    walls, cpus = per_layer_costs.cpu_timed_runs(run, 2, prepare)
+    assert len(walls) == len(cpus) == 2 and calls == ["prepare", 3] * 3  # a warm-up, then two timed calls
+    assert all(wall > 0 and cpu >= 0 for wall, cpu in zip(walls, cpus))
+    assert max(cpus) < 0.5 * min(_prepare_seconds() for _ in range(2))  # the prepare's work is not in the times
+
+
+def _prepare_seconds() -> float:
+    import time
+
+    start = time.process_time()
+    sum(range(300_000))
+    return time.process_time() - start

@@ -92,7 +92,18 @@ from .exchange import rebuild_keys_values, sent_vectors, split_heads
 from . import generation, liveness
 from .handshake import CHECKED_INPUTS, batch_size, check_same_call, check_same_model
 from .liveness import PeerFailureError
-from .kernels import PROJECTION_TABLE_MAX_BYTES, KeyMask, table_limit, merge_partials, partial_attention, projected_from_codes, projection_tables
+from .kernels import (
+    PROJECTION_TABLE_MAX_BYTES,
+    FusedTables,
+    KeyMask,
+    fused_tables,
+    merge_partials,
+    partial_attention,
+    projected_from_codes,
+    projected_from_fused,
+    projection_tables,
+    table_limit,
+)
 from .models.base import RankView
 from .patch import astra_state, quantizers
 from .sharding import ShardLayout
@@ -287,12 +298,12 @@ class DistributedRuntime:
             for layer in layers:
                 layer.forget()
 
-    def _projection_tables(self) -> dict[int, tuple[torch.Tensor, ...]]:
+    def _projection_tables(self) -> dict[int, FusedTables]:
         table_bytes = self.config.projection_table_bytes(self.adapter.key_value_width(self.model), self.element_size)
         if not self.table_limit or table_bytes > self.table_limit:
             return {}
-        return {
-            layer_idx: projection_tables(module, self.adapter, module.astra_quantizer)
+        return {  # one gather for K and V per received token (`kernels.fused_tables`)
+            layer_idx: fused_tables(projection_tables(module, self.adapter, module.astra_quantizer), module.astra_quantizer.groups)
             for layer_idx, module in enumerate(self.adapter.attention_modules(self.model))
         }
 
@@ -406,7 +417,7 @@ class RankExchange:
         tables = runtime._tables.get(module._astra_layer.layer_idx)
         if tables is not None:
             heads = adapter.key_value_heads(module)
-            projected = tuple(split_heads(t, heads) for t in projected_from_codes(tables, codes, quantizer.codebook_size))
+            projected = tuple(split_heads(t, heads) for t in projected_from_fused(tables, codes, quantizer.codebook_size))
             return rebuild_keys_values(adapter, module, runtime.config.quantize, positions, projected=projected)
         return rebuild_keys_values(adapter, module, runtime.config.quantize, positions, decoded=quantizer.decode(codes))
 

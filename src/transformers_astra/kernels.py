@@ -62,6 +62,40 @@ def projected_from_codes(tables, codes: torch.Tensor, codebook_size: int) -> tup
     return key, value
 
 
+@dataclass(frozen=True)
+class FusedTables:
+    """A layer's `projection_tables` laid out for one gather per received token (`fused_tables`).
+
+    ``table``: (G*K, 2*D_kv), each codeword's K projection and V projection side by side. ``bias``: (2*D_kv,) the
+    K/V biases, added after the gather-sum; None at G = 1, where they are already added to ``table`` (a token's
+    K/V is then one row: the same single addition, made once per codeword instead of once per received token).
+    """
+
+    table: torch.Tensor
+    bias: torch.Tensor | None
+    key_width: int
+
+
+def fused_tables(tables, groups: int) -> FusedTables:
+    """`FusedTables` of a layer's ``tables`` (`projection_tables`) for codes of ``groups`` groups."""
+    table_key, table_value, bias_key, bias_value = tables
+    table, bias = torch.cat([table_key, table_value], dim=1), torch.cat([bias_key, bias_value])
+    if groups == 1:
+        return FusedTables(table + bias, None, table_key.shape[1])
+    return FusedTables(table, bias, table_key.shape[1])
+
+
+def projected_from_fused(fused: FusedTables, codes: torch.Tensor, codebook_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`projected_from_codes` through `FusedTables`: the same K and V, (B, n, D_kv) each (views of one tensor), bit for
+    bit (tests/test_distributed.py), in one gather for K and V instead of two gather-sums and two bias additions."""
+    if fused.bias is None:  # G = 1: each token's K/V is one row of the table, its bias already added
+        both = F.embedding(codes[..., 0], fused.table)
+    else:
+        index = (codes + torch.arange(codes.shape[-1], device=codes.device) * codebook_size).reshape(-1, codes.shape[-1])
+        both = F.embedding_bag(index, fused.table, mode="sum").reshape(*codes.shape[:-1], -1) + fused.bias
+    return both[..., : fused.key_width], both[..., fused.key_width :]
+
+
 # The CPU flash kernel behind SDPA, which also returns the log-sum-exp (torch's own op, private name).
 _FUSED_CPU_ATTENTION = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 

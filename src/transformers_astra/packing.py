@@ -69,12 +69,22 @@ def _pack_bits(flat: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tensor:
     """The first ``num_codes`` codes of a packed stream, as int64 of shape (num_codes,)."""
-    _check_bits(bits)
     if packed.dtype != torch.uint8 or packed.ndim != 1:
         raise ValueError(f"unpack expects a 1-D uint8 tensor, got dtype {packed.dtype} and shape {tuple(packed.shape)}")
-    if packed.numel() < packed_size(num_codes, bits):
+    return unpack_rows(packed[None], bits, num_codes)[0]
+
+
+def unpack_rows(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tensor:
+    """`unpack` of every row of a (S, bytes) uint8 tensor (S streams of the same length) at once: int64 (S, num_codes).
+
+    Row s gives exactly ``unpack(packed[s], bits, num_codes)``: a receiver unpacks its sources' payloads of a layer
+    in one call instead of one per source (tests/test_packing.py)."""
+    _check_bits(bits)
+    if packed.dtype != torch.uint8 or packed.ndim != 2:
+        raise ValueError(f"unpack_rows expects a 2-D uint8 tensor, got dtype {packed.dtype} and shape {tuple(packed.shape)}")
+    if packed.shape[1] < packed_size(num_codes, bits):
         raise ValueError(
-            f"{num_codes} codes of {bits} bits need {packed_size(num_codes, bits)} bytes, got {packed.numel()}"
+            f"{num_codes} codes of {bits} bits need {packed_size(num_codes, bits)} bytes, got {packed.shape[1]}"
         )
     if _chunk(bits) is not None:
         return _unpack_words(packed, bits, num_codes)
@@ -82,22 +92,23 @@ def unpack(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tensor:
 
 
 def _unpack_words(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tensor:
-    """`unpack` by chunks of `_chunk` bytes: each chunk's bytes into one int64, then its codes."""
+    """`unpack_rows` by chunks of `_chunk` bytes: each chunk's bytes into one int64, then its codes."""
     per, num_bytes = _chunk(bits)
-    chunks = -(-num_codes // per)
-    used = packed[: packed_size(num_codes, bits)].to(torch.int64)
-    words = torch.nn.functional.pad(used, (0, chunks * num_bytes - used.numel())).reshape(chunks, num_bytes)
-    words = (words << torch.arange(0, 8 * num_bytes, 8, device=packed.device)).sum(dim=1, keepdim=True)
+    chunks, rows = -(-num_codes // per), packed.shape[:-1]  # any leading dimensions (the rows)
+    used = packed[..., : packed_size(num_codes, bits)].to(torch.int64)
+    words = torch.nn.functional.pad(used, (0, chunks * num_bytes - used.shape[-1])).reshape(*rows, chunks, num_bytes)
+    words = (words << torch.arange(0, 8 * num_bytes, 8, device=packed.device)).sum(dim=-1, keepdim=True)
     codes = (words >> torch.arange(0, per * bits, bits, device=packed.device)) & ((1 << bits) - 1)
-    return codes.reshape(-1)[:num_codes]
+    return codes.reshape(*rows, -1)[..., :num_codes]
 
 
 def _unpack_bits(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tensor:
-    """`unpack` the obvious way: one entry per stream bit, then ``bits`` of them per code."""
+    """`unpack_rows` the obvious way: one entry per stream bit, then ``bits`` of them per code."""
+    rows = packed.shape[:-1]  # any leading dimensions (the rows)
     bit_index = torch.arange(8, device=packed.device, dtype=torch.int32)
-    stream = ((packed.to(torch.int32)[:, None] >> bit_index) & 1).reshape(-1)[: num_codes * bits]
+    stream = ((packed.to(torch.int32)[..., None] >> bit_index) & 1).reshape(*rows, -1)[..., : num_codes * bits]
     code_weights = 1 << torch.arange(bits, device=packed.device, dtype=torch.int32)
-    return (stream.reshape(num_codes, bits) * code_weights).sum(dim=1).to(torch.int64)
+    return (stream.reshape(*rows, num_codes, bits) * code_weights).sum(dim=-1).to(torch.int64)
 
 
 def _check_bits(bits: int) -> None:

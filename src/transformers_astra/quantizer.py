@@ -240,6 +240,7 @@ def nearest_codewords(
     # products and their sum; u: the matmul's unit roundoff, C: the largest codeword norm), plus twice
     # the float64 reference's own error bound, (d + 2) 2^-53 (|x| + C)^2; 1 % more for the rounding
     # of |x| and C themselves.
+    points = points.contiguous()  # one copy here rather than a strided read in every step's matmul and the norm
     norm = torch.linalg.vector_norm(points.to(score_dtype), dim=-1)  # (G, n)
     unit = _matmul_unit_roundoff(score_dtype, points.device)
     tolerance = 2.02 * (dim + 2) * (unit * radius * (radius + 2 * norm) + 2.0**-53 * (norm + radius).square())
@@ -247,7 +248,6 @@ def nearest_codewords(
     if blocked:  # positions of the blocks and of the scores in a block, to sum those within the limit
         block_positions = _positions(size // _ARGMIN_BLOCK, points.device)
         offset_positions = _positions(_ARGMIN_BLOCK, points.device)
-    points = points.contiguous()  # one copy here rather than a strided read in every step's matmul and the norm
     group_step, token_step = score_block(groups, n, size, max_elements)
     nearest = torch.empty(groups, n, dtype=torch.long, device=points.device)
     for g in range(0, groups, group_step):

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from . import liveness
-from .packing import pack, packed_size, unpack
+from .packing import pack, packed_size, unpack, unpack_rows
 from .sharding import ShardLayout
 
 TRAFFIC_KINDS = ("codes", "padding", "pooling", "control")
@@ -207,6 +207,14 @@ class CodeTransport:
         codes = unpack(payload, self.config.bits_per_code, math.prod(shape))
         return codes.reshape(shape).to(self.code_device)
 
+    def unpack_all(self, payloads: list[torch.Tensor], shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+        """`unpack` of a layer's payloads, one per source: where all have one shape (even shards), one call for all
+        (`packing.unpack_rows`, the same codes) instead of one per source."""
+        if len(payloads) > 1 and all(shape == shapes[0] and p.numel() == payloads[0].numel() for p, shape in zip(payloads, shapes)):
+            codes = unpack_rows(torch.stack(payloads), self.config.bits_per_code, math.prod(shapes[0]))
+            return list(codes.reshape(len(payloads), *shapes[0]).to(self.code_device).unbind(0))
+        return [self.unpack(payload, shape) for payload, shape in zip(payloads, shapes)]
+
     def count(self, kind: str, sent: int, received: int) -> None:
         self.traffic.sent[kind] += sent
         self.traffic.received[kind] += received
@@ -265,7 +273,7 @@ class _AllGatherTransfer(CodeTransfer):
 
     def wait(self) -> list[torch.Tensor]:
         self.transport.wait(self.work, "the code all_gather", kind="codes", layer=self.layer)
-        return [self.transport.unpack(self.buffers[s][: self.sizes[s]], self.shapes[s]) for s in self.sources]
+        return self.transport.unpack_all([self.buffers[s][: self.sizes[s]] for s in self.sources], [self.shapes[s] for s in self.sources])
 
 
 class _PointToPointTransfer(CodeTransfer):
@@ -282,7 +290,7 @@ class _PointToPointTransfer(CodeTransfer):
 
     def wait(self) -> list[torch.Tensor]:
         self.transport.wait(self.works, f"the code exchange with ranks {self.sources}", kind="codes", layer=self.layer)
-        return [self.transport.unpack(self.buffers[s], self.shapes[s]) for s in self.sources]
+        return self.transport.unpack_all([self.buffers[s] for s in self.sources], [self.shapes[s] for s in self.sources])
 
 
 class PostedAhead:
@@ -316,10 +324,15 @@ class PostedAhead:
         self.works: list = []  # every work of the forward (tests ask whether all ended)
         if not self.sources:
             return
+        # Every receive buffer of the forward is a row of one tensor (a contiguous view: one allocation, not one per
+        # layer and source), so a layer's filler bytes are read in one gather (`receive`).
+        widest = max(self.sizes[source] for source in self.sources) + 1
+        self.buffer = torch.zeros(num_layers, len(self.sources), widest, dtype=torch.uint8, device=transport.comm_device)
+        self._ends = torch.tensor([[self.sizes[source]] for source in self.sources], device=transport.comm_device)  # (S, 1)
         ops, buffers = [], {}
         for layer in range(num_layers):
-            for source in self.sources:
-                buffer = torch.zeros(self.sizes[source] + 1, dtype=torch.uint8, device=transport.comm_device)
+            for row, source in enumerate(self.sources):
+                buffer = self.buffer[layer, row, : self.sizes[source] + 1]
                 buffers[layer, source] = buffer
                 ops.append(dist.P2POp(dist.irecv, buffer, self._global[source], transport.group, tag=layer))
         works = transport.post(ops, f"the code exchange with ranks {self.sources}")
@@ -350,12 +363,13 @@ class PostedAhead:
         what = f"the code exchange with ranks {self.sources}"
         started = time.monotonic()
         transport.wait([work for _, work in pending.values()], what, kind="codes", layer=layer)
-        gave_up = [source for source, (buffer, _) in pending.items() if self._filler(source, buffer)]
+        flags = self.buffer[layer].gather(1, self._ends)  # (S, 1): each source's byte after its payload, 1 after a filler
+        gave_up = [source for source, flag in zip(self.sources, flags.flatten().tolist()) if flag] if bool(flags.any()) else []
         if gave_up:
             transport.count("control", 0, sum(self.sizes[s] + 1 for s in gave_up))
             cause = f"rank(s) {gave_up} raised during this call and sent no codes for layer {layer}"
             raise liveness.failure(transport._where, what, started, transport.timeout, cause)
-        return [transport.unpack(pending[s][0][: self.sizes[s]], self.shapes[s]) for s in self.sources]
+        return transport.unpack_all([pending[s][0][: self.sizes[s]] for s in self.sources], [self.shapes[s] for s in self.sources])
 
     def finish(self, drained: bool = False) -> None:
         """Send a filler for every layer not sent, then wait for every send and every receive not waited for.
@@ -470,4 +484,4 @@ class _LoopbackTransfer(CodeTransfer):
         self.transport, self.payloads = transport, payloads
 
     def wait(self) -> list[torch.Tensor]:
-        return [self.transport.unpack(payload, shape) for payload, shape in self.payloads]
+        return self.transport.unpack_all([payload for payload, _ in self.payloads], [shape for _, shape in self.payloads])
