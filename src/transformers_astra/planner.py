@@ -56,7 +56,7 @@ from torch import nn
 
 from .balance import ShardCosts, balanced_sizes
 from .config import BALANCED, QUANTIZE_MODES, AstraConfig
-from .kernels import projected_from_codes
+from .kernels import fused_tables, projected_from_fused
 from .packing import pack, packed_size, unpack
 from .patch import astra_state, is_patched
 from .quantizer import GroupedVQ
@@ -197,12 +197,14 @@ def _bind_decode(quantizer: GroupedVQ, packed: torch.Tensor, bits: int, shape):
 
 
 def _bind_table(key_table, value_table, packed, bits: int, shape, codebook_size: int):
-    """Unpack and gather-sum from a pair of codeword-projection tables, as the runtime's receiver does."""
+    """Unpack and gather from a pair of codeword-projection tables fused as the runtime's receiver uses them
+    (`kernels.fused_tables`, `kernels.projected_from_fused`: one gather for K and V)."""
     count = math.prod(shape)
     tables = (key_table, value_table, key_table.new_zeros(key_table.shape[-1]), value_table.new_zeros(value_table.shape[-1]))
+    fused = fused_tables(tables, shape[-1])
 
     def gather():
-        return projected_from_codes(tables, unpack(packed, bits, count).reshape(shape), codebook_size)
+        return projected_from_fused(fused, unpack(packed, bits, count).reshape(shape), codebook_size)
 
     return gather
 
