@@ -41,7 +41,7 @@ from transformers_astra import AstraConfig
 from transformers_astra import patch, unpatch
 from transformers_astra.planner import (GROUPS, PROBE_DEVICES, DeviceProfile, LinkModel, RankProbe, _interleaved_best,
                                        balanced_shard_sizes, calibrate_device, fit_rank_overheads, loopback_rank_forward,
-                                       predict_astra, predict_baseline, probed_at, rank_compute_s)  # fmt: skip
+                                       predict_astra, predict_baseline, probe_ranks, probed_at, rank_compute_s)  # fmt: skip
 
 from .workloads import build
 
@@ -376,7 +376,7 @@ def cmd_held_out(args) -> None:
     for g in args.groups:
         for quantize in args.quantize:
             for n in args.devices:
-                ranks = sorted({0, n // 2, n - 1}) if workload.causal else [0]
+                ranks = probe_ranks(n, [n], workload.causal)  # at its own largest N: 0, N/2 and N-1
                 patch(model, AstraConfig(num_devices=n, groups=g, quantize=quantize, shard_sizes=None))
                 try:
                     timed = _interleaved_best([loopback_rank_forward(model, r, inputs) for r in ranks], args.probe_repeats)
@@ -384,8 +384,7 @@ def cmd_held_out(args) -> None:
                     unpatch(model)
                 probes += [RankProbe(g, quantize, n, r, workload.num_tokens, t) for r, t in zip(ranks, timed)]
     def probed(fit: list[int]) -> list[RankProbe]:  # the ranks calibrate_device(probe_devices=fit) times
-        return [p for p in probes if p.num_devices in fit and (p.rank in (0, p.num_devices - 1) or not workload.causal
-                                                               or (p.num_devices == max(fit) and p.rank == p.num_devices // 2))]
+        return [p for p in probes if p.num_devices in fit and p.rank in probe_ranks(p.num_devices, fit, workload.causal)]
 
     fits = {"components only": {}, **{f"fit N={n}": fit_rank_overheads(profile, probed([n])) for n in args.fit},
             "fit N=" + " and ".join(map(str, args.fit)): fit_rank_overheads(profile, probed(args.fit)),

@@ -411,8 +411,7 @@ def calibrate_device(
         inputs = {k: v for k, v in _model_inputs(model, probe_tokens, generator).items() if k != "use_cache"}
         for g, quantize in settings:
             for n in device_counts:
-                # Causal: ranks 0 (sends only) and N-1 (receives only), and at the largest N a middle rank (both).
-                ranks = sorted({0, n - 1} | ({n // 2} if n == device_counts[-1] else set())) if causal else [0]
+                ranks = probe_ranks(n, device_counts, causal)
                 config = AstraConfig(num_devices=n, groups=g, quantize=quantize, codebook_size=codebook_size, shard_sizes=None)
                 patch(model, config)
                 try:
@@ -425,6 +424,15 @@ def calibrate_device(
         profile.probe_tokens, profile.probe_devices = _tokens_of(model, probe_tokens), device_counts
     bar.close()
     return profile
+
+
+def probe_ranks(num_devices: int, device_counts: list[int], causal: bool) -> list[int]:
+    """The ranks `calibrate_device` times at N = ``num_devices`` when it probes at every N of ``device_counts``.
+    Causal: ranks 0 (sends only) and N-1 (receives only), and at the largest N a middle rank (both); images: rank 0
+    (every rank does both)."""
+    if not causal:
+        return [0]
+    return sorted({0, num_devices - 1} | ({num_devices // 2} if num_devices == max(device_counts) else set()))
 
 
 def loopback_rank_forward(model: nn.Module, rank: int, inputs: dict[str, Any]) -> Callable[[], Any]:
