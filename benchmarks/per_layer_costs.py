@@ -114,22 +114,7 @@ def time_steps() -> dict[str, float]:
     return spent
 
 
-CPU_TIME = " (CPU time)"  # label suffix of a forward's CPU seconds (`cpu_timed_runs`)
-
-
-def cpu_timed_runs(fn, repeats: int, prepare=None) -> tuple[list[float], list[float]]:
-    """(wall seconds, CPU seconds of this process) of ``repeats`` calls of ``fn`` after one untimed warm-up call, as
-    `profile_astra.timed_runs` (``prepare``: untimed). On a shared machine the CPU time leaves out the moments other
-    processes took the cores (the wall time does not), so a small change shows through their load."""
-    walls, cpus = [], []
-    for index in range(repeats + 1):
-        arguments = () if prepare is None else (prepare(),)
-        wall, cpu = time.perf_counter(), time.process_time()
-        fn(*arguments)
-        if index:
-            walls.append(time.perf_counter() - wall)
-            cpus.append(time.process_time() - cpu)
-    return walls, cpus
+CPU_TIME = " (CPU time)"  # label suffix of a forward's CPU seconds (`profile_astra.cpu_timed_runs`)
 
 
 def worker(case: str, repeats: int, threads: int = 1, steps: bool = False, only: list[int] | None = None) -> dict:
@@ -142,7 +127,7 @@ def worker(case: str, repeats: int, threads: int = 1, steps: bool = False, only:
 
     from . import links
     from .ceiling import rank_call
-    from .profile_astra import as_rank, timed_runs
+    from .profile_astra import as_rank, cpu_timed_runs, timed_runs
     from .workloads import build
 
     torch.set_num_threads(threads)

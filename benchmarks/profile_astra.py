@@ -45,18 +45,25 @@ from .workloads import build  # noqa: E402
 CHUNK_SCORE_BYTES = 2 << 20
 
 
-def timed_runs(fn, repeats: int, prepare=None) -> list[float]:
-    """Seconds of ``repeats`` calls of ``fn`` after one untimed warm-up call; with ``prepare``, each call is
-    ``fn(prepare())`` and only ``fn`` is timed (e.g. `ceiling.rank_call`'s KV cache, built afresh per call)."""
-
-    def once() -> float:
+def cpu_timed_runs(fn, repeats: int, prepare=None) -> tuple[list[float], list[float]]:
+    """(wall seconds, CPU seconds of this process) of ``repeats`` calls of ``fn`` after one untimed warm-up call;
+    with ``prepare``, each call is ``fn(prepare())`` and only ``fn`` is timed (e.g. `ceiling.rank_call`'s KV cache,
+    built afresh per call). On a shared machine the CPU time leaves out the moments other processes took the cores
+    (the wall time does not), so a small change shows through their load."""
+    walls, cpus = [], []
+    for index in range(repeats + 1):
         arguments = () if prepare is None else (prepare(),)
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         fn(*arguments)
-        return time.perf_counter() - start
+        if index:
+            walls.append(time.perf_counter() - wall)
+            cpus.append(time.process_time() - cpu)
+    return walls, cpus
 
-    once()
-    return [once() for _ in range(repeats)]
+
+def timed_runs(fn, repeats: int, prepare=None) -> list[float]:
+    """The wall seconds of `cpu_timed_runs`."""
+    return cpu_timed_runs(fn, repeats, prepare)[0]
 
 
 def best_time(fn, repeats: int = 5) -> float:
