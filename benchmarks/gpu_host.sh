@@ -202,23 +202,23 @@ step gpt2-kv-costs 330 gpt2_kv_costs
 # cores 0-1. On the dev VM a rank is its exact work + the encoder + ~2 %; on this host the runtime's ranks at N=8
 # took ~0.1 s more than the ceiling's ranks timed alone. Measured 2026-11-28: the eight at once ~110 s; the rest did
 # not finish in the ~100 s left, so give it ~300 s.
-host_sharing() {
-    lscpu -e > "$out/lscpu.txt"
-    local r pids=()
-    for r in 0 1 2 3 4 5 6 7; do
-        taskset -c $((2*r)),$((2*r+1)) python3 -m benchmarks.per_layer_costs --case gpt2-n8-g1 --ranks $r --threads 2 \
-            --runs 3 --repeats 3 --machine "$machine; eight ranks at once" --out "$out/plc-gpt2-n8-g1-at-once-rank$r.json" & pids+=($!)
-    done
-    wait "${pids[@]}"; pids=()
-    taskset -c 0,1 python3 -m benchmarks.per_layer_costs --case gpt2-n8-g1 --ranks 0 3 7 --threads 2 --runs 3 --repeats 3 \
-        --machine "$machine; alone" --out "$out/plc-gpt2-n8-g1-alone.json"
-    for r in 0 1 2 3; do
-        taskset -c $((2*r)),$((2*r+1)) python3 -m benchmarks.per_layer_costs --case gpt2-kv16-k256 --ranks $r --threads 2 \
-            --runs 3 --repeats 3 --machine "$machine; four ranks at once" --out "$out/plc-gpt2-kv16-k256-at-once-rank$r.json" & pids+=($!)
+# at_once CASE N WORDS: ranks 0..N-1 of CASE, one per_layer_costs process each on its own 2 cores, all at once.
+at_once() {
+    local case=$1 n=$2 words=$3 r pids=()
+    for (( r = 0; r < n; r++ )); do
+        taskset -c $((2*r)),$((2*r+1)) python3 -m benchmarks.per_layer_costs --case "$case" --ranks $r --threads 2 \
+            --runs 3 --repeats 3 --machine "$machine; $words ranks at once" --out "$out/plc-$case-at-once-rank$r.json" & pids+=($!)
     done
     wait "${pids[@]}"
 }
-export -f host_sharing
+host_sharing() {
+    lscpu -e > "$out/lscpu.txt"
+    at_once gpt2-n8-g1 8 eight
+    taskset -c 0,1 python3 -m benchmarks.per_layer_costs --case gpt2-n8-g1 --ranks 0 3 7 --threads 2 --runs 3 --repeats 3 \
+        --machine "$machine; alone" --out "$out/plc-gpt2-n8-g1-alone.json"
+    at_once gpt2-kv16-k256 4 four
+}
+export -f at_once host_sharing
 step host-sharing 300 host_sharing
 # Goal 3: GPT2, N=8 (16 cores), 10 Mbps: G=1 hidden (fastest), G=8 kv and G=32 kv (the accurate ones).
 step gpt2-n8-g1 30 bench --workload gpt2 "${tokens[@]}" --n 8 --methods astra --groups 1 --quantize hidden --links real --bandwidths 10
