@@ -33,6 +33,9 @@ python3 -c "import transformers_astra" || { echo "transformers_astra does not im
 cores=$(nproc)
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 machine="GPU host (nvidia-h100/h200 kind, CPU cores only): $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $cores cores"
+# MACHINE_TAG (optional) ends the label, e.g. the call's date: the planner pairs profiles and rows by label, and hosts
+# of one kind differ (the one device read 1.09-1.78 s across calls), so a profile predicts only its own host's rows.
+[ -n "${MACHINE_TAG:-}" ] && machine="$machine; $MACHINE_TAG"
 echo "$machine"
 
 left() { echo $(( budget - ($(date +%s) - start) )); }
@@ -251,6 +254,15 @@ step calibrate-gpt2 110 calibrate --workload gpt2 "${tokens[@]}"
 step calibrate-vit 35 calibrate --workload vit
 # GPT2 at K=256 (goal 1's G=32 kv K=256 rows), G=16 and 32 only: about half of calibrate-gpt2 (estimated).
 step calibrate-gpt2-k256 65 calibrate --workload gpt2 "${tokens[@]}" --codebook-size 256 --groups 16 32
+# The planner for this host as the emulation uses it (issue 12 goal 4): the rank probes with every rank of N=4 and 8
+# at once, each on its own 2 cores (`calibrate --colocated 2`): ranks that share the host's memory and caches run
+# slower than one rank alone (docs/benchmarks.md "Host sharing"), which the overheads then carry. The components are
+# timed on cores 0-1 alone, as the one device runs. Not measured on a GPU host before (estimated: components ~60 s,
+# probes ~40 s a profile). With the rows to validate against, on one host (MACHINE_TAG pairs them):
+#   MACHINE_TAG="call $(date -u +%H%M)" STEPS='^(calibrate-colocated-.*|gpt2-n4-g16-kv256|gpt2-n4-g1|gpt2-n8-g1|gpt2-n8-g1-k256|gpt2-n4-accurate)$' \
+#       BUDGET_S=520 bash benchmarks/gpu_host.sh OUT
+step calibrate-colocated-gpt2 120 calibrate --workload gpt2 "${tokens[@]}" --colocated "$cpr"
+step calibrate-colocated-gpt2-k256 90 calibrate --workload gpt2 "${tokens[@]}" --codebook-size 256 --groups 1 16 32 --colocated "$cpr"
 # Packet loss (issue 11 item 9) on this host's links, if time is left: the default setting and the fastest.
 step gpt2-n4-loss 60 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 32 1 --quantize hidden --links real \
     --bandwidths 10 --loss 1 5
