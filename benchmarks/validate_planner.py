@@ -57,13 +57,16 @@ def machine_key(label: str) -> str:
     return f"{name.split(' (')[0].strip()}: {cpu.strip()}"
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
+def slug(text: str, length: int = 60) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:length]
 
 
 def profile_path(directory: Path, machine: str, workload: str, threads: int, codebook_size: int = DEFAULT_K) -> Path:
+    """The machine's name before its ':' names the file; a tag after a ';' (gpu_host.sh's MACHINE_TAG: one host of a
+    kind, one call) is added, so that a tagged host's profile does not replace its kind's."""
     k = "" if codebook_size == DEFAULT_K else f"-k{codebook_size}"
-    return directory / f"{workload}-{threads}t{k}-{slug(machine.split(':')[0])}.json"
+    tag = machine.partition(";")[2]
+    return directory / f"{workload}-{threads}t{k}-{slug(machine.split(':')[0])}{'-' + slug(tag, 40) if tag.strip() else ''}.json"
 
 
 def load_profiles(directory: Path, commands: dict | None = None) -> dict[tuple, DeviceProfile]:

@@ -197,6 +197,9 @@ def test_calibration_measures_positive_rates_and_leaves_a_patched_model_alone(wo
     assert profile.attention_masked_s > 0 and profile.attention_full_s > 0 and profile.project_kv_s > 0
     assert set(profile.encode_s) == {"1/hidden", "1/kv", "4/hidden", "4/kv"} and min(profile.encode_s.values()) > 0
     assert DeviceProfile.from_dict(profile.to_dict()) == profile
+    # one device's forward is timed at the planned length too: beyond the fitted lengths for causal models, among them for images
+    assert profile.full_forward_s > 0 and (profile.full_tokens == 48 if built.causal else profile.full_tokens in profile.measured_tokens)
+    assert (profile.full_tokens > max(profile.measured_tokens)) == built.causal
     result = astra.plan(built.model, num_tokens=None if not built.causal else built.num_tokens, num_devices=2, bandwidth_mbps=10,
                         profile=profile, groups=(1, 4))  # fmt: skip
     assert {p.method for p in result.predictions} >= {"single", "astra", "sp-fp16"}
@@ -585,3 +588,30 @@ def test_colocated_probes_run_every_rank_at_once_on_its_own_cores():
     assert all(0 < p.seconds < 60 for p in probes)
     with pytest.raises(SystemExit, match="needs .* cores"):
         colocated_probes(SimpleNamespace(**{**vars(args), "probe_devices": [os.cpu_count() + 1]}), [(8, "hidden")], 16)
+
+
+def test_one_device_is_the_fit_up_to_the_fitted_lengths_then_corrected_by_the_forward_at_the_planned_length():
+    fitted = gpt2_profile(measured_tokens=[128, 256, 512])
+    assert fitted.forward_s(1024) == fitted.fitted_forward_s(1024)  # not timed at 1024 (profiles before it was)
+    profile = dataclasses.replace(fitted, full_tokens=1024, full_forward_s=1.5 * fitted.fitted_forward_s(1024))
+    assert profile.forward_s(512) == fitted.forward_s(512) and profile.forward_s(300) == fitted.forward_s(300)
+    assert profile.forward_s(1024) == pytest.approx(1.5 * fitted.forward_s(1024))
+    assert profile.forward_s(768) == pytest.approx(1.25 * fitted.forward_s(768))  # halfway from 512 to 1024
+    assert profile.forward_s(2048) == pytest.approx(1.5 * fitted.forward_s(2048))
+    single = predict_baseline(profile, "single", 1024, 1, fast_link())
+    assert single.latency_s == pytest.approx(profile.full_forward_s)
+    assert DeviceProfile.from_dict(profile.to_dict()) == profile
+    # a version-3 profile saved before the field existed loads as not timed
+    old = {k: v for k, v in fitted.to_dict().items() if k not in ("full_tokens", "full_forward_s")}
+    assert DeviceProfile.from_dict(old).forward_s(1024) == fitted.forward_s(1024)
+
+
+def test_profile_files_of_a_tagged_host_do_not_replace_their_kinds(tmp_path):
+    from benchmarks.validate_planner import profile_path
+
+    kind = "GPU host (nvidia kind, CPU cores only): Intel Xeon, 32 cores"
+    plain = profile_path(tmp_path, kind, "gpt2", 2)
+    tagged = profile_path(tmp_path, kind + "; 2026-11-28 call A", "gpt2", 2)
+    assert plain.name == "gpt2-2t-gpu-host-nvidia-kind-cpu-cores-only.json"
+    assert tagged.name == "gpt2-2t-gpu-host-nvidia-kind-cpu-cores-only-2026-11-28-call-a.json"
+    assert profile_path(tmp_path, kind + "; 2026-11-28 call A", "gpt2", 2, 256).name.startswith("gpt2-2t-k256-gpu-host")

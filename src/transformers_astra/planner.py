@@ -7,7 +7,8 @@
     plan.recommended                                             # the chosen `Prediction` (or one device)
 
 `calibrate_device` times, on this device and this model: the unmodified model's forward at three
-sequence lengths (fitting a fixed cost and a per-token cost once the attention is subtracted), scaled
+sequence lengths (fitting a fixed cost and a per-token cost once the attention is subtracted) and, for causal
+models, at the planned length itself (what one device runs; see `DeviceProfile.forward_s`), scaled
 dot-product attention (causal and explicitly masked), and ASTRA's per-token work: encoding (+ bit
 packing) at each G, and on the receiver unpacking + decoding + projecting K/V (hidden mode), gathering
 from the runtime's codeword-projection tables (hidden mode, where they fit) or decoding keys and values
@@ -108,6 +109,11 @@ class DeviceProfile:
     probe_devices: list[int] = field(default_factory=list)  # the N they ran at (version 2: one int, read as [N])
     measured_tokens: list[int] = field(default_factory=list)
     measured_forward_s: list[float] = field(default_factory=list)
+    # The whole model's forward at the planned length (causal models: beyond the fitted lengths; 0: not timed, as
+    # in profiles before 2026-11-28). On the GPU hosts the fit at 128-512 tokens, extrapolated to 1024, read one
+    # device 0.97 s where it took 1.35-1.74 s in the rows (docs/planner.md): the per-token cost grows with length.
+    full_tokens: int = 0
+    full_forward_s: float = 0.0
     machine: str = ""
     date: str = ""
     torch_version: str = ""
@@ -139,11 +145,23 @@ class DeviceProfile:
     def load(cls, path: str | Path) -> "DeviceProfile":
         return cls.from_dict(json.loads(Path(path).read_text()))
 
-    def forward_s(self, tokens: int) -> float:
-        """One device, the whole model on ``tokens`` tokens."""
+    def fitted_forward_s(self, tokens: int) -> float:
+        """The fitted components' whole forward on ``tokens`` tokens (what a rank's shard is predicted from)."""
         pairs = causal_pairs(tokens) if self.causal else tokens * tokens
         rate = self.attention_causal_s if self.causal else self.attention_full_s
         return self.fixed_s + self.per_token_s * tokens + self.num_layers * rate * pairs
+
+    def forward_s(self, tokens: int) -> float:
+        """One device, the whole model on ``tokens`` tokens: the fit, corrected beyond the fitted lengths by what
+        the forward at ``full_tokens`` measured against the fit (linearly from the longest fitted length to
+        ``full_tokens``, the whole ratio from there on)."""
+        fitted = self.fitted_forward_s(tokens)
+        top = max(self.measured_tokens, default=0)
+        if not self.full_tokens or not self.full_forward_s or tokens <= top or self.full_tokens <= top:
+            return fitted
+        ratio = self.full_forward_s / self.fitted_forward_s(self.full_tokens)
+        weight = min(1.0, (tokens - top) / (self.full_tokens - top))
+        return fitted * (1.0 + weight * (ratio - 1.0))
 
 
 def probed_at(profile: DeviceProfile) -> str:
@@ -334,6 +352,11 @@ def calibrate_device(
     for length in lengths:
         calls[f"forward {length}"] = _bind(model, _model_inputs(model, length, generator))
         per_unit[f"forward {length}"] = 1.0
+    # ... and at the planned length, what one device runs (not fitted: the ranks' shards are 1/8 to 1/2 of it).
+    full = _tokens_of(model, total)
+    if full not in lengths:
+        calls[f"forward {full}"] = _bind(model, _model_inputs(model, full, generator))
+        per_unit[f"forward {full}"] = 1.0
 
     # 2. Attention kernels at the shapes the plan meets, per (query, key) pair and layer.
     head_dim = hidden // heads
@@ -403,7 +426,8 @@ def calibrate_device(
         causal=causal, threads=torch.get_num_threads(), fixed_s=fixed, per_token_s=per_token,
         attention_causal_s=attention_causal, attention_masked_s=attention_masked, attention_full_s=attention_full,
         project_kv_s=project, encode_s=encode, decode_s=decode, table_s=table, codebook_size=codebook_size,
-        measured_tokens=lengths, measured_forward_s=forward, machine=machine or os.uname().nodename,
+        measured_tokens=lengths, measured_forward_s=forward, full_tokens=full, full_forward_s=seconds[f"forward {full}"],
+        machine=machine or os.uname().nodename,
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), torch_version=torch.__version__,
     )  # fmt: skip
     if probing:  # 4. real ranks' forwards per setting, for the per-layer overheads the components miss
