@@ -180,7 +180,7 @@ def markdown(rows: list[dict], profiles: dict[tuple, DeviceProfile], commands: d
         errors = [abs(r["error"]) for r in group]
         speedup = [abs(r["speedup_error"]) for r in group if r["speedup_error"] is not None]
         own = [abs(r["error_vs_own_single"]) for r in group if r.get("error_vs_own_single") is not None]
-        summary.append([machine.split(":")[0], model, str(tokens), str(len(group)), f"{100 * statistics.median(errors):.0f} %",
+        summary.append([machine.split(":")[0] + ("; " + machine.partition(";")[2].strip() if ";" in machine else ""), model, str(tokens), str(len(group)), f"{100 * statistics.median(errors):.0f} %",
                         f"{sum(e <= 0.2 for e in errors)}/{len(group)}", f"{100 * max(errors):.0f} %",
                         f"{100 * statistics.median(own):.0f} %" if own else "", f"{sum(e <= 0.2 for e in own)}/{len(own)}" if own else "",
                         f"{100 * statistics.median(speedup):.0f} %" if speedup else "",

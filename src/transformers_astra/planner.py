@@ -295,7 +295,8 @@ def calibrate_device(
 
     ``num_tokens``: the sequence length to plan for (default: the model's own for images, else 1024); the
     forward is timed at 1/8, 1/4 and 1/2 of it (images: 1/4, 1/2 and all of it). A patched model is calibrated on an unpatched copy.
-    Takes a few seconds (GPT2-small, 1024 tokens, one thread: about 10 s).
+    Takes a few seconds (GPT2-small, 1024 tokens, one dev-VM thread: the `validate_planner calibrate --no-rank-probe`
+    command 21.6 s, 2026-11-28, of which the forward at the full length takes about 9 s).
 
     ``rank_probes``: also time real ASTRA ranks, so that the profile holds what a rank's forward costs beyond
     the components (`fit_rank_overheads`; without them those overheads are taken as 0). Off by default: it
