@@ -257,12 +257,13 @@ step calibrate-gpt2-k256 65 calibrate --workload gpt2 "${tokens[@]}" --codebook-
 # The planner for this host as the emulation uses it (issue 12 goal 4): the rank probes with every rank of N=4 and 8
 # at once, each on its own 2 cores (`calibrate --colocated 2`): ranks that share the host's memory and caches run
 # slower than one rank alone (docs/benchmarks.md "Host sharing"), which the overheads then carry. The components are
-# timed on cores 0-1 alone, as the one device runs. Not measured on a GPU host before (estimated: components ~60 s,
-# probes ~40 s a profile). With the rows to validate against, on one host (MACHINE_TAG pairs them):
+# timed on cores 0-1 alone, as the one device runs. Measured 2026-11-28: K=1024 (G=1, 8, 16, 32) 162 s and 169 s on two
+# hosts; K=256 at G=1, 16, 32 did not finish in 133 s (~150 s assumed). With the rows to validate against, on one host
+# (MACHINE_TAG pairs them; docs/benchmarks.md "04:05 UTC" has the calls that ran):
 #   MACHINE_TAG="call $(date -u +%H%M)" STEPS='^(calibrate-colocated-.*|gpt2-n4-g16-kv256|gpt2-n4-g1|gpt2-n8-g1|gpt2-n8-g1-k256|gpt2-n4-accurate)$' \
 #       BUDGET_S=520 bash benchmarks/gpu_host.sh OUT
-step calibrate-colocated-gpt2 120 calibrate --workload gpt2 "${tokens[@]}" --colocated "$cpr"
-step calibrate-colocated-gpt2-k256 90 calibrate --workload gpt2 "${tokens[@]}" --codebook-size 256 --groups 1 16 32 --colocated "$cpr"
+step calibrate-colocated-gpt2 180 calibrate --workload gpt2 "${tokens[@]}" --colocated "$cpr"
+step calibrate-colocated-gpt2-k256 150 calibrate --workload gpt2 "${tokens[@]}" --codebook-size 256 --groups 1 16 32 --colocated "$cpr"
 # Packet loss (issue 11 item 9) on this host's links, if time is left: the default setting and the fastest.
 step gpt2-n4-loss 60 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 32 1 --quantize hidden --links real \
     --bandwidths 10 --loss 1 5

@@ -57,6 +57,11 @@ def machine_key(label: str) -> str:
     return f"{name.split(' (')[0].strip()}: {cpu.strip()}"
 
 
+def machine_tag(label: str) -> str:
+    """What follows a ';' in a machine label (gpu_host.sh's MACHINE_TAG: one host of a kind, one call), or ""."""
+    return label.partition(";")[2].strip()
+
+
 def slug(text: str, length: int = 60) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:length]
 
@@ -65,8 +70,8 @@ def profile_path(directory: Path, machine: str, workload: str, threads: int, cod
     """The machine's name before its ':' names the file; a tag after a ';' (gpu_host.sh's MACHINE_TAG: one host of a
     kind, one call) is added, so that a tagged host's profile does not replace its kind's."""
     k = "" if codebook_size == DEFAULT_K else f"-k{codebook_size}"
-    tag = machine.partition(";")[2]
-    return directory / f"{workload}-{threads}t{k}-{slug(machine.split(':')[0])}{'-' + slug(tag, 40) if tag.strip() else ''}.json"
+    tag = machine_tag(machine)
+    return directory / f"{workload}-{threads}t{k}-{slug(machine.split(':')[0])}{'-' + slug(tag, 40) if tag else ''}.json"
 
 
 def load_profiles(directory: Path, commands: dict | None = None) -> dict[tuple, DeviceProfile]:
@@ -180,7 +185,8 @@ def markdown(rows: list[dict], profiles: dict[tuple, DeviceProfile], commands: d
         errors = [abs(r["error"]) for r in group]
         speedup = [abs(r["speedup_error"]) for r in group if r["speedup_error"] is not None]
         own = [abs(r["error_vs_own_single"]) for r in group if r.get("error_vs_own_single") is not None]
-        summary.append([machine.split(":")[0] + ("; " + machine.partition(";")[2].strip() if ";" in machine else ""), model, str(tokens), str(len(group)), f"{100 * statistics.median(errors):.0f} %",
+        tag = machine_tag(machine)
+        summary.append([machine.split(":")[0] + (f"; {tag}" if tag else ""), model, str(tokens), str(len(group)), f"{100 * statistics.median(errors):.0f} %",
                         f"{sum(e <= 0.2 for e in errors)}/{len(group)}", f"{100 * max(errors):.0f} %",
                         f"{100 * statistics.median(own):.0f} %" if own else "", f"{sum(e <= 0.2 for e in own)}/{len(own)}" if own else "",
                         f"{100 * statistics.median(speedup):.0f} %" if speedup else "",
