@@ -30,6 +30,8 @@ CASES = [
     ("gpt2-kv-uneven", "gpt2", {"quantize": "kv", "uneven": True}),
     ("vit-hidden-padded", "vit", {"quantize": "hidden"}),
     ("vit-kv-uneven", "vit", {"quantize": "kv", "uneven": True}),
+    # One class token (the recipe of ViT's one checkpoint for any N): rank 0 holds it and shares it after the last layer.
+    ("vit-hidden-one-cls", "vit", {"quantize": "hidden", "distributed_cls": False}),
     # The Llama family (conftest.LLAMA_FEATURES): dynamic RoPE, biases and sliding windows, k_norm, GQA.
     ("llama-hidden", "llama", {"quantize": "hidden"}),
     ("qwen2-kv-uneven", "qwen2", {"quantize": "kv", "uneven": True}),

@@ -537,3 +537,19 @@ def test_projection_table_limit_is_bytes_per_layer_or_a_switch():
     for bad in (-1, 1.5, "on", None):
         with pytest.raises(ValueError, match="projection_table"):
             table_limit(bad)
+
+
+def test_vit_one_class_token_layout_crops_the_right_rows_and_refuses_a_shard_without_patches():
+    from transformers_astra.models.base import RankView
+    from transformers_astra.models.vit import _PatchRows
+    from transformers_astra.sharding import ShardLayout
+
+    # 16 patches on a 4 x 4 grid + one CLS: [CLS, p0..p15] cut 6 / 6 / 5
+    layout = ShardLayout((6, 6, 5))
+    rows = [_PatchRows(RankView(layout, rank)).own_rows(4, 16) for rank in range(3)]
+    assert rows == [(0, 2), (1, 3), (2, 4)]  # patches 0-4, 5-10, 11-15
+    # the same grid with one class-token copy per shard ([CLS, p0..p4, CLS, p5..p9, CLS, p10..p15])
+    spread = ShardLayout((6, 6, 7))
+    assert [_PatchRows(RankView(spread, rank)).own_rows(4, 16) for rank in range(3)] == [(0, 2), (1, 3), (2, 4)]
+    with pytest.raises(ValueError, match="holds no patch"):
+        _PatchRows(RankView(ShardLayout((1, 16)), 0)).own_rows(4, 16)

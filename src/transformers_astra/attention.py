@@ -108,6 +108,9 @@ class SimulatedExchange:
     def mean_across_shards(self, copies: torch.Tensor) -> torch.Tensor:
         return copies.mean(dim=1, keepdim=True)
 
+    def with_first_token(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden  # every shard is here, the first token first
+
 
 def attention_weights_requested(kwargs) -> bool:
     """True when the caller asked for attention weights (SDPA cannot return them, so we compute them)."""

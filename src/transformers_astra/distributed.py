@@ -55,7 +55,8 @@ API
 - ``runtime(**inputs)``: the model's output for this rank's shard. Causal LMs (GPT2, Llama family): ``logits`` (B, T_r, V) of the
   shard's tokens with global positions; the next-token logits are ``logits[:, -1]`` on the last rank
   (``runtime.is_last``). ViT (distributed class tokens): every rank returns the same pooled CLS, so the
-  same classification ``logits``; ``last_hidden_state`` is [pooled CLS, own patches].
+  same classification ``logits``; ``last_hidden_state`` is [pooled CLS, own patches]. ViT with one class token
+  (``distributed_cls=False``): rank 0's final CLS is shared, so the same holds with [CLS, own patches].
 - ``runtime.generate(input_ids, attention_mask=None, **generate_kwargs)``: transformers' ``generate``
   (any ``model.generate`` argument). The prompt is prefilled in parallel; the last rank then runs
   ``model.generate`` from its mixed KV cache (its shard exact, earlier shards decoded from codes) and
@@ -470,3 +471,8 @@ class RankExchange:
         """Mean of every rank's vector (one small all_gather)."""
         gathered = self.runtime.transport.all_gather(copies[:, 0], "pooling the class tokens", "pooling")
         return torch.stack(gathered, dim=1).mean(dim=1, keepdim=True)
+
+    def with_first_token(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Rank 0's first token in front of this rank's tokens (rank 0: as they are; one small all_gather)."""
+        gathered = self.runtime.transport.all_gather(hidden[:, 0], "sharing the class token", "pooling")
+        return hidden if self.view.rank == 0 else torch.cat([gathered[0][:, None].to(hidden.dtype), hidden], dim=1)

@@ -42,6 +42,11 @@ class Exchange(Protocol):
         """(B, s, D) one vector per shard held here -> (B, 1, D), their mean over all N shards."""
         ...
 
+    def with_first_token(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T_here, D) -> the tokens held here with the whole sequence's first token in front, where this holder
+        lacks it (one class token, held by shard 0): the simulation holds it already; rank r > 0 gets rank 0's."""
+        ...
+
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """(B, H, T, d) -> (B, T, H*d)."""

@@ -1,7 +1,9 @@
 """ViT: bidirectional attention and Distributed Class Tokens (one CLS copy per shard, mean-pooled).
 
 A rank of the distributed runtime embeds only the rows of the patch grid that hold its patches
-(`rank_hooks`), and pools its CLS copy with the other ranks' through the exchange.
+(`rank_hooks`), and pools its CLS copy with the other ranks' through the exchange. With
+``distributed_cls=False`` the one CLS is the first token of shard 0; after the last layer every rank gets rank
+0's (`Exchange.with_first_token`), so that every rank returns the same classification.
 """
 
 from __future__ import annotations
@@ -47,9 +49,9 @@ class ViTAdapter(ModelAdapter):
         return 1 if config.distributed_cls else 0
 
     def install(self, model: nn.Module, state) -> list:
-        if not state.config.distributed_cls:
-            return []
         vit = model.base_model
+        if not state.config.distributed_cls:
+            return [vit.layernorm.register_forward_hook(_share_class_token(state))]
         return [
             vit.register_forward_pre_hook(_spread_attention_mask(state), with_kwargs=True),
             vit.embeddings.register_forward_hook(_spread_class_token(state)),
@@ -58,14 +60,17 @@ class ViTAdapter(ModelAdapter):
 
     # ------------------------------------------------------------------------------------ the runtime
     def rank_layout(self, model: nn.Module, state, inputs: Mapping[str, Any]) -> ShardLayout:
+        num_patches = model.base_model.embeddings.patch_embeddings.num_patches
         if not state.config.distributed_cls:
-            raise ValueError("DistributedRuntime supports ViT with distributed_cls=True (each rank pools its CLS copy)")
-        return distributed_cls_layout(state, model.base_model.embeddings.patch_embeddings.num_patches)
+            return state.layout(num_patches + 1)  # [CLS, patches] cut as the simulation cuts them
+        return distributed_cls_layout(state, num_patches)
 
     def key_padding(self, inputs: Mapping[str, Any], layout: ShardLayout) -> torch.Tensor | None:
         mask = inputs.get("attention_mask")
         if mask is None:
             return None
+        if layout.total == mask.shape[1]:  # one class token: the layout's order is [CLS, patches]
+            return mask.bool()
         return mask[:, spread_index(layout, mask.device)].bool()  # [CLS, patches] -> the spread order of the layout
 
     def rank_inputs(self, inputs: Mapping[str, Any], view: RankView) -> dict[str, Any]:
@@ -90,18 +95,24 @@ class _PatchRows:
         self.view = view
         self.grid: tuple[int, int, int] | None = None
 
-    def own_rows(self, grid_width: int) -> tuple[int, int]:
+    def own_rows(self, grid_width: int, num_patches: int) -> tuple[int, int]:
         """Rows of the patch grid that hold this rank's patches (its first and last row may be partial)."""
         start, end = self.view.bounds
         rank = self.view.rank
-        first_patch, last_patch = start - rank, end - rank - 2  # minus one CLS copy per earlier shard
+        if self.view.layout.total == num_patches + 1:  # one class token, before shard 0's patches
+            first_patch, last_patch = max(start - 1, 0), end - 2
+        else:
+            first_patch, last_patch = start - rank, end - rank - 2  # minus one CLS copy per earlier shard
+        if last_patch < first_patch:
+            raise ValueError(f"rank {rank}'s shard {self.view.bounds} holds no patch: use fewer devices for {num_patches} patches")
         return first_patch // grid_width, last_patch // grid_width + 1
 
     def crop(self, module, args):
         pixel_values = args[0]
         patch = module.stride[0]
-        first_row, end_row = self.own_rows(pixel_values.shape[-1] // module.stride[1])
-        self.grid = (first_row, end_row, pixel_values.shape[-2] // patch)
+        grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // module.stride[1])
+        first_row, end_row = self.own_rows(grid[1], grid[0] * grid[1])
+        self.grid = (first_row, end_row, grid[0])
         return (pixel_values[..., first_row * patch : end_row * patch, :],)
 
     def pad(self, module, args, output: torch.Tensor) -> torch.Tensor:
@@ -152,6 +163,13 @@ def _spread_attention_mask(state):
         layout = distributed_cls_layout(state, mask.shape[1] - 1)
         kwargs["attention_mask"] = mask[:, spread_index(layout, mask.device)]
         return args, kwargs
+
+    return hook
+
+
+def _share_class_token(state):
+    def hook(module, args, output: torch.Tensor) -> torch.Tensor:
+        return state.exchange.with_first_token(output)  # the classifier reads token 0 on every rank
 
     return hook
 
