@@ -1,7 +1,7 @@
 """Does ASTRA pay here, and at which setting? A cost model of one inference split over N devices.
 
     import transformers_astra as astra
-    profile = astra.calibrate_device(model, num_tokens=1024)    # a few seconds on this device
+    profile = astra.calibrate_device(model, num_tokens=1024)    # seconds (GPT2-small: ~20 s on one core)
     plan = astra.plan(model, num_tokens=1024, num_devices=4, bandwidth_mbps=10, profile=profile)
     print(plan.summary())                                        # recommendation and every prediction
     plan.recommended                                             # the chosen `Prediction` (or one device)
@@ -295,7 +295,7 @@ def calibrate_device(
 
     ``num_tokens``: the sequence length to plan for (default: the model's own for images, else 1024); the
     forward is timed at 1/8, 1/4 and 1/2 of it (images: 1/4, 1/2 and all of it). A patched model is calibrated on an unpatched copy.
-    Takes a few seconds (GPT2-small, 1024 tokens, one dev-VM thread: the `validate_planner calibrate --no-rank-probe`
+    Takes seconds (GPT2-small, 1024 tokens, one dev-VM thread: the `validate_planner calibrate --no-rank-probe`
     command 21.6 s, 2026-11-28, of which the forward at the full length takes about 9 s).
 
     ``rank_probes``: also time real ASTRA ranks, so that the profile holds what a rank's forward costs beyond
@@ -913,7 +913,7 @@ def plan(
     """Predict one device, ASTRA at each setting and the full-precision baselines; recommend the fastest allowed.
 
     ``num_tokens``: the sequence length (None: an image model's own token count). ``profile``: from
-    `calibrate_device` (calibrated now on ``model`` when omitted, a few seconds; with ``rank_probes`` it also
+    `calibrate_device` (calibrated now on ``model`` when omitted, seconds; with ``rank_probes`` it also
     times this N's ranks without a network, as `calibrate_device(..., rank_probes=True)`: slower, closer
     predictions; ignored when a profile is given). ``bandwidth_mbps``,
     ``latency_ms``, ``loss_percent``: each device's link (or pass a whole `LinkModel` as ``link``).
