@@ -95,10 +95,6 @@ def link_for(row: dict) -> LinkModel:
     return LinkModel(row["bandwidth_mbps"], loss_percent=row.get("loss_percent") or 0.0)
 
 
-def predict_row(profile: DeviceProfile, row: dict) -> float:
-    return prediction_of_row(profile, row).latency_s
-
-
 def prediction_of_row(profile: DeviceProfile, row: dict):
     link = link_for(row)
     if row["method"] == "astra":
@@ -255,13 +251,18 @@ def table(header: list[str], lines: list[list[str]]) -> str:
     return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines])
 
 
+def rank_inputs(workload) -> dict:
+    """What a probed rank's forward gets: the workload's inputs, and for causal models the last token's logits only."""
+    return {**workload.inputs, **({"logits_to_keep": 1} if workload.causal else {})}
+
+
 def colocated_rank_worker(workload_name: str, tokens: int | None, codebook_size: int | None, settings: list, world: int,
                           rank: int, cores: list[int], threads: int, repeats: int, barrier, results) -> None:  # fmt: skip
     """One of ``world`` processes that run their loopback rank forwards at the same moments (`colocated_probes`)."""
     os.sched_setaffinity(0, cores)
     torch.set_num_threads(threads)
     workload = build(workload_name, tokens=tokens)
-    inputs = {**workload.inputs, **({"logits_to_keep": 1} if workload.causal else {})}
+    inputs = rank_inputs(workload)
     out = []
     try:
         for groups, quantize in settings:
@@ -378,9 +379,7 @@ def cmd_held_out(args) -> None:
     started = time.time()
     profile = calibrate_device(model, num_tokens=workload.num_tokens, threads=args.threads, repeats=args.repeats,
                                groups=tuple(args.groups), machine=args.machine)  # fmt: skip
-    inputs = {k: v for k, v in workload.inputs.items()}
-    if workload.causal:
-        inputs["logits_to_keep"] = 1
+    inputs = rank_inputs(workload)
     probes = []
     for g in args.groups:
         for quantize in args.quantize:
