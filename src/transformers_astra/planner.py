@@ -62,7 +62,7 @@ from .packing import pack, packed_size, unpack
 from .patch import astra_state, is_patched
 from .quantizer import GroupedVQ
 from .sharding import ShardLayout
-from .transport import code_sources
+from .transport import code_receivers, code_sources
 
 GROUPS = (1, 8, 16, 32)
 BASELINES = ("single", "sp-fp32", "sp-fp16", "tp")
@@ -638,13 +638,9 @@ def code_bytes_per_layer(config: AstraConfig, layout: ShardLayout, rank: int, ba
     return packed_size(batch_size * layout.sizes[rank] * config.codes_per_token, config.bits_per_code)
 
 
-def receivers_of(num_devices: int, rank: int, causal: bool) -> list[int]:
-    return [peer for peer in range(num_devices) if peer > rank or (peer != rank and not causal)]
-
-
 def expected_bytes_sent(config: AstraConfig, layout: ShardLayout, rank: int, num_layers: int, causal: bool, batch_size: int = 1) -> int:
     """Code bytes ``rank`` sends in one forward (as `transformers_astra.distributed.expected_code_bytes`)."""
-    return num_layers * len(receivers_of(layout.num_devices, rank, causal)) * code_bytes_per_layer(config, layout, rank, batch_size)
+    return num_layers * len(code_receivers(layout.num_devices, rank, causal)) * code_bytes_per_layer(config, layout, rank, batch_size)
 
 
 def _table_fits(config: AstraConfig, hidden: int, element_size: int = 4) -> bool:
@@ -669,7 +665,7 @@ def astra_rank_compute(profile: DeviceProfile, config: AstraConfig, layout: Shar
         raise ValueError(f"the device profile has no measurement for G={config.groups} {config.quantize}: calibrate with groups including {config.groups}")
     per_layer = profile.per_token_s / profile.num_layers
     before = _layer_split(profile) * per_layer * n
-    receivers = len(receivers_of(layout.num_devices, rank, causal))
+    receivers = len(code_receivers(layout.num_devices, rank, causal))
     sources = len(code_sources(layout.num_devices, rank, causal))
     send_overhead, receive_overhead = rank_overheads(profile, key, receivers, sources)
     before += send_overhead
@@ -757,7 +753,7 @@ def fit_rank_overheads(profile: DeviceProfile, probes: list[RankProbe]) -> dict[
             keys.append(key)
         config = AstraConfig(num_devices=probe.num_devices, groups=probe.groups, quantize=probe.quantize,
                              codebook_size=profile.codebook_size, shard_sizes=None)  # fmt: skip
-        receivers = len(receivers_of(probe.num_devices, probe.rank, profile.causal))
+        receivers = len(code_receivers(probe.num_devices, probe.rank, profile.causal))
         sources = len(code_sources(probe.num_devices, probe.rank, profile.causal))
         rows.append((keys.index(key), float(receivers > 0), float(sources > 0), float(receivers), float(sources), probe.num_devices))
         residuals.append(probe.seconds - rank_compute_s(components, config, probe.num_tokens, probe.rank, probe.projection_table))
