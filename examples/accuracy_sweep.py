@@ -470,7 +470,8 @@ def call17() -> list[Job]:
 
 
 def call18() -> list[Job]:
-    """ViT (carry: wheels, gpu_data/fashion-mnist, outputs/vit-base): issue 13 item 2's one miss, ViT G = 1 at N = 2.
+    """ViT (carry: wheels, gpu_data/fashion-mnist, outputs/vit-base), run 2026-11-28 (H200, 234 s, its 12 runs 148-218 s
+    each, all at once): issue 13 item 2's one miss, ViT G = 1 at N = 2.
     Call 17 found that without distributed class tokens (one class token) the shared checkpoint matches the per-N one
     at N = 8 (+0.05 points) and misses by 0.40 at N = 2, but against per-N references of one seed each (ViT G = 1's
     seed spread is ~0.1-0.3 points) and with no reference at N = 3, 4, 6. So:
@@ -478,7 +479,7 @@ def call18() -> list[Job]:
        other layouts evaluated: the N = 4 checkpoint at every N, as for the other stems);
     b. the shared recipe without DCT with N = 2 drawn three times as often (2,2,2,3,4,6,8; N = 8 had 0.35 points
        of margin), 3 seeds.
-    12 runs at 2 epochs: ~130-175 s each with 8-10 sharing (calls 10, 17), estimated."""
+    12 runs at 2 epochs (estimated beforehand at ~130-175 s each from calls 10 and 17)."""
     nodct = ["--groups", "1", "--quantize", "hidden", "--no-distributed-cls", "--epochs", "2"]
     jobs = estimated([finetune_job("vit", "vit-g1-hidden-nodct-nagnostic-ep2-twos", seed,
                                    [*nodct, "--random-shards", "2,2,2,3,4,6,8", *EVAL_LAYOUTS]) for seed in SEEDS], 190)
