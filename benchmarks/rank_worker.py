@@ -12,6 +12,10 @@ collectives sent, the bytes its network interface sent (wire bytes, headers incl
 simulated link's sleep and (ASTRA) the runtime's timings of the forward: its wall time and how long
 this rank waited for peers, by kind and per layer (`DistributedRuntime.timings`; None for the
 baselines). ``{"quit": true}`` ends it.
+
+``{"load": true}`` makes the rank a load on its cores instead (`run_latency --loaded-baseline`): it answers
+``RESULT {"loading": true}`` after its first forward and goes on running forwards, without barriers, until the
+next line arrives (``{"stop": true}``); then it answers ``RESULT {"load_forwards": n, "load_forward_s": [...]}``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import datetime
 import json
 import os
+import select
 import sys
 import time
 
@@ -63,11 +68,32 @@ def timed_runs(method, count: int) -> dict:
     return out
 
 
+def load(method) -> dict:
+    """Forwards, one after another, from now until a line waits on stdin (which the caller then reads)."""
+    times = []
+    while True:
+        start = time.perf_counter()
+        method.forward()
+        times.append(time.perf_counter() - start)
+        if len(times) == 1:
+            print("RESULT " + json.dumps({"loading": True}), flush=True)
+        if select.select([sys.stdin], [], [], 0)[0]:
+            return {"load_forwards": len(times), "load_forward_s": times}
+
+
 def serve(method) -> None:
-    for line in sys.stdin:
+    # readline, not iteration: iterating stdin reads ahead, and `load` asks the file descriptor whether a line waits.
+    for line in iter(sys.stdin.readline, ""):
         command = json.loads(line)
         if command.get("quit"):
             return
+        if command.get("load"):
+            result = load(method)
+            stop = json.loads(sys.stdin.readline() or "{}")
+            if stop.get("quit"):
+                return
+            print("RESULT " + json.dumps(result), flush=True)
+            continue
         links.set_mode(command["mode"], command.get("mbps"))
         for _ in range(command.get("warmup", 0)):
             dist.barrier()

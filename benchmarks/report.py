@@ -193,6 +193,11 @@ def section(key: tuple, rows: list[dict], single: dict | None) -> str:
         out += ["\nWhere each rank's time went (ASTRA rows recorded with the runtime's timings): medians over the runs of the "
                 "seconds each rank was blocked waiting for its peers and of the rest (compute: its forward's wall time "
                 "minus the waits), the slowest rank's waits by kind, and its code waits layer by layer", waits]  # fmt: skip
+    loaded = loaded_table(rows)
+    if loaded:
+        out += ["\nThe one device also timed with the host loaded like the ranks' (`--loaded-baseline`: the other ranks' cores "
+                "run the one-device forward on a rank's share of the tokens meanwhile; `run_latency.HostLoad`): the N ranks of "
+                "this emulation share one host, separate devices would not. Medians (p10–p90) s", loaded]  # fmt: skip
     lossy = sorted((r for r in rows if r["loss_percent"]), key=lambda r: (variant_order(variant(r)), r["loss_percent"]))
     if lossy:
         lines = [[variant(r), f"{r['bandwidth_mbps']:g}", f"{r['loss_percent']:g} %", str(r["runs"] + r["warmup"]),
@@ -204,6 +209,22 @@ def section(key: tuple, rows: list[dict], single: dict | None) -> str:
     out += ["\nCrossover (real link):", *(crossover(rows, bandwidths) or ["- no full-precision method measured"])]
     out += ["\nReproduce:", "```", *reproduce_commands(rows + ([single] if single else [])), "```"]
     return "\n".join(out)
+
+
+def loaded_table(rows: list[dict]) -> str:
+    """Rows with a loaded one-device baseline (`run_latency --loaded-baseline`); empty when none has one."""
+    measured = sorted((r for r in rows if "single_loaded_median_s" in r),
+                      key=lambda r: (variant_order(variant(r)), link_name(r), r["bandwidth_mbps"] or 0))  # fmt: skip
+    span = lambda r, key: f"{r[key + '_median_s']:.3g} ({r[key + '_p10_s']:.3g}–{r[key + '_p90_s']:.3g})"  # noqa: E731
+    lines = [[variant(r), link_name(r), "" if r["bandwidth_mbps"] is None else f"{r['bandwidth_mbps']:g}",
+              f"{r['median_s']:.3g} ({r['p10_s']:.3g}–{r['p90_s']:.3g})", span(r, "single"), span(r, "single_loaded"),
+              f"{r['speedup_vs_single']:.2f}×", f"{r['speedup_vs_loaded_single']:.2f}×",
+              f"{r['host_load']['processes']} × {r['host_load']['forwards']} forwards of {r['host_load']['tokens'] or 'all'} tokens, "
+              f"{r['host_load']['forward_median_s']:.3g} s each"] for r in measured]  # fmt: skip
+    if not lines:
+        return ""
+    return table(["method", "link", "Mbps", "method s", "one device alone s", "one device, host loaded s",
+                  "speed-up vs alone", "speed-up vs loaded", "the load"], lines)  # fmt: skip
 
 
 def waits_table(rows: list[dict]) -> str:

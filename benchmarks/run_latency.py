@@ -45,7 +45,7 @@ from transformers_astra.config import BALANCED
 from . import netns
 from .astra_method import AstraSettings
 from .methods import METHODS
-from .workloads import CAUSAL_TOKENS, WORKLOADS
+from .workloads import CAUSAL_TOKENS, CAUSAL_WORKLOADS, WORKLOADS
 
 REPO = Path(__file__).resolve().parent.parent
 LOG_DIR = Path("/tmp/astra-bench-logs")
@@ -102,19 +102,20 @@ class Ranks:
     """The N worker processes of one method, each in its namespace; killed on exit whatever happens."""
 
     def __init__(self, variant: Variant, workload: str, world: int, cores_per_rank: int, port: int, nice: int = 0,
-                 tokens: int | None = None):  # fmt: skip
+                 tokens: int | None = None, slot: int = 0):  # fmt: skip
+        """``slot``: rank r runs in the namespace and on the cores of rank ``slot + r`` (a host load beside rank 0)."""
         LOG_DIR.mkdir(exist_ok=True)
         self.processes, self.logs = [], []
         for rank in range(world):
-            cores = ",".join(map(str, cores_of(rank, cores_per_rank)))
+            cores = ",".join(map(str, cores_of(slot + rank, cores_per_rank)))
             command = netns.in_namespace(
-                rank, "nice", "-n", str(nice), "taskset", "-c", cores, sys.executable, "-m", "benchmarks.rank_worker",
-                "--rank", str(rank), "--world", str(world), "--master", netns.address(0), "--port", str(port),
+                slot + rank, "nice", "-n", str(nice), "taskset", "-c", cores, sys.executable, "-m", "benchmarks.rank_worker",
+                "--rank", str(rank), "--world", str(world), "--master", netns.address(slot), "--port", str(port),
                 "--workload", workload, "--method", variant.method, "--threads", str(cores_per_rank),
                 *(["--astra-settings", variant.settings.to_json()] if variant.settings else []),
                 *(["--tokens", str(tokens)] if tokens else []),
             )  # fmt: skip
-            log_path = LOG_DIR / f"{workload}-{variant.method}-n{world}-rank{rank}.log"
+            log_path = LOG_DIR / f"{workload}-{variant.method}-n{world}-rank{rank}{f'-slot{slot}' if slot else ''}.log"
             log = open(log_path, "w")
             # gloo must use the namespace's link, not the loopback address its hostname resolves to.
             env = {**os.environ, "GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": str(cores_per_rank), "MKL_NUM_THREADS": str(cores_per_rank)}
@@ -150,9 +151,12 @@ class Ranks:
         raise RuntimeError(f"rank {rank} ended (exit code {code}); its log {log_path} ends with:\n{log_path.read_text()[-3000:]}")
 
     def run(self, mode: str, mbps: float | None, warmup: int, runs: int) -> list[dict]:
-        command = json.dumps({"mode": mode, "mbps": mbps, "warmup": warmup, "runs": runs}) + "\n"
+        return self._send({"mode": mode, "mbps": mbps, "warmup": warmup, "runs": runs})
+
+    def _send(self, command: dict) -> list[dict]:
+        line = json.dumps(command) + "\n"
         for process in self.processes:
-            process.stdin.write(command)
+            process.stdin.write(line)
             process.stdin.flush()
         return self._answers()
 
@@ -174,6 +178,51 @@ class Ranks:
             log.close()
 
     def __enter__(self) -> "Ranks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class HostLoad:
+    """The other ranks' cores kept busy while the one device runs (``--loaded-baseline``).
+
+    The emulation runs its N ranks on one host, where N busy core pairs share the caches, the memory and the
+    clock that one busy pair has alone; separate devices would not. This load puts that sharing on the one
+    device too: on the cores of ranks 1..N-1, one process each runs the one-device forward on a rank's share of
+    the tokens (causal workloads; ViT: the whole image), forward after forward, for as long as the one device
+    is timed. Its forwards and their times are kept, so a row shows that the load ran.
+    """
+
+    def __init__(self, workload: str, world: int, cores_per_rank: int, port: int, nice: int, tokens: int | None):
+        self.loads = []
+        share = max(1, (tokens or CAUSAL_TOKENS) // world) if workload in CAUSAL_WORKLOADS else None
+        self.tokens = share
+        try:
+            for slot in range(1, world):
+                self.loads.append(Ranks(Variant("single"), workload, 1, cores_per_rank, port + slot, nice, share, slot=slot))
+        except BaseException:
+            self.close()
+            raise
+
+    def start(self) -> None:
+        """Returns once every load has finished its first forward (and runs on)."""
+        for load in self.loads:
+            load.processes[0].stdin.write(json.dumps({"load": True}) + "\n")
+            load.processes[0].stdin.flush()
+        for load in self.loads:
+            answer = load._answers()[0]
+            if not answer.get("loading"):
+                raise RuntimeError(f"a host load answered {answer} instead of starting")
+
+    def stop(self) -> list[dict]:
+        return [load._send({"stop": True})[0] for load in self.loads]
+
+    def close(self) -> None:
+        for load in self.loads:
+            load.close()
+
+    def __enter__(self) -> "HostLoad":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -233,21 +282,28 @@ def quantiles(times: list[float]) -> tuple[float, float, float]:
 
 
 def measure_row(ranks: Ranks, mode: str, mbps, runs: int, budget_s: float, predicted_s: float | None,
-                single: Ranks | None = None) -> dict:  # fmt: skip
+                single: Ranks | None = None, load: HostLoad | None = None) -> dict:  # fmt: skip
     """Warm-up (unless predicted slow), then timed runs: all ``runs`` when a run takes at most FAST_RUN_S,
     else as many as fit in ``budget_s`` (at least one).
 
     With ``single`` (the one-device worker), every timed run of the method is preceded by one timed run of
     the one device, so both see the same moments of the machine: the row's baseline and its speed-up come
-    from these interleaved runs.
+    from these interleaved runs. With ``load`` too, the one device also makes one timed run while the load
+    keeps the other ranks' cores busy (`HostLoad`), after its run alone and before the method's run.
     """
     warmup = 0 if predicted_s is not None and predicted_s > WARMUP_LIMIT_S else 1
     answers: list[list[dict]] = [[] for _ in ranks.processes]
     single_answers: list[dict] = []
+    loaded_answers: list[dict] = []
+    load_forward_s: list[float] = []
     spent, done = 0.0, 0
     while done < runs:
         if single is not None:
             single_answers.append(single.run("compute", None, 1 if done == 0 else 0, 1)[0])
+            if load is not None:
+                load.start()
+                loaded_answers.append(single.run("compute", None, 0, 1)[0])
+                load_forward_s += [t for answer in load.stop() for t in answer["load_forward_s"]]
         step = ranks.run(mode, mbps, warmup if done == 0 else 0, 1)
         for rank, answer in enumerate(step):
             answers[rank].append(answer)
@@ -259,6 +315,9 @@ def measure_row(ranks: Ranks, mode: str, mbps, runs: int, budget_s: float, predi
     merged["warmup"] = warmup
     if single is not None:
         merged["single_times"] = [answer["times"][0] for answer in single_answers]
+    if loaded_answers:
+        merged["single_loaded_times"] = [answer["times"][0] for answer in loaded_answers]
+        merged["load_forward_s"] = load_forward_s
     return merged
 
 
@@ -270,6 +329,8 @@ def row_command(args, variant: Variant, world: int, link: str, mbps, loss: float
         parts.append(f"--tokens {args.tokens}")
     if not args.interleave and variant.method != "single":
         parts.append("--no-interleave")
+    if args.loaded_baseline and args.interleave and variant.method != "single":
+        parts.append("--loaded-baseline")
     if args.oversubscribe:
         parts.append("--oversubscribe")
     settings = variant.settings
@@ -300,7 +361,7 @@ def make_row(args, variant: Variant, world: int, link: str, mbps, merged: dict, 
     settings = variant.settings
     row = {
         "model": args.workload,
-        "tokens": args.tokens or (CAUSAL_TOKENS if args.workload in ("gpt2", "llama") else 197),
+        "tokens": args.tokens or (CAUSAL_TOKENS if args.workload in CAUSAL_WORKLOADS else 197),
         "method": variant.method,
         "label": variant.label + (" paced" if args.paced and link == "real" else ""),
         "N": world,
@@ -346,6 +407,16 @@ def make_row(args, variant: Variant, world: int, link: str, mbps, merged: dict, 
             "speedup_pairs_p10": round(pair_p10, 3), "speedup_pairs_p90": round(pair_p90, 3),
             "baseline": "interleaved",
         })  # fmt: skip
+    if "single_loaded_times" in merged:  # the one device again, with the other ranks' cores busy (HostLoad)
+        loaded_median, loaded_p10, loaded_p90 = quantiles(merged["single_loaded_times"])
+        row.update({
+            "single_loaded_median_s": loaded_median, "single_loaded_p10_s": loaded_p10, "single_loaded_p90_s": loaded_p90,
+            "single_loaded_times_s": merged["single_loaded_times"],
+            "speedup_vs_loaded_single": round(loaded_median / median, 3),
+            "host_load": {"processes": world - 1, "tokens": args.load_tokens,
+                          "forwards": len(merged["load_forward_s"]),
+                          "forward_median_s": statistics.median(merged["load_forward_s"])},
+        })  # fmt: skip
     return row
 
 
@@ -354,11 +425,14 @@ def benchmark_variant(args, topology, variant: Variant, world: int, port: int, o
     interleave = args.interleave and variant.method != "single"
     with contextlib.ExitStack() as stack:
         ranks = stack.enter_context(Ranks(variant, args.workload, world, args.cores_per_rank, port, args.nice, args.tokens))
-        single = None
+        single = load = None
         if interleave:  # the one device: rank 0's namespace and cores, idle while the method runs
             single = stack.enter_context(
                 Ranks(Variant("single"), args.workload, 1, args.cores_per_rank, port + 500, args.nice, args.tokens)
             )
+            if args.loaded_baseline and world > 1:
+                load = stack.enter_context(HostLoad(args.workload, world, args.cores_per_rank, port + 600, args.nice, args.tokens))
+                args.load_tokens = load.tokens
         previous: tuple[float, float] | None = None  # (median, mbps) of the last real/simulated row
         for link in links:
             chosen = args.simulated_bandwidths if link == "simulated" and args.simulated_bandwidths else args.bandwidths
@@ -370,12 +444,14 @@ def benchmark_variant(args, topology, variant: Variant, world: int, port: int, o
                 predicted = previous[0] * previous[1] / mbps if previous and mbps else None
                 mode = "compute" if link in ("none", "compute") else link
                 dropped_before = topology.dropped_packets()
-                merged = measure_row(ranks, mode, mbps, args.runs, args.row_budget_s, predicted, single)
+                merged = measure_row(ranks, mode, mbps, args.runs, args.row_budget_s, predicted, single, load)
                 dropped = topology.dropped_packets() - dropped_before if loss else None
                 row = make_row(args, variant, world, link, mbps, merged, ranks.ready, loss, dropped)
                 out.write(json.dumps(row) + "\n")
                 out.flush()
                 baseline = f", one device {row['single_median_s']:.3f} s -> {row['speedup_vs_single']:.2f}x" if "single_median_s" in row else ""
+                if "single_loaded_median_s" in row:
+                    baseline += f" (host loaded {row['single_loaded_median_s']:.3f} s -> {row['speedup_vs_loaded_single']:.2f}x)"
                 if "per_rank_waited_s" in row:
                     baseline += ", waited/compute s per rank " + " ".join(f"{w:.3f}/{c:.3f}" for w, c in zip(row["per_rank_waited_s"], row["per_rank_compute_s"]))
                 tqdm.write(
@@ -431,6 +507,9 @@ def parse_args(argv):
                         help="packet loss on the real links, percent (iptables statistic DROP in every namespace)")  # fmt: skip
     parser.add_argument("--no-interleave", dest="interleave", action="store_false",
                         help="do not measure the one device between the method's runs")  # fmt: skip
+    parser.add_argument("--loaded-baseline", action="store_true",
+                        help="also time the one device while the other ranks' cores run forwards (HostLoad): the "
+                             "host sharing that N ranks on one host have and separate devices would not")  # fmt: skip
     parser.add_argument("--oversubscribe", action="store_true",
                         help="let ranks share cores when N x cores exceed the machine's (smoke tests only: timings are meaningless)")  # fmt: skip
     parser.add_argument("--runs", type=int, default=10, help="timed runs per row (fewer when over the budget)")
@@ -447,6 +526,9 @@ def parse_args(argv):
         parser.error(f"N={max(args.n)} ranks x {args.cores_per_rank} cores exceed the {os.cpu_count()} cores here")
     if args.runs < 1:
         parser.error("--runs must be >= 1")
+    if args.loaded_baseline and not args.interleave:
+        parser.error("--loaded-baseline loads the host around the interleaved one device: drop --no-interleave")
+    args.load_tokens = None
     for loss in args.loss:
         try:
             netns.check_loss(loss)

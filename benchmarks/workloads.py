@@ -20,6 +20,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, ViTConfig, ViTForImageClassification
 
 WORKLOADS = ("gpt2", "vit", "llama")
+CAUSAL_WORKLOADS = ("gpt2", "llama")  # take --tokens (a prefill length); ViT's length is its image's
 CAUSAL_TOKENS = 1024  # default prefill of the causal workloads
 
 
@@ -72,7 +73,7 @@ def build(name: str, small: bool = False, seed: int = 0, tokens: int | None = No
     if tokens is not None and (name == "vit" or tokens < 1):
         raise ValueError(f"tokens must be a positive prefill length of a causal workload (gpt2, llama), got {tokens!r} for {name!r}")
     torch.manual_seed(seed)
-    if name in ("gpt2", "llama"):
+    if name in CAUSAL_WORKLOADS:
         if name == "gpt2":
             config = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=101) if small else GPT2Config()
             model = GPT2LMHeadModel(config)

@@ -26,7 +26,7 @@ def test_astra_rows_default_to_the_runtime_and_label_deviations():
 
 def test_row_command_reproduces_every_setting():
     args = argparse.Namespace(workload="gpt2", runs=5, cores_per_rank=2, row_budget_s=12.0, nice=0, tokens=256, interleave=True,
-                              oversubscribe=False, paced=False)  # fmt: skip
+                              oversubscribe=False, paced=False, loaded_baseline=False)  # fmt: skip
     settings = AstraSettings(groups=32, quantize="kv", projection_table=False, shard_sizes=(100, 156))
     command = row_command(args, Variant("astra", settings), 2, "real", 10.0, loss=1.0)
     for part in ("--tokens 256", "--groups 32 --quantize kv", "--projection-table off", "--shard-sizes 100 156",
@@ -36,6 +36,10 @@ def test_row_command_reproduces_every_setting():
     args.paced = True
     assert row_command(args, Variant("astra", settings), 2, "real", 10.0).endswith("--bandwidths 10 --paced")
     assert "--paced" not in row_command(args, Variant("astra", settings), 2, "compute", None)  # no links to pace
+    assert "--loaded-baseline" not in row_command(args, Variant("astra", settings), 2, "real", 10.0)
+    args.loaded_baseline = True
+    assert " --loaded-baseline " in row_command(args, Variant("astra", settings), 2, "real", 10.0)
+    assert "--loaded-baseline" not in row_command(args, Variant("single"), 1, "none", None)  # the one device's own row
 
 
 def write_rows(path, rows):
@@ -220,3 +224,77 @@ def test_balanced_shards_can_be_asked_for_and_are_labelled():
     assert run_latency.parse_args(["--workload", "gpt2", "--n", "2", "--shard-sizes", "3", "5"]).shard_sizes == [3, 5]
     with pytest.raises(SystemExit):
         run_latency.parse_args(["--workload", "gpt2", "--n", "2", "--shard-sizes", "3", "x"])
+
+
+def test_a_loaded_baseline_is_asked_for_with_the_interleaved_one_and_reported_beside_it(tmp_path):
+    from benchmarks import run_latency
+    from benchmarks.report import main
+
+    with pytest.raises(SystemExit):
+        run_latency.parse_args(["--workload", "gpt2", "--n", "2", "--loaded-baseline", "--no-interleave"])
+    assert run_latency.parse_args(["--workload", "gpt2", "--n", "2", "--loaded-baseline"]).loaded_baseline
+    raw, docs = tmp_path / "raw", tmp_path / "docs"
+    raw.mkdir()
+    docs.mkdir()
+    extra = dict(threads_per_rank=2, date="2026-11-28 06:00 UTC", load_average_1m=1.0, per_rank_median_s=[0.3, 0.5],
+                 bytes_sent_per_rank=1e6, wire_bytes_per_rank=1.1e6, loss_percent=0.0, N=2, settings={}, codebook_size=1024,
+                 single_median_s=1.0, single_p10_s=0.9, single_p90_s=1.1, speedup_vs_single=2.0)  # fmt: skip
+    loaded = dict(single_loaded_median_s=1.5, single_loaded_p10_s=1.4, single_loaded_p90_s=1.6, speedup_vs_loaded_single=3.0,
+                  host_load={"processes": 1, "tokens": 512, "forwards": 12, "forward_median_s": 0.41})  # fmt: skip
+    write_rows(raw / "a.jsonl", [base_row(**extra, **loaded, label="astra G=16 kv K=256", G=16, quantize="kv"),
+                                 base_row(**extra, label="astra G=1 hidden")])  # fmt: skip
+    main(["--raw", str(raw), "--docs", str(docs)])
+    page = (docs / "benchmarks.md").read_text()
+    assert ("| astra G=16 kv K=256 | real | 10 | 0.5 (0.4–0.6) | 1 (0.9–1.1) | 1.5 (1.4–1.6) | 2.00× | 3.00× | "
+            "1 × 12 forwards of 512 tokens, 0.41 s each |") in page
+    assert page.count("speed-up vs loaded") == 1  # one table, and only the row that has a loaded baseline in it
+    assert "| astra G=1 hidden | real | 10 | 0.5 (0.4–0.6) | 1 (0.9–1.1) |" not in page
+
+
+def test_a_rank_worker_loads_its_cores_until_told_to_stop_and_then_serves_runs_again():
+    """The load protocol of `benchmarks.rank_worker` (the host load of --loaded-baseline), on a small GPT2 prefill."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from benchmarks.run_latency import REPO
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.rank_worker", "--rank", "0", "--world", "1", "--master", "127.0.0.1",
+         "--port", str(port), "--workload", "gpt2", "--method", "single", "--tokens", "8", "--threads", "1"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
+        env={**__import__("os").environ, "GLOO_SOCKET_IFNAME": "lo"},
+    )  # fmt: skip
+
+    def answer() -> dict:
+        while True:
+            line = worker.stdout.readline()
+            assert line, "the worker ended"
+            if line.startswith("RESULT "):
+                return json.loads(line[len("RESULT ") :])
+
+    def send(command: dict) -> None:
+        worker.stdin.write(json.dumps(command) + "\n")
+        worker.stdin.flush()
+
+    try:
+        assert answer()["ready"]
+        send({"load": True})
+        assert answer() == {"loading": True}  # after its first forward
+        time.sleep(1.0)
+        send({"stop": True})
+        stopped = answer()
+        assert stopped["load_forwards"] >= 2 and len(stopped["load_forward_s"]) == stopped["load_forwards"]
+        assert all(0 < t < 1.0 for t in stopped["load_forward_s"])
+        send({"mode": "compute", "mbps": None, "warmup": 0, "runs": 2})  # still serves timed runs afterwards
+        assert len(answer()["times"]) == 2
+        send({"quit": True})
+        assert worker.wait(timeout=30) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
