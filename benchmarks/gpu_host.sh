@@ -108,6 +108,16 @@ step gpt2-n4-k256 30 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra 
 # which scales with width x K), and G=32 kv K=256 with the cost model's shard sizes.
 step gpt2-n4-g16-kv256 30 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 16 --quantize kv \
     --codebook-size 256 --links real --bandwidths 10
+# The same rows with the one device also timed while the other ranks' cores run forwards (`--loaded-baseline`,
+# run_latency.HostLoad; 2026-11-28): the N ranks of this emulation share one host (docs/benchmarks.md "Host
+# sharing"), the one device alone does not. Goal 1's G=16 kv K=256 at N=4, goal 3's G=1 hidden at N=8, goal 2's ViT
+# G=32 kv; a run costs the one device twice (alone, loaded) and the method once.
+step gpt2-n4-g16-kv256-loaded 40 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 16 --quantize kv \
+    --codebook-size 256 --links real --bandwidths 10 --loaded-baseline
+step gpt2-n8-g1-loaded 40 bench --workload gpt2 "${tokens[@]}" --n 8 --methods astra --groups 1 --quantize hidden \
+    --links real --bandwidths 10 --loaded-baseline
+step vit-n4-g32-kv-loaded 25 bench --workload vit --n 4 --methods astra --groups 32 --quantize kv --links real \
+    --bandwidths 10 --loaded-baseline
 step gpt2-n4-k256-balanced 30 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 32 --quantize kv \
     --codebook-size 256 --shard-sizes balanced --links real --bandwidths 10
 # The encoder on this host's two cores (docs/benchmarks.md "Encoder"): the GPU host's encoder read 2.7x the dev
