@@ -233,6 +233,16 @@ host_sharing() {
 }
 export -f at_once host_sharing
 step host-sharing 300 host_sharing
+# Goal 1's setting, G=16 kv K=256 at N=4, rank by rank on this host (2026-11-28): the four ranks at once, each
+# beside its exact work, then ranks 0-3 alone on cores 0-1 with the runtime's steps (where a rank's time beyond its
+# exact work goes). Estimated from the runs above (~35 s at once, ~25 s a rank alone), not measured: ~140 s.
+gpt2_kv16_costs() {
+    at_once gpt2-kv16-k256 4 four
+    taskset -c 0,1 python3 -m benchmarks.per_layer_costs --case gpt2-kv16-k256 --ranks 0 1 2 3 --threads 2 --runs 2 \
+        --repeats 3 --steps --machine "$machine; alone" --out "$out/plc-gpt2-kv16-k256-alone.json"
+}
+export -f gpt2_kv16_costs
+step gpt2-kv16-costs 140 gpt2_kv16_costs
 # Goal 3: GPT2, N=8 (16 cores), 10 Mbps: G=1 hidden (fastest), G=8 kv and G=32 kv (the accurate ones).
 step gpt2-n8-g1 30 bench --workload gpt2 "${tokens[@]}" --n 8 --methods astra --groups 1 --quantize hidden --links real --bandwidths 10
 step gpt2-n8-kv 50 bench --workload gpt2 "${tokens[@]}" --n 8 --methods astra --groups 8 32 --quantize kv --links real --bandwidths 10
