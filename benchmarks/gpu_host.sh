@@ -124,6 +124,10 @@ step gpt2-n4-k256-balanced 30 bench --workload gpt2 "${tokens[@]}" --n 4 --metho
 # VM's at G=32 kv K=256 (2026-11-27 23:35 UTC); this separates the host from the code.
 step encoder-speed 60 taskset -c 0,1 python3 -m benchmarks.encoder_speed --out "$out/encoder_speed-gpu-host.json" \
     --machine "$machine" --budget-s 40 --no-receiver
+# Why the encoder is ~2x slower here than on the dev VM at 2 threads (2026-11-28, docs/benchmarks.md "05:50 UTC"): its
+# score product alone, the rest of the encode, other forms of the product and a reference GEMM, at 1 and 2 threads
+# (benchmarks/encoder_forms.py; ~10 s on the dev VM, not measured here).
+step encoder-forms 30 taskset -c 0,1 python3 -m benchmarks.encoder_forms --out "$out/encoder_forms-gpu-host.json" --machine "$machine"
 step gpt2-n4-g8kv 30 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 8 --quantize kv --links real --bandwidths 10
 # ----------------------------------------------------------------------------------------- Llama block (issue 10)
 # The llama workload (245 M parameters, GQA, 1024-token prefill), N=4, real links at 10 and 100 Mbps, every row
