@@ -117,8 +117,8 @@ def rank_compute_error(row: dict, predicted_compute: list[float], own_scale: flo
 
 
 def validate(latency: list[dict], profiles: dict[tuple, DeviceProfile], skipped: list | None = None) -> list[dict]:
-    """Predict every row that has a profile of its machine, threads and K; ``skipped`` gets the rows of a profiled
-    machine and model that have none (another K or G than the profile timed)."""
+    """Predict every row that has a profile of its machine, threads and K; ``skipped`` gets the others (a profiled
+    machine and model at another K or G than the profile timed, or a machine, model or thread count without one)."""
     out = []
     profiled = {key[:3] for key in profiles}
     for row in latency:
@@ -129,7 +129,7 @@ def validate(latency: list[dict], profiles: dict[tuple, DeviceProfile], skipped:
             profile = next((p for key, p in profiles.items() if key[:3] == (machine_key(row["machine"]), row["model"],
                                                                             row.get("threads_per_rank"))), None)  # fmt: skip
         if profile is None or (row["method"] == "astra" and f"{row['G']}/{row['quantize']}" not in profile.encode_s):
-            if skipped is not None and (machine_key(row["machine"]), row["model"], row.get("threads_per_rank")) in profiled:
+            if skipped is not None:  # a profiled machine at another K or G, or a machine without a profile
                 skipped.append(row)
             continue  # no profile of this machine, threads and K, or it did not time this G
         prediction = prediction_of_row(profile, row)
@@ -169,10 +169,17 @@ def markdown(rows: list[dict], profiles: dict[tuple, DeviceProfile], commands: d
              "model are described in `src/transformers_astra/planner.py`. The dev VM is shared with other jobs, so both its "
              "profile and its rows carry that machine's load at the time (in each row of latency.json).",
              ""]  # fmt: skip
-    if skipped:
-        parts += [f"Not predicted: {len(skipped)} row(s) of a profiled machine and model at a codebook size or G that no "
+    profiled = {key[:3] for key in profiles}
+    other_k = [r for r in skipped or [] if (machine_key(r["machine"]), r["model"], r.get("threads_per_rank")) in profiled]
+    unprofiled = [r for r in skipped or [] if r not in other_k]
+    if other_k:
+        parts += [f"Not predicted: {len(other_k)} row(s) of a profiled machine and model at a codebook size or G that no "
                   "profile timed (" + "; ".join(sorted({f"{r['machine'].split(':')[0]}, {r['model']}, {r.get('label', r['method'])}"
-                                                        for r in skipped})) + ").", ""]  # fmt: skip
+                                                        for r in other_k})) + ").", ""]  # fmt: skip
+    if unprofiled:
+        machines = sorted({f"{r['machine']} ({r['model']}, {r.get('threads_per_rank')} thread(s))" for r in unprofiled})
+        parts += [f"Not predicted: {len(unprofiled)} row(s) of a machine, model and thread count without a profile: "
+                  + "; ".join(machines) + ".", ""]  # fmt: skip
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["machine"], row["model"], row["tokens"]), []).append(row)

@@ -415,6 +415,22 @@ def test_validation_needs_a_profile_of_the_rows_codebook_size():
     assert predicted["predicted_s"] == pytest.approx(predict_astra(k256, config, 1024, LinkModel(1e9, per_message_s=0.0), False).latency_s)
 
 
+def test_the_validation_page_names_the_rows_it_could_not_predict_and_why():
+    from benchmarks.validate_planner import machine_key, markdown, validate
+
+    machine, elsewhere = "host: CPU, 2 cores", "another host: CPU, 2 cores; call 0514"
+    row = {"machine": machine, "model": "gpt2", "tokens": 1024, "N": 4, "method": "astra", "label": "astra G=32 kv K=256",
+           "G": 32, "quantize": "kv", "codebook_size": 256, "link": "compute", "bandwidth_mbps": None, "median_s": 1.0,
+           "p10_s": 0.9, "p90_s": 1.1, "command": "cmd", "threads_per_rank": 1}  # fmt: skip
+    unprofiled = {**row, "machine": elsewhere, "model": "vit", "label": "astra G=8 kv", "codebook_size": 1024, "G": 8}
+    profiles = {(machine_key(machine), "gpt2", 1, 1024): gpt2_profile()}
+    skipped = []
+    assert validate([row, unprofiled], profiles, skipped) == [] and skipped == [row, unprofiled]
+    page = markdown([], profiles, None, skipped)
+    assert "Not predicted: 1 row(s) of a profiled machine and model at a codebook size or G that no profile timed (host, gpt2, astra G=32 kv K=256)" in page
+    assert f"Not predicted: 1 row(s) of a machine, model and thread count without a profile: {elsewhere} (vit, 1 thread(s))." in page
+
+
 # ------------------------------------------------------------------------- rank probes, no network
 def loopback_runtime(model, rank: int):
     from transformers_astra.distributed import DistributedRuntime, LoopbackTransport
