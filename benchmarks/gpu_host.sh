@@ -196,20 +196,27 @@ step vit-costs 250 vit_costs
 # Estimated, not measured on a GPU host: ~330 s with BEFORE_SRC and RUNS=3 (the dev VM's ~24 s per process at 2
 # threads and --repeats 2, ~28 s at 3; its --smoke, one run, no BEFORE_SRC, ranks sharing 2 cores: 186 s).
 #   STEPS=gpt2-kv-costs RUNS=3 BEFORE_SRC=wheels/before/src BUDGET_S=360 bash benchmarks/gpu_host.sh OUT
+# at_once CASE N WORDS [RUNS]: ranks 0..N-1 of CASE, one per_layer_costs process each on its own 2 cores (they wrap
+# around on a smaller machine: --smoke), all at once, RUNS processes per rank (default 3); fails if any of them fails.
+at_once() {
+    local case=$1 n=$2 words=$3 count=${4:-3} cores r pid pids=() failed=0; cores=$(nproc)
+    for (( r = 0; r < n; r++ )); do
+        taskset -c $(( 2 * r % cores )),$(( (2 * r + 1) % cores )) python3 -m benchmarks.per_layer_costs --case "$case" \
+            --ranks $r --threads 2 --runs "$count" --repeats 3 --machine "$machine; $words ranks at once" \
+            --out "$out/plc-$case-at-once-rank$r.json" & pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+    return $failed
+}
+export -f at_once
 gpt2_kv_costs() {
-    local before=() pids=() failed=0 n r; n=$(nproc)
+    local before=() failed=0 n; n=$(nproc)
     [ -n "${BEFORE_SRC:-}" ] && before=(--before "$BEFORE_SRC")
     taskset -c 0,$(( 1 % n )) python3 -m benchmarks.per_layer_costs --case gpt2-kv32 --threads 2 --runs "$runs" --repeats 3 \
         --steps "${before[@]}" --machine "$machine" --out "$out/per_layer_costs-gpt2-kv32.json" || failed=1
     taskset -c 0,$(( 1 % n )) python3 -m benchmarks.per_layer_costs --case gpt2-kv8 --threads 2 --runs "$runs" --repeats 3 \
         --steps --machine "$machine" --out "$out/per_layer_costs-gpt2-kv8.json" || failed=1
-    for r in 0 1 2 3; do  # cores wrap around on a smaller machine (--smoke)
-        taskset -c $(( 2 * r % n )),$(( (2 * r + 1) % n )) python3 -m benchmarks.per_layer_costs --case gpt2-kv32 --ranks "$r" \
-            --threads 2 --runs "$runs" --repeats 3 --machine "$machine; four ranks at once" \
-            --out "$out/per_layer_costs-gpt2-kv32-four-at-once-rank$r.json" &
-        pids+=($!)
-    done
-    for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+    at_once gpt2-kv32 4 four "$runs" || failed=1
     return $failed
 }
 export -f gpt2_kv_costs
@@ -219,15 +226,6 @@ step gpt2-kv-costs 330 gpt2_kv_costs
 # cores 0-1. On the dev VM a rank is its exact work + the encoder + ~2 %; on this host the runtime's ranks at N=8
 # took ~0.1 s more than the ceiling's ranks timed alone. Measured 2026-11-28: the eight at once ~110 s; the rest did
 # not finish in the ~100 s left, so give it ~300 s.
-# at_once CASE N WORDS: ranks 0..N-1 of CASE, one per_layer_costs process each on its own 2 cores, all at once.
-at_once() {
-    local case=$1 n=$2 words=$3 r pids=()
-    for (( r = 0; r < n; r++ )); do
-        taskset -c $((2*r)),$((2*r+1)) python3 -m benchmarks.per_layer_costs --case "$case" --ranks $r --threads 2 \
-            --runs 3 --repeats 3 --machine "$machine; $words ranks at once" --out "$out/plc-$case-at-once-rank$r.json" & pids+=($!)
-    done
-    wait "${pids[@]}"
-}
 host_sharing() {
     lscpu -e > "$out/lscpu.txt"
     at_once gpt2-n8-g1 8 eight
@@ -235,7 +233,7 @@ host_sharing() {
         --machine "$machine; alone" --out "$out/plc-gpt2-n8-g1-alone.json"
     at_once gpt2-kv16-k256 4 four
 }
-export -f at_once host_sharing
+export -f host_sharing
 step host-sharing 300 host_sharing
 # Goal 1's setting, G=16 kv K=256 at N=4, rank by rank on this host (2026-11-28): the four ranks at once, each
 # beside its exact work, then ranks 0-3 alone on cores 0-1 with the runtime's steps (where a rank's time beyond its
