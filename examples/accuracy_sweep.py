@@ -490,6 +490,19 @@ def call18() -> list[Job]:
     return jobs
 
 
+def call19() -> list[Job]:
+    """GPT2 (carry: wheels, gpu_data/kjv.txt.gz, outputs/gpt2-base), prepared 2026-11-28, not yet run: issue 12 goal 1,
+    fewer codewords for a cheaper encoder. On the GPU host the senders of G = 16 kv K = 256 (+0.85 %) spend ~60 ms a
+    forward encoding, ~15 % of a rank (docs/benchmarks.md, 05:50 UTC); the encoder's work grows with K (dev VM, 2
+    threads, 256 tokens, 32 groups of 48: 1.67 / 1.04 / 0.70 ms a layer at K = 256 / 128 / 64). So kv at K = 128
+    (G = 16 and 32) and K = 64 (G = 16), 3 seeds each, evaluated at every layout. 9 runs at the default 3 epochs,
+    ~140-200 s each with this few sharing (call 15's G = 16 kv runs: 160-204 s with 16), estimated."""
+    kv = ["--quantize", "kv", *EVAL_LAYOUTS]
+    return estimated([finetune_job("gpt2", f"gpt2-g{groups}-kv-k{size}", seed,
+                                   ["--groups", groups, "--codebook-size", size, *kv])
+                      for groups, size in (("16", "128"), ("32", "128"), ("16", "64")) for seed in SEEDS], 200)
+
+
 K_SIZES = ("256", "512")
 
 
@@ -525,7 +538,7 @@ def call4() -> list[Job]:
 CALLS = {"1": call1, "2": call2, "3": call3, "4": call4, "5": call5, "6": call6, "7": call7, "8": call8,
          "9": call9, "10": call10, "11": call11, "12": call12,
          "13": call13, "14": call14, "15": call15,
-         "16": call16, "17": call17, "18": call18}
+         "16": call16, "17": call17, "18": call18, "19": call19}
 
 
 def smoke(jobs: list[Job]) -> list[Job]:

@@ -260,10 +260,10 @@ def test_kv_checkpoints_are_compared_with_their_per_n_references_too(sweep, tmp_
 
 
 def test_later_calls_carry_one_family_and_compare_at_one_budget(sweep):
-    """Calls 9-16 each carry one base (a call's 64 MiB hold ViT's or GPT2's inputs, not both), and every N-agnostic
+    """Calls 9-19 each carry one base (a call's 64 MiB hold ViT's or GPT2's inputs, not both), and every N-agnostic
     recipe they run has per-N references of the same number of epochs (in that call or an earlier one)."""
     runs = {}
-    for number in ("9", "10", "11", "12", "13", "14", "15", "16"):
+    for number in ("9", "10", "11", "12", "13", "14", "15", "16", "17", "18", "19"):
         jobs = sweep.CALLS[number]()
         assert len({job.name for job in jobs}) == len(jobs) and all(job.estimate > 0 for job in jobs)
         assert len({base for job in jobs for base in job.needs}) == 1, number
@@ -279,3 +279,15 @@ def test_later_calls_carry_one_family_and_compare_at_one_budget(sweep):
                      and epochs(j) == epochs(job) and j.args[j.args.index("--num-devices") + 1] in ("2", "8")]
             assert per_n or epochs(job) == "4" and name.startswith("vit-g1-hidden-nagnostic-ep4-ends"), name
     assert epochs(runs["gpt2-g1-hidden-nagnostic-ep12-s0"]) == "12" and epochs(runs["vit-g1-hidden-ep8-n2-s0"]) == "8"
+
+
+def test_call_19_fine_tunes_kv_at_fewer_codewords_with_three_seeds_each(sweep):
+    jobs = sweep.CALLS["19"]()
+    sizes = {}
+    for job in jobs:
+        args = job.args
+        assert args[args.index("--quantize") + 1] == "kv" and job.needs == ["gpt2-base"]
+        key = (args[args.index("--groups") + 1], args[args.index("--codebook-size") + 1])
+        assert job.name.startswith(f"gpt2-g{key[0]}-kv-k{key[1]}-s")
+        sizes.setdefault(key, set()).add(args[args.index("--seed") + 1])
+    assert sizes == {("16", "128"): {"0", "1", "2"}, ("32", "128"): {"0", "1", "2"}, ("16", "64"): {"0", "1", "2"}}

@@ -8,8 +8,8 @@
 #   bash scripts/gpu/accuracy_call.sh 3            # ViT: carry wheels, gpu_data/fashion-mnist, outputs/vit-base
 #   bash scripts/gpu/accuracy_call.sh 4            # GPT2: carry wheels, gpu_data/kjv.txt.gz, outputs/gpt2-base
 #                                                  #   (+ gpu_data/english.jsonl.gz, outputs/gpt2-english-base)
-#   bash scripts/gpu/accuracy_call.sh 5..18        # later calls: each call's carry list is in its docstring in
-#                                                  #   examples/accuracy_sweep.py (9, 10, 12, 14, 16, 17, 18: ViT; 11, 13, 15: GPT2)
+#   bash scripts/gpu/accuracy_call.sh 5..19        # later calls: each call's carry list is in its docstring in
+#                                                  #   examples/accuracy_sweep.py (9, 10, 12, 14, 16, 17, 18: ViT; 11, 13, 15, 19: GPT2)
 #   bash scripts/gpu/accuracy_call.sh 1 --smoke    # here, on the CPU: tiny models, a few steps, same code paths
 #   (the 64 MiB a call carries, working tree included, hold Fashion-MNIST + vit-base or the GPT2 inputs, not both)
 # Environment: OUT (default /tmp/astra-call-out), ASTRA_CALL_SECONDS (whole call, default 520),
