@@ -124,9 +124,9 @@ class Ranks:
                 subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO, env=env)
             )
             self.logs.append((log, log_path))
-        self.ready = self._answers()
+        self.ready = self.answers()
 
-    def _answers(self) -> list[dict]:
+    def answers(self) -> list[dict]:
         """One RESULT line from every rank; if any rank ends first, raise with its log (the rest are killed on exit)."""
         answers: dict[int, dict] = {}
         with selectors.DefaultSelector() as selector:
@@ -152,14 +152,18 @@ class Ranks:
         raise RuntimeError(f"rank {rank} ended (exit code {code}); its log {log_path} ends with:\n{log_path.read_text()[-3000:]}")
 
     def run(self, mode: str, mbps: float | None, warmup: int, runs: int) -> list[dict]:
-        return self._send({"mode": mode, "mbps": mbps, "warmup": warmup, "runs": runs})
+        return self.send({"mode": mode, "mbps": mbps, "warmup": warmup, "runs": runs})
 
-    def _send(self, command: dict) -> list[dict]:
+    def post(self, command: dict) -> None:
+        """Write one command (`benchmarks.rank_worker`'s protocol) to every process, without waiting for answers."""
         line = json.dumps(command) + "\n"
         for process in self.processes:
             process.stdin.write(line)
             process.stdin.flush()
-        return self._answers()
+
+    def send(self, command: dict) -> list[dict]:
+        self.post(command)
+        return self.answers()
 
     def close(self) -> None:
         for process in self.processes:
@@ -209,15 +213,17 @@ class HostLoad:
     def start(self) -> None:
         """Returns once every load has finished its first forward (and runs on)."""
         for load in self.loads:
-            load.processes[0].stdin.write(json.dumps({"load": True}) + "\n")
-            load.processes[0].stdin.flush()
+            load.post({"load": True})
         for load in self.loads:
-            answer = load._answers()[0]
+            answer = load.answers()[0]
             if not answer.get("loading"):
                 raise RuntimeError(f"a host load answered {answer} instead of starting")
 
     def stop(self) -> list[dict]:
-        return [load._send({"stop": True})[0] for load in self.loads]
+        """Stops every load after its current forward: per load, its forwards since `start` and their seconds."""
+        for load in self.loads:
+            load.post({"stop": True})
+        return [load.answers()[0] for load in self.loads]
 
     def close(self) -> None:
         for load in self.loads:
@@ -319,6 +325,7 @@ def measure_row(ranks: Ranks, mode: str, mbps, runs: int, budget_s: float, predi
     if loaded_answers:
         merged["single_loaded_times"] = [answer["times"][0] for answer in loaded_answers]
         merged["load_forward_s"] = load_forward_s
+        merged["load_tokens"] = load.tokens
     return merged
 
 
@@ -414,7 +421,7 @@ def make_row(args, variant: Variant, world: int, link: str, mbps, merged: dict, 
             "single_loaded_median_s": loaded_median, "single_loaded_p10_s": loaded_p10, "single_loaded_p90_s": loaded_p90,
             "single_loaded_times_s": merged["single_loaded_times"],
             "speedup_vs_loaded_single": round(loaded_median / median, 3),
-            "host_load": {"processes": world - 1, "tokens": args.load_tokens,
+            "host_load": {"processes": world - 1, "tokens": merged["load_tokens"],
                           "forwards": len(merged["load_forward_s"]),
                           "forward_median_s": statistics.median(merged["load_forward_s"])},
         })  # fmt: skip
@@ -433,7 +440,6 @@ def benchmark_variant(args, topology, variant: Variant, world: int, port: int, o
             )
             if args.loaded_baseline and world > 1:
                 load = stack.enter_context(HostLoad(args.workload, world, args.cores_per_rank, port + 600, args.nice, args.tokens))
-                args.load_tokens = load.tokens
         previous: tuple[float, float] | None = None  # (median, mbps) of the last real/simulated row
         for link in links:
             chosen = args.simulated_bandwidths if link == "simulated" and args.simulated_bandwidths else args.bandwidths
@@ -529,7 +535,6 @@ def parse_args(argv):
         parser.error("--runs must be >= 1")
     if args.loaded_baseline and not args.interleave:
         parser.error("--loaded-baseline loads the host around the interleaved one device: drop --no-interleave")
-    args.load_tokens = None
     for loss in args.loss:
         try:
             netns.check_loss(loss)
