@@ -19,8 +19,7 @@ same moments of a shared machine; the row records both medians and p10–p90 and
 (``--no-interleave`` turns this off). ``--loaded-baseline`` times the one device a second time per run while
 the other ranks' cores run forwards (`HostLoad`): the host sharing that the N ranks have. ASTRA rows run the
 runtime's defaults unless ``--overlap``, ``--projection-table``, ``--codebook-size`` or ``--shard-sizes`` say
-otherwise, and the row's label
-names every such deviation. ``--loss`` adds packet loss to the real links (`netns.Topology.set_loss`).
+otherwise, and the row's label names every such deviation. ``--loss`` adds packet loss to the real links (`netns.Topology.set_loss`).
 """
 
 from __future__ import annotations
