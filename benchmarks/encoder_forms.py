@@ -11,7 +11,8 @@ here (docs/benchmarks.md, "05:50 UTC" and "Encoder"). This times, per layer and 
   ``einsum``; each checked equal to the ``baddbmm`` scores (float32 tolerance) before it is timed;
 - ``reference GEMM``: a rank's MLP product (tokens x 768 @ 768 x 3072), as the host's matmul speed at this size.
 
-Timings are medians of ``--reps`` calls, interleaved form by form, with p10-p90, and GFLOP/s for the products.
+Timings (`encoder_speed.interleaved`) are medians of ``--reps`` calls, interleaved form by form, with p10-p90, and
+GFLOP/s for the products.
 
     python -m benchmarks.encoder_forms --out docs/results/encoder_forms.json
 """
@@ -23,14 +24,14 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import sys
-import time
 from datetime import datetime, timezone
 
 import torch
 
 from transformers_astra.quantizer import _ENCODE_CHUNK_ELEMENTS_CPU, codebook_summary, nearest_codewords
+
+from .encoder_speed import interleaved
 
 # (label, quantized width, groups, K): goal 1's kv G=16 K=256 (keys and values, 2G groups), G=32 kv K=256, G=1 hidden.
 SETTINGS = (("kv G=16 K=256", 1536, 32, 256), ("kv G=32 K=256", 1536, 64, 256), ("hidden G=1 K=1024", 768, 1, 1024))
@@ -52,24 +53,6 @@ def score_forms(points: torch.Tensor, centres: torch.Tensor) -> dict:
     }
 
 
-def timed(functions: dict, reps: int) -> dict:
-    """Median and p10-p90 (ms) of each function, calls interleaved function by function, after 3 warm-ups each."""
-    for function in functions.values():
-        for _ in range(3):
-            function()
-    times = {name: [] for name in functions}
-    for _ in range(reps):
-        for name, function in functions.items():
-            start = time.perf_counter()
-            function()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    out = {}
-    for name, values in times.items():
-        deciles = statistics.quantiles(values, n=10, method="inclusive") if len(values) > 1 else [values[0]] * 9
-        out[name] = {"median_ms": statistics.median(values), "p10_ms": deciles[0], "p90_ms": deciles[-1], "reps": reps}
-    return out
-
-
 def setting_row(label: str, width: int, groups: int, size: int, tokens: int, threads: int, reps: int) -> dict:
     generator = torch.Generator().manual_seed(0)
     dim = width // groups
@@ -86,7 +69,9 @@ def setting_row(label: str, width: int, groups: int, size: int, tokens: int, thr
     functions = {"encode": lambda: nearest_codewords(points, centres, _ENCODE_CHUNK_ELEMENTS_CPU, summary), **forms,
                  "reference GEMM": lambda: mlp_in @ mlp_weight}  # fmt: skip
     torch.set_num_threads(threads)
-    result = timed(functions, reps)
+    for function in functions.values():  # warm-ups beyond `interleaved`'s one: the first calls of a shape vary most
+        function(), function()
+    result = interleaved(functions, reps)
     result["rest of encode"] = {"median_ms": result["encode"]["median_ms"] - result["scores (baddbmm)"]["median_ms"]}
     score_flop = 2 * groups * tokens * size * dim
     for name in forms:
