@@ -111,12 +111,14 @@ step gpt2-n4-g16-kv256 30 bench --workload gpt2 "${tokens[@]}" --n 4 --methods a
 # The same rows with the one device also timed while the other ranks' cores run forwards (`--loaded-baseline`,
 # run_latency.HostLoad; 2026-11-28): the N ranks of this emulation share one host (docs/benchmarks.md "Host
 # sharing"), the one device alone does not. Goal 1's G=16 kv K=256 at N=4, goal 3's G=1 hidden at N=8, goal 2's ViT
-# G=32 kv; a run costs the one device twice (alone, loaded) and the method once.
-step gpt2-n4-g16-kv256-loaded 40 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 16 --quantize kv \
+# G=32 kv; a run costs the one device twice (alone, loaded) and the method once. Measured 2026-11-28 on 1xH200
+# hosts (start of the ranks, the one device and the N-1 loads included): RUNS=7 N=4 127 s, N=8 207 s, ViT 113 s;
+# RUNS=5 N=4 ~125-150 s.
+step gpt2-n4-g16-kv256-loaded 130 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 16 --quantize kv \
     --codebook-size 256 --links real --bandwidths 10 --loaded-baseline
-step gpt2-n8-g1-loaded 40 bench --workload gpt2 "${tokens[@]}" --n 8 --methods astra --groups 1 --quantize hidden \
+step gpt2-n8-g1-loaded 200 bench --workload gpt2 "${tokens[@]}" --n 8 --methods astra --groups 1 --quantize hidden \
     --links real --bandwidths 10 --loaded-baseline
-step vit-n4-g32-kv-loaded 25 bench --workload vit --n 4 --methods astra --groups 32 --quantize kv --links real \
+step vit-n4-g32-kv-loaded 110 bench --workload vit --n 4 --methods astra --groups 32 --quantize kv --links real \
     --bandwidths 10 --loaded-baseline
 step gpt2-n4-k256-balanced 30 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 32 --quantize kv \
     --codebook-size 256 --shard-sizes balanced --links real --bandwidths 10
@@ -126,7 +128,7 @@ step encoder-speed 60 taskset -c 0,1 python3 -m benchmarks.encoder_speed --out "
     --machine "$machine" --budget-s 40 --no-receiver
 # Why the encoder is ~2x slower here than on the dev VM at 2 threads (2026-11-28, docs/benchmarks.md "05:50 UTC"): its
 # score product alone, the rest of the encode, other forms of the product and a reference GEMM, at 1 and 2 threads
-# (benchmarks/encoder_forms.py; ~10 s on the dev VM, not measured here).
+# (benchmarks/encoder_forms.py; ~10 s on the dev VM, not yet run here).
 step encoder-forms 30 taskset -c 0,1 python3 -m benchmarks.encoder_forms --out "$out/encoder_forms-gpu-host.json" --machine "$machine"
 step gpt2-n4-g8kv 30 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 8 --quantize kv --links real --bandwidths 10
 # ----------------------------------------------------------------------------------------- Llama block (issue 10)
@@ -237,14 +239,14 @@ export -f host_sharing
 step host-sharing 300 host_sharing
 # Goal 1's setting, G=16 kv K=256 at N=4, rank by rank on this host (2026-11-28): the four ranks at once, each
 # beside its exact work, then ranks 0-3 alone on cores 0-1 with the runtime's steps (where a rank's time beyond its
-# exact work goes). Estimated from the runs above (~35 s at once, ~25 s a rank alone), not measured: ~140 s.
+# exact work goes). Measured 2026-11-28 on a 1xH200 host: 267 s (the estimate had been ~140 s).
 gpt2_kv16_costs() {
     at_once gpt2-kv16-k256 4 four
     taskset -c 0,1 python3 -m benchmarks.per_layer_costs --case gpt2-kv16-k256 --ranks 0 1 2 3 --threads 2 --runs 2 \
         --repeats 3 --steps --machine "$machine; alone" --out "$out/plc-gpt2-kv16-k256-alone.json"
 }
 export -f gpt2_kv16_costs
-step gpt2-kv16-costs 140 gpt2_kv16_costs
+step gpt2-kv16-costs 270 gpt2_kv16_costs
 # Goal 3: GPT2, N=8 (16 cores), 10 Mbps: G=1 hidden (fastest), G=8 kv and G=32 kv (the accurate ones).
 step gpt2-n8-g1 30 bench --workload gpt2 "${tokens[@]}" --n 8 --methods astra --groups 1 --quantize hidden --links real --bandwidths 10
 step gpt2-n8-kv 50 bench --workload gpt2 "${tokens[@]}" --n 8 --methods astra --groups 8 32 --quantize kv --links real --bandwidths 10
@@ -280,12 +282,12 @@ step calibrate-gpt2-k256 65 calibrate --workload gpt2 "${tokens[@]}" --codebook-
 # at once, each on its own 2 cores (`calibrate --colocated 2`): ranks that share the host's memory and caches run
 # slower than one rank alone (docs/benchmarks.md "Host sharing"), which the overheads then carry. The components are
 # timed on cores 0-1 alone, as the one device runs. Measured 2026-11-28: K=1024 (G=1, 8, 16, 32) 162 s and 169 s on two
-# hosts; K=256 at G=1, 16, 32 did not finish in 133 s (~150 s assumed). With the rows to validate against, on one host
+# hosts; K=256 at G=1, 16, 32 155 s (05:31-05:34 UTC, a 1xH200 host). With the rows to validate against, on one host
 # (MACHINE_TAG pairs them; docs/benchmarks.md "04:05 UTC" has the calls that ran):
 #   MACHINE_TAG="call $(date -u +%H%M)" STEPS='^(calibrate-colocated-.*|gpt2-n4-g16-kv256|gpt2-n4-g1|gpt2-n8-g1|gpt2-n8-g1-k256|gpt2-n4-accurate)$' \
 #       BUDGET_S=520 bash benchmarks/gpu_host.sh OUT
 step calibrate-colocated-gpt2 180 calibrate --workload gpt2 "${tokens[@]}" --colocated "$cpr"
-step calibrate-colocated-gpt2-k256 150 calibrate --workload gpt2 "${tokens[@]}" --codebook-size 256 --groups 1 16 32 --colocated "$cpr"
+step calibrate-colocated-gpt2-k256 160 calibrate --workload gpt2 "${tokens[@]}" --codebook-size 256 --groups 1 16 32 --colocated "$cpr"
 # Packet loss (issue 11 item 9) on this host's links, if time is left: the default setting and the fastest.
 step gpt2-n4-loss 60 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 32 1 --quantize hidden --links real \
     --bandwidths 10 --loss 1 5
