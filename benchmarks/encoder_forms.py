@@ -38,9 +38,9 @@ SETTINGS = (("kv G=16 K=256", 1536, 32, 256), ("kv G=32 K=256", 1536, 64, 256), 
 MLP = (768, 3072)
 
 
-def score_forms(points: torch.Tensor, centres: torch.Tensor) -> dict:
-    """Functions of no argument, each giving the (G, n, K) scores |c|^2 - 2 x.c."""
-    squared = centres.square().sum(-1).unsqueeze(1)  # (G, 1, K)
+def score_forms(points: torch.Tensor, centres: torch.Tensor, summary: tuple | None = None) -> dict:
+    """Functions of no argument, each giving the (G, n, K) scores |c|^2 - 2 x.c (``summary``: `codebook_summary`)."""
+    squared = (summary or codebook_summary(centres))[0]  # (G, 1, K), as the encoder keeps it
     transposed = centres.transpose(1, 2)
     contiguous = transposed.contiguous()
     return {
@@ -59,7 +59,7 @@ def setting_row(label: str, width: int, groups: int, size: int, tokens: int, thr
     points = torch.randn(groups, tokens, dim, generator=generator)
     centres = torch.randn(groups, size, dim, generator=generator)
     summary = codebook_summary(centres)
-    forms = score_forms(points, centres)
+    forms = score_forms(points, centres, summary)
     reference = forms["scores (baddbmm)"]()
     for name, form in forms.items():  # the same scores, or the form is not a candidate
         if not torch.allclose(form(), reference, rtol=1e-4, atol=1e-3 * dim):

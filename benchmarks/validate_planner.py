@@ -87,6 +87,11 @@ def load_profiles(directory: Path, commands: dict | None = None) -> dict[tuple, 
     return out
 
 
+def machine_of(row: dict) -> tuple:
+    """A row's (machine, model, threads): a profile's key (`load_profiles`) without its codebook size."""
+    return machine_key(row["machine"]), row["model"], row.get("threads_per_rank")
+
+
 def link_for(row: dict) -> LinkModel:
     if row["link"] in ("compute", "none") or row["bandwidth_mbps"] is None:
         return LinkModel(UNLIMITED_MBPS, per_message_s=0.0)
@@ -120,14 +125,12 @@ def validate(latency: list[dict], profiles: dict[tuple, DeviceProfile], skipped:
     """Predict every row that has a profile of its machine, threads and K; ``skipped`` gets the others (a profiled
     machine and model at another K or G than the profile timed, or a machine, model or thread count without one)."""
     out = []
-    profiled = {key[:3] for key in profiles}
     for row in latency:
         # A profile of the row's K: the encoder's work grows with K (plan() refuses a profile of another K, too).
         k = (row.get("codebook_size") or DEFAULT_K) if row["method"] == "astra" else DEFAULT_K
-        profile = profiles.get((machine_key(row["machine"]), row["model"], row.get("threads_per_rank"), k))
+        profile = profiles.get((*machine_of(row), k))
         if profile is None and row["method"] != "astra":  # baselines do not encode: any K of the machine
-            profile = next((p for key, p in profiles.items() if key[:3] == (machine_key(row["machine"]), row["model"],
-                                                                            row.get("threads_per_rank"))), None)  # fmt: skip
+            profile = next((p for key, p in profiles.items() if key[:3] == machine_of(row)), None)
         if profile is None or (row["method"] == "astra" and f"{row['G']}/{row['quantize']}" not in profile.encode_s):
             if skipped is not None:  # a profiled machine at another K or G, or a machine without a profile
                 skipped.append(row)
@@ -170,7 +173,7 @@ def markdown(rows: list[dict], profiles: dict[tuple, DeviceProfile], commands: d
              "profile and its rows carry that machine's load at the time (in each row of latency.json).",
              ""]  # fmt: skip
     profiled = {key[:3] for key in profiles}
-    other_k = [r for r in skipped or [] if (machine_key(r["machine"]), r["model"], r.get("threads_per_rank")) in profiled]
+    other_k = [r for r in skipped or [] if machine_of(r) in profiled]
     unprofiled = [r for r in skipped or [] if r not in other_k]
     if other_k:
         parts += [f"Not predicted: {len(other_k)} row(s) of a profiled machine and model at a codebook size or G that no "
