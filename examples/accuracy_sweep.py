@@ -493,8 +493,9 @@ def call18() -> list[Job]:
 def call19() -> list[Job]:
     """GPT2 (carry: wheels, gpu_data/kjv.txt.gz, outputs/gpt2-base), prepared 2026-11-28, not yet run: issue 12 goal 1,
     fewer codewords for a cheaper encoder. On the GPU host the senders of G = 16 kv K = 256 (+0.85 %) spend ~60 ms a
-    forward encoding, ~15 % of a rank (docs/benchmarks.md, 05:50 UTC); the encoder's work grows with K (dev VM, 2
-    threads, 256 tokens, 32 groups of 48: 1.67 / 1.04 / 0.70 ms a layer at K = 256 / 128 / 64). So kv at K = 128
+    forward encoding, ~15 % of a rank (docs/benchmarks.md, 05:50 UTC); the encoder's score product halves with K
+    (`python -m benchmarks.encoder_forms`, dev VM, 2 threads, 256 tokens, 2026-11-28 06:47 UTC: encode 2.30 / 1.97 /
+    1.54 ms a layer at K = 256 / 128 / 64, docs/results/encoder_forms.json). So kv at K = 128
     (G = 16 and 32) and K = 64 (G = 16), 3 seeds each, evaluated at every layout. 9 runs at the default 3 epochs,
     ~140-200 s each with this few sharing (call 15's G = 16 kv runs: 160-204 s with 16), estimated."""
     kv = ["--quantize", "kv", *EVAL_LAYOUTS]
