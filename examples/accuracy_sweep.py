@@ -491,13 +491,15 @@ def call18() -> list[Job]:
 
 
 def call19() -> list[Job]:
-    """GPT2 (carry: wheels, gpu_data/kjv.txt.gz, outputs/gpt2-base), prepared 2026-11-28, not yet run: issue 12 goal 1,
+    """GPT2 (carry: wheels, gpu_data/kjv.txt.gz, outputs/gpt2-base), 2026-11-28: issue 12 goal 1,
     fewer codewords for a cheaper encoder. On the GPU host the senders of G = 16 kv K = 256 (+0.85 %) spend ~60 ms a
     forward encoding, ~15 % of a rank (docs/benchmarks.md, 05:50 UTC); the encoder's score product halves with K
     (`python -m benchmarks.encoder_forms`, dev VM, 2 threads, 256 tokens, 2026-11-28 06:47 UTC: encode 2.30 / 1.97 /
     1.54 ms a layer at K = 256 / 128 / 64, docs/results/encoder_forms.json). So kv at K = 128
-    (G = 16 and 32) and K = 64 (G = 16), 3 seeds each, evaluated at every layout. 9 runs at the default 3 epochs,
-    ~140-200 s each with this few sharing (call 15's G = 16 kv runs: 160-204 s with 16), estimated."""
+    (G = 16 and 32) and K = 64 (G = 16), 3 seeds each, evaluated at every layout. 9 runs at the default 3 epochs.
+    Ran 07:10 UTC on GPU 1 of a 2x H200 host, pinned to cores 16-31 (`CUDA_VISIBLE_DEVICES=1 taskset -c 16-31`), beside
+    the latency benchmark on cores 0-15: 95-102 s a run, 113 s the call. After fine-tuning at N = 4 against the
+    control's 36.36: G = 16 K = 128 +1.1 %, G = 32 K = 128 +0.4 %, G = 16 K = 64 +1.5 % (docs/results.md)."""
     kv = ["--quantize", "kv", *EVAL_LAYOUTS]
     return estimated([finetune_job("gpt2", f"gpt2-g{groups}-kv-k{size}", seed,
                                    ["--groups", groups, "--codebook-size", size, *kv])
