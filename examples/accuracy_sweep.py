@@ -1161,7 +1161,7 @@ Setup (no pretrained weights can be downloaded here, so the base models were tra
   demo checkpoints, main rows, broad English), here `python examples/accuracy_sweep.py collect --from <what came
   back>`, then `bash scripts/gpu/accuracy_call.sh 2` there (ablations, N-agnostic, recipes, what call 1 left),
   `collect` again, then calls 3 (ViT: what call 2 could not carry) and 4 (GPT2: smaller codebooks, the rest),
-  each followed by `collect`; calls 5-14 likewise (each one's docstring in `examples/accuracy_sweep.py` says what it
+  each followed by `collect`; calls 5-19 likewise (each one's docstring in `examples/accuracy_sweep.py` says what it
   runs and carries; `python examples/accuracy_sweep.py plan --call N` lists its runs), and
   `python examples/accuracy_sweep.py report`. Each call stops its runs at a deadline
   (under 9 minutes); runs that did not finish are listed in its `callN-summary.json` and simply have no row.
