@@ -108,6 +108,12 @@ step gpt2-n4-k256 30 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra 
 # which scales with width x K), and G=32 kv K=256 with the cost model's shard sizes.
 step gpt2-n4-g16-kv256 30 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 16 --quantize kv \
     --codebook-size 256 --links real --bandwidths 10
+# Fewer codewords (accuracy_sweep call 19, 2026-11-28 07:10 UTC, docs/results.md): kv K=128 at G=16 (+1.1 %) and G=32
+# (+0.4 %, 448 bits a token), K=64 at G=16 (+1.5 %): the encoder's product halves with K, the bits fall by 1 a code.
+step gpt2-n4-kv128 60 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 16 32 --quantize kv \
+    --codebook-size 128 --links real --bandwidths 10
+step gpt2-n4-g16-kv64 30 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 16 --quantize kv \
+    --codebook-size 64 --links real --bandwidths 10
 # The same rows with the one device also timed while the other ranks' cores run forwards (`--loaded-baseline`,
 # run_latency.HostLoad; 2026-11-28): the N ranks of this emulation share one host (docs/benchmarks.md "Host
 # sharing"), the one device alone does not. Goal 1's G=16 kv K=256 at N=4, goal 3's G=1 hidden at N=8, goal 2's ViT
@@ -130,6 +136,11 @@ step encoder-speed 60 taskset -c 0,1 python3 -m benchmarks.encoder_speed --out "
 # score product alone, the rest of the encode, other forms of the product and a reference GEMM, at 1 and 2 threads
 # (benchmarks/encoder_forms.py; ~10 s on the dev VM, not yet run here).
 step encoder-forms 30 taskset -c 0,1 python3 -m benchmarks.encoder_forms --out "$out/encoder_forms-gpu-host.json" --machine "$machine"
+# There (07:13 UTC) the encode beyond its score product was 1.6x (2 threads) to 2.4x (1 thread) the product itself:
+# the encoder's search in other forms with the same codes, and the operators' times (benchmarks/encoder_variants.py;
+# 16 s on the dev VM).
+step encoder-variants 40 taskset -c 0,1 python3 -m benchmarks.encoder_variants --out "$out/encoder_variants-gpu-host.json" \
+    --machine "$machine"
 step gpt2-n4-g8kv 30 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 8 --quantize kv --links real --bandwidths 10
 # ----------------------------------------------------------------------------------------- Llama block (issue 10)
 # The llama workload (245 M parameters, GQA, 1024-token prefill), N=4, real links at 10 and 100 Mbps, every row
@@ -288,6 +299,8 @@ step calibrate-gpt2-k256 65 calibrate --workload gpt2 "${tokens[@]}" --codebook-
 #       BUDGET_S=520 bash benchmarks/gpu_host.sh OUT
 step calibrate-colocated-gpt2 180 calibrate --workload gpt2 "${tokens[@]}" --colocated "$cpr"
 step calibrate-colocated-gpt2-k256 160 calibrate --workload gpt2 "${tokens[@]}" --codebook-size 256 --groups 1 16 32 --colocated "$cpr"
+# K=128 at G=16 and 32 (the rows of step gpt2-n4-kv128): two settings of the K=256 step's three (~110 s, estimated).
+step calibrate-colocated-gpt2-k128 120 calibrate --workload gpt2 "${tokens[@]}" --codebook-size 128 --groups 16 32 --colocated "$cpr"
 # Packet loss (issue 11 item 9) on this host's links, if time is left: the default setting and the fastest.
 step gpt2-n4-loss 60 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 32 1 --quantize hidden --links real \
     --bandwidths 10 --loss 1 5
