@@ -463,12 +463,17 @@ def plot_pareto(rows: list[dict], path: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models):
-        for machine, marker in zip(sorted({r["machine"] for r in rows if r["model"] == model}), "os^D"):
-            points = [r for r in rows if r["model"] == model and r["machine"] == machine and r["change_vs_control"] is not None]
+        # One marker per kind of machine (the label before its ":"; hosts of a kind and their calls share it), so that
+        # every row is drawn however many hosts and calls there are.
+        kinds = sorted({r["machine"].split(":")[0] for r in rows if r["model"] == model})
+        for index, kind in enumerate(kinds):
+            marker = "os^Dv<>P"[index % 8]
+            points = [r for r in rows if r["model"] == model and r["machine"].split(":")[0] == kind and r["change_vs_control"] is not None]
             for r in points:
                 ax.scatter(r["change_vs_control"], r["speedup_vs_single"], marker=marker, color="C0" if r["pareto_optimal"] else "C7")
-                ax.annotate(f"G={r['G']} {r['quantize']}", (r["change_vs_control"], r["speedup_vs_single"]), fontsize=6)
-            ax.scatter([], [], marker=marker, color="C7", label=machine.split(":")[0])
+                size = "" if r["codebook_size"] in (None, 1024) else f" K={r['codebook_size']}"
+                ax.annotate(f"G={r['G']} {r['quantize']}{size}", (r["change_vs_control"], r["speedup_vs_single"]), fontsize=6)
+            ax.scatter([], [], marker=marker, color="C7", label=kind)
         metric = next(r["metric"] for r in rows if r["model"] == model)
         ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
         ax.set(xlabel=f"{metric} change vs control ({'%' if metric in LOWER_IS_BETTER else 'points'})",

@@ -7,7 +7,7 @@ import pytest
 
 from benchmarks import netns
 from benchmarks.astra_method import AstraSettings, runtime_default
-from benchmarks.report import load_rows, pareto_rows
+from benchmarks.report import load_rows, pareto_rows, plot_pareto
 from benchmarks.run_latency import Variant, merge_ranks, row_command
 from benchmarks.workloads import WorkloadUnavailable, build, workload_available
 
@@ -298,3 +298,24 @@ def test_a_rank_worker_loads_its_cores_until_told_to_stop_and_then_serves_runs_a
         if worker.poll() is None:
             worker.kill()
             worker.wait()
+
+
+def test_the_pareto_plot_draws_every_row_whatever_the_number_of_hosts(tmp_path):
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    # Six hosts of one kind (one per call) and one of another: all seven points drawn, one legend entry per kind.
+    rows = [{"model": "gpt2", "machine": f"GPU host (kind): Xeon, 16 cores; call 07{i}0", "change_vs_control": 0.1 * i,
+             "speedup_vs_single": 2.0 + 0.1 * i, "pareto_optimal": i == 5, "G": 16, "quantize": "kv", "codebook_size": 128,
+             "metric": "perplexity"} for i in range(6)]
+    rows.append({**rows[0], "machine": "dev VM (shared): AMD EPYC, 2 cores", "codebook_size": 1024, "change_vs_control": 0.9})
+    rows.append({**rows[0], "change_vs_control": None})  # no accuracy row to join: not drawn
+    plot_pareto(rows, tmp_path / "pareto.png")
+    assert (tmp_path / "pareto.png").stat().st_size > 0
+    ax = plt.gcf().axes[0]
+    drawn = [tuple(point) for c in ax.collections for point in c.get_offsets()]
+    assert sorted(drawn) == sorted((r["change_vs_control"], r["speedup_vs_single"]) for r in rows if r["change_vs_control"] is not None)
+    assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == ["GPU host (kind)", "dev VM (shared)"]
+    labels = {t.get_text() for t in ax.texts}
+    assert labels == {"G=16 kv K=128", "G=16 kv"}  # the codebook size where it is not the default
+    plt.close("all")
