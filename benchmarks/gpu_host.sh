@@ -110,6 +110,10 @@ step gpt2-n4-g16-kv256 30 bench --workload gpt2 "${tokens[@]}" --n 4 --methods a
     --codebook-size 256 --links real --bandwidths 10
 # Fewer codewords (accuracy_sweep call 19, 2026-11-28 07:10 UTC, docs/results.md): kv K=128 at G=16 (+1.1 %) and G=32
 # (+0.4 %, 448 bits a token), K=64 at G=16 (+1.5 %): the encoder's product halves with K, the bits fall by 1 a code.
+# Goal 1's setting with the cost model's shard sizes (balance.py: 272 / 257 / 244 / 251 at G=16 kv K=256; the even
+# shards' slowest rank, rank 2, modelled 4 % slower): at 0.30 MB a rank the links are not what limits these rows.
+step gpt2-n4-g16-kv256-balanced 30 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 16 --quantize kv \
+    --codebook-size 256 --shard-sizes balanced --links real --bandwidths 10
 step gpt2-n4-kv128 60 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 16 32 --quantize kv \
     --codebook-size 128 --links real --bandwidths 10
 step gpt2-n4-g16-kv64 30 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 16 --quantize kv \
