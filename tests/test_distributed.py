@@ -550,7 +550,7 @@ def test_vit_one_class_token_layout_crops_the_right_rows_and_refuses_a_shard_wit
     rows = [_PatchRows(RankView(layout, rank)).own_rows(4, 16) for rank in range(3)]
     assert rows == [(0, 2), (1, 3), (2, 4)]  # patches 0-4, 5-10, 11-15
     # the same grid with one class-token copy per shard ([CLS, p0..p4, CLS, p5..p9, CLS, p10..p15])
-    spread = ShardLayout((6, 6, 7))
+    spread = ShardLayout((6, 6, 7), class_tokens_per_shard=1)
     assert [_PatchRows(RankView(spread, rank)).own_rows(4, 16) for rank in range(3)] == [(0, 2), (1, 3), (2, 4)]
     with pytest.raises(ValueError, match="holds no patch"):
         _PatchRows(RankView(ShardLayout((1, 16)), 0)).own_rows(4, 16)

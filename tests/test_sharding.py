@@ -26,3 +26,6 @@ def test_layout_with_class_tokens():
     assert layout.sizes == (7, 6, 6)
     assert layout.offsets == (0, 7, 13, 19)
     assert torch.equal(layout.shard_ids(), torch.tensor([0] * 7 + [1] * 6 + [2] * 6))
+    # the layout says it has per-shard class tokens; one of the same sizes without them is another layout
+    assert layout.class_tokens_per_shard == 1 and ShardLayout.for_sequence(19, 3).class_tokens_per_shard == 0
+    assert layout != ShardLayout((7, 6, 6)) and layout == ShardLayout((7, 6, 6), class_tokens_per_shard=1)

@@ -38,9 +38,14 @@ def split_sizes(num_tokens: int, num_devices: int, weights: list[float] | None =
 
 @dataclass(frozen=True)
 class ShardLayout:
-    """Sizes of the N contiguous shards of one sequence, as attention sees it."""
+    """Sizes of the N contiguous shards of one sequence, as attention sees it.
+
+    ``class_tokens_per_shard``: class tokens at the start of every shard (ViT's distributed class tokens: 1), so that
+    adapters tell a layout of per-shard class tokens from one of a single class token by what it is, not by its length.
+    """
 
     sizes: tuple[int, ...]
+    class_tokens_per_shard: int = 0
 
     @classmethod
     def for_sequence(
@@ -48,7 +53,7 @@ class ShardLayout:
     ) -> "ShardLayout":
         """Layout of a sequence of ``seq_len`` tokens of which ``cls_per_shard * N`` are per-shard class tokens."""
         content = split_sizes(seq_len - cls_per_shard * num_devices, num_devices, weights)
-        return cls(tuple(size + cls_per_shard for size in content))
+        return cls(tuple(size + cls_per_shard for size in content), cls_per_shard)
 
     @property
     def num_devices(self) -> int:

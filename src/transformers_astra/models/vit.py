@@ -69,7 +69,7 @@ class ViTAdapter(ModelAdapter):
         mask = inputs.get("attention_mask")
         if mask is None:
             return None
-        if layout.total == mask.shape[1]:  # one class token: the layout's order is [CLS, patches]
+        if not layout.class_tokens_per_shard:  # one class token: the layout's order is [CLS, patches]
             return mask.bool()
         return mask[:, spread_index(layout, mask.device)].bool()  # [CLS, patches] -> the spread order of the layout
 
@@ -99,7 +99,7 @@ class _PatchRows:
         """Rows of the patch grid that hold this rank's patches (its first and last row may be partial)."""
         start, end = self.view.bounds
         rank = self.view.rank
-        if self.view.layout.total == num_patches + 1:  # one class token, before shard 0's patches
+        if not self.view.layout.class_tokens_per_shard:  # one class token, before shard 0's patches
             first_patch, last_patch = max(start - 1, 0), end - 2
         else:
             first_patch, last_patch = start - rank, end - rank - 2  # minus one CLS copy per earlier shard
