@@ -95,18 +95,21 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def run_settings(module: str, description: str, settings, setting_row, markdown, argv: list[str] | None) -> list[dict]:
+    """The command line of an encoder benchmark (this one, `encoder_variants`): parse ``argv``, time
+    ``setting_row(label, width, groups, K, tokens, threads, reps)`` for every setting and thread count, print
+    ``markdown(rows)`` and append the rows, each with its machine, torch, date, load and command, to --out."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", required=True, help="JSON file the rows are appended to")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--tokens", type=int, default=256, help="a rank's shard (GPT2 1024 tokens over 4)")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--machine", default=platform.node())
-    parser.add_argument("--smoke", action="store_true", help="small shapes and few reps, to check the script")
+    parser.add_argument("--smoke", action="store_true", help="one setting, few tokens and reps, to check the script")
     args = parser.parse_args(argv)
     if args.reps < 1 or args.tokens < 1 or min(args.threads) < 1:
         parser.error("--reps, --tokens and --threads must be >= 1")
-    settings = SETTINGS[:1] if args.smoke else SETTINGS
+    settings = settings[:1] if args.smoke else settings
     tokens, reps = (16, 3) if args.smoke else (args.tokens, args.reps)
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     rows = []
@@ -114,12 +117,17 @@ def main(argv: list[str] | None = None) -> None:
         for label, width, groups, size in settings:
             row = setting_row(label, width, groups, size, tokens, threads, reps)
             row.update(machine=args.machine, torch=torch.__version__, date=date, load_average_1m=os.getloadavg()[0],
-                       command="python -m benchmarks.encoder_forms " + shlex.join(sys.argv[1:] if argv is None else argv))  # fmt: skip
+                       command=f"python -m benchmarks.{module} " + shlex.join(sys.argv[1:] if argv is None else argv))  # fmt: skip
             rows.append(row)
     print(markdown(rows))
     previous = json.loads(open(args.out).read()) if os.path.exists(args.out) else []
     with open(args.out, "w") as f:
         json.dump(previous + rows, f, indent=1)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_settings("encoder_forms", __doc__.split("\n")[0], SETTINGS, setting_row, markdown, argv)
 
 
 if __name__ == "__main__":

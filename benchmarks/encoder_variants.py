@@ -24,19 +24,13 @@ every variant's codes are first checked equal to `reference_nearest_codewords`' 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
-import os
-import platform
-import shlex
-import sys
-from datetime import datetime, timezone
 
 import torch
 
 from transformers_astra import quantizer as vq
 
+from .encoder_forms import run_settings
 from .encoder_speed import fitted_quantizer, interleaved
 
 # (label, quantized width, groups, K): goal 1's kv G=16 K=256, kv G=32 K=256, G=1 hidden K=1024, kv G=16 K=128.
@@ -154,33 +148,10 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="JSON file the rows are appended to")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--tokens", type=int, default=256, help="a rank's shard (GPT2 1024 tokens over 4)")
-    parser.add_argument("--reps", type=int, default=30)
-    parser.add_argument("--machine", default=platform.node())
-    parser.add_argument("--smoke", action="store_true", help="one setting, few tokens and reps, to check the script")
-    args = parser.parse_args(argv)
-    if args.reps < 1 or args.tokens < 1 or min(args.threads) < 1:
-        parser.error("--reps, --tokens and --threads must be >= 1")
-    settings = SETTINGS[:1] if args.smoke else SETTINGS
-    tokens, reps = (16, 3) if args.smoke else (args.tokens, args.reps)
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    rows = []
-    for threads in args.threads:
-        for label, width, groups, size in settings:
-            row = setting_row(label, width, groups, size, tokens, threads, reps)
-            row.update(machine=args.machine, torch=torch.__version__, date=date, load_average_1m=os.getloadavg()[0],
-                       command="python -m benchmarks.encoder_variants " + shlex.join(sys.argv[1:] if argv is None else argv))  # fmt: skip
-            rows.append(row)
-    print(markdown(rows))
+    rows = run_settings("encoder_variants", __doc__.split("\n")[0], SETTINGS, setting_row, markdown, argv)
     for row in rows:
         top = ", ".join(f"{p['operator']} {p['self_ms_per_encode']:.2f}" for p in row["profile_current"][:6])
         print(f"{row['setting']}, {row['threads']} thread(s), current, ms per encode: {top}")
-    previous = json.loads(open(args.out).read()) if os.path.exists(args.out) else []
-    with open(args.out, "w") as f:
-        json.dump(previous + rows, f, indent=1)
 
 
 if __name__ == "__main__":
