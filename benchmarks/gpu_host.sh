@@ -108,15 +108,17 @@ step gpt2-n4-k256 30 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra 
 # which scales with width x K), and G=32 kv K=256 with the cost model's shard sizes.
 step gpt2-n4-g16-kv256 30 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 16 --quantize kv \
     --codebook-size 256 --links real --bandwidths 10
-# Fewer codewords (accuracy_sweep call 19, 2026-11-28 07:10 UTC, docs/results.md): kv K=128 at G=16 (+1.1 %) and G=32
-# (+0.4 %, 448 bits a token), K=64 at G=16 (+1.5 %): the encoder's product halves with K, the bits fall by 1 a code.
 # Goal 1's setting with the cost model's shard sizes (balance.py: 272 / 257 / 244 / 251 at G=16 kv K=256; the even
 # shards' slowest rank, rank 2, modelled 4 % slower): at 0.30 MB a rank the links are not what limits these rows.
-step gpt2-n4-g16-kv256-balanced 30 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 16 --quantize kv \
+step gpt2-n4-g16-kv256-balanced 70 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 16 --quantize kv \
     --codebook-size 256 --shard-sizes balanced --links real --bandwidths 10
-step gpt2-n4-kv128 60 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 16 32 --quantize kv \
+# Fewer codewords (accuracy_sweep call 19, 2026-11-28 07:10 UTC, docs/results.md): kv K=128 at G=16 (+1.1 %) and G=32
+# (+0.4 %, 448 bits a token), K=64 at G=16 (+1.5 %): the encoder's product halves with K, the bits fall by 1 a code.
+# Measured at RUNS=7 (2026-11-28, 1xH200 hosts, step starts in the logs): gpt2-n4-g16-kv256 58-68 s, its balanced
+# twin ~60 s, gpt2-n4-kv128 (two rows) 117 s, gpt2-n4-g16-kv64 79 s.
+step gpt2-n4-kv128 120 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 16 32 --quantize kv \
     --codebook-size 128 --links real --bandwidths 10
-step gpt2-n4-g16-kv64 30 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 16 --quantize kv \
+step gpt2-n4-g16-kv64 80 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 16 --quantize kv \
     --codebook-size 64 --links real --bandwidths 10
 # The same rows with the one device also timed while the other ranks' cores run forwards (`--loaded-baseline`,
 # run_latency.HostLoad; 2026-11-28): the N ranks of this emulation share one host (docs/benchmarks.md "Host
@@ -138,7 +140,7 @@ step encoder-speed 60 taskset -c 0,1 python3 -m benchmarks.encoder_speed --out "
     --machine "$machine" --budget-s 40 --no-receiver
 # Why the encoder is ~2x slower here than on the dev VM at 2 threads (2026-11-28, docs/benchmarks.md "05:50 UTC"): its
 # score product alone, the rest of the encode, other forms of the product and a reference GEMM, at 1 and 2 threads
-# (benchmarks/encoder_forms.py; ~10 s on the dev VM, not yet run here).
+# (benchmarks/encoder_forms.py; ~10 s on the dev VM; here 2026-11-28 07:13 and 07:20 UTC, docs/benchmarks.md "07:50 UTC").
 step encoder-forms 30 taskset -c 0,1 python3 -m benchmarks.encoder_forms --out "$out/encoder_forms-gpu-host.json" --machine "$machine"
 # There (07:13 UTC) the encode beyond its score product was 1.6x (2 threads) to 2.4x (1 thread) the product itself:
 # the encoder's search in other forms with the same codes, and the operators' times (benchmarks/encoder_variants.py;
@@ -303,7 +305,7 @@ step calibrate-gpt2-k256 65 calibrate --workload gpt2 "${tokens[@]}" --codebook-
 #       BUDGET_S=520 bash benchmarks/gpu_host.sh OUT
 step calibrate-colocated-gpt2 180 calibrate --workload gpt2 "${tokens[@]}" --colocated "$cpr"
 step calibrate-colocated-gpt2-k256 160 calibrate --workload gpt2 "${tokens[@]}" --codebook-size 256 --groups 1 16 32 --colocated "$cpr"
-# K=128 at G=16 and 32 (the rows of step gpt2-n4-kv128): two settings of the K=256 step's three (~110 s, estimated).
+# K=128 at G=16 and 32 (the rows of step gpt2-n4-kv128): ~115 s (2026-11-28 07:35 UTC, the call's budget less its other steps).
 step calibrate-colocated-gpt2-k128 120 calibrate --workload gpt2 "${tokens[@]}" --codebook-size 128 --groups 16 32 --colocated "$cpr"
 # Packet loss (issue 11 item 9) on this host's links, if time is left: the default setting and the fastest.
 step gpt2-n4-loss 60 bench --workload gpt2 "${tokens[@]}" --n 4 --methods astra --groups 32 1 --quantize hidden --links real \
