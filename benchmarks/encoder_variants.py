@@ -64,13 +64,11 @@ def codeword_major(points: torch.Tensor, centres: torch.Tensor, summary, max_ele
     within the limit are reductions over the middle dimension (elementwise over contiguous rows of tokens). The
     tolerance and the recheck are the encoder's own. Steps over groups keep a step's scores at most the
     encoder's one-step size."""
-    groups, n, dim = points.shape
+    groups, n, _ = points.shape
     size = centres.shape[1]
     squared_norms, radius = summary  # (G, 1, K), (G, 1)
     points = points.contiguous()
-    norm = torch.linalg.vector_norm(points, dim=-1)
-    unit = vq._matmul_unit_roundoff(torch.float32, points.device)
-    tolerance = 2.02 * (dim + 2) * (unit * radius * (radius + 2 * norm) + 2.0**-53 * (norm + radius).square())
+    tolerance = vq.score_tolerance(points, radius, squared_norms.dtype)
     positions = vq._positions(size, points.device)[:, None]  # (K, 1)
     step = max(1, vq._ONE_STEP_FACTOR * min(max_elements, vq._ENCODE_CHUNK_ELEMENTS_CPU) // (n * size))
     nearest = torch.empty(groups, n, dtype=torch.long)

@@ -217,7 +217,7 @@ def nearest_codewords(
     half-precision inputs, float64 for float64), in steps whose (groups, tokens, K) score block holds at
     most about ``max_elements`` entries (on CPU ~4 MiB: it is reread from cache; `score_block`). Where K is a multiple of
     `_ARGMIN_BLOCK`, no argmin runs over the scores: the block minima (``amin``, vectorised), the
-    smallest, and the blocks and scores within the limit below, counted and located by small matmuls.
+    smallest, and the blocks and scores within `score_tolerance` of it, counted and located by small matmuls.
     Each score is within ``E = (d + 2) u (C^2 + 2 |x| C)`` of its exact value (``u``: the unit roundoff
     of the matmul, TF32 or bf16 included where a precision setting allows them, `_matmul_unit_roundoff`;
     ``C``: the largest codeword norm). A point whose best score has no rival within ``2 E`` plus twice
@@ -228,22 +228,15 @@ def nearest_codewords(
     to their candidates. So the codes depend neither on
     the chunking nor on the other points. ``summary``: `codebook_summary(centres)`, if kept.
     """
-    groups, n, dim = points.shape
+    groups, n, _ = points.shape
     size = centres.shape[1]
     if n == 0:
         return torch.empty(groups, 0, dtype=torch.long, device=points.device)
     squared_norms, radius = summary if summary is not None else codebook_summary(centres)
     score_dtype = squared_norms.dtype
     centres_t = centres.to(score_dtype).transpose(1, 2)  # (G, d, K); a view for float32 codebooks
-    # Within `tolerance` of the smallest score lie the scores of every codeword that could be the
-    # reference's nearest: 2 E for the scores' rounding, E = (d + 2) u (C^2 + 2 |x| C) (norms, dot
-    # products and their sum; u: the matmul's unit roundoff, C: the largest codeword norm), plus twice
-    # the float64 reference's own error bound, (d + 2) 2^-53 (|x| + C)^2; 1 % more for the rounding
-    # of |x| and C themselves.
     points = points.contiguous()  # one copy here rather than a strided read in every step's matmul and the norm
-    norm = torch.linalg.vector_norm(points.to(score_dtype), dim=-1)  # (G, n)
-    unit = _matmul_unit_roundoff(score_dtype, points.device)
-    tolerance = 2.02 * (dim + 2) * (unit * radius * (radius + 2 * norm) + 2.0**-53 * (norm + radius).square())
+    tolerance = score_tolerance(points, radius, score_dtype)
     blocked = size % _ARGMIN_BLOCK == 0 and size > _ARGMIN_BLOCK
     if blocked:  # positions of the blocks and of the scores in a block, to sum those within the limit
         block_positions = _positions(size // _ARGMIN_BLOCK, points.device)
@@ -275,6 +268,19 @@ def nearest_codewords(
             _recheck(part, centres[gs], scores, limit, unsure | ~torch.isfinite(limit), index, max_elements)
             nearest[gs, ts] = index
     return nearest
+
+
+def score_tolerance(points: torch.Tensor, radius: torch.Tensor, score_dtype: torch.dtype) -> torch.Tensor:
+    """(G, n): how far above the smallest score ``|c|^2 - 2 x.c`` of (G, n, d) points the score of every codeword that
+    could be the reference's nearest may lie (``radius``: `codebook_summary`'s largest codeword norm per group).
+
+    2 E for the scores' rounding, E = (d + 2) u (C^2 + 2 |x| C) (norms, dot products and their sum; u: the
+    matmul's unit roundoff, C: the largest codeword norm), plus twice the float64 reference's own error bound,
+    (d + 2) 2^-53 (|x| + C)^2; 1 % more for the rounding of |x| and C themselves.
+    """
+    norm = torch.linalg.vector_norm(points.to(score_dtype), dim=-1)
+    unit = _matmul_unit_roundoff(score_dtype, points.device)
+    return 2.02 * (points.shape[-1] + 2) * (unit * radius * (radius + 2 * norm) + 2.0**-53 * (norm + radius).square())
 
 
 def score_block(groups: int, n: int, size: int, max_elements: int) -> tuple[int, int]:
