@@ -438,7 +438,7 @@ def pareto_section(rows: list[dict]) -> str:
     lines = [[r["model"], str(r["N"]), f"G={r['G']} {r['quantize']} K={r['codebook_size']}", r["latency_label"],
               f"{r['speedup_vs_single']:.2f}×" if r["speedup_vs_single"] else "", f"{r['metric']} {r['value']:.4g}",
               fmt_change(r, "change_vs_base"), fmt_change(r, "change_vs_control"), "yes" if r["pareto_optimal"] else "",
-              r["machine"].split(":")[0]]
+              machine_kind(r["machine"])]
              for r in rows]  # fmt: skip
     return (
         "### Speed against accuracy (Pareto), 10 Mbps real links\n"
@@ -450,6 +450,11 @@ def pareto_section(rows: list[dict]) -> str:
         + table(["model", "N", "setting", "latency row", "speed-up at 10 Mbps", "measured", "vs base", "vs control", "Pareto", "machine"], lines)
         + "\n\n![Speed-up at 10 Mbps against the accuracy change vs the control, per model](benchmarks_pareto.png)"
     )
+
+
+def machine_kind(label: str) -> str:
+    """A machine label's kind, before its ":" ("GPU host (nvidia-h100/h200 kind, CPU cores only)"): hosts and calls share it."""
+    return label.split(":")[0]
 
 
 def plot_pareto(rows: list[dict], path: Path) -> None:
@@ -465,10 +470,10 @@ def plot_pareto(rows: list[dict], path: Path) -> None:
     for ax, model in zip(axes[0], models):
         # One marker per kind of machine (the label before its ":"; hosts of a kind and their calls share it), so that
         # every row is drawn however many hosts and calls there are.
-        kinds = sorted({r["machine"].split(":")[0] for r in rows if r["model"] == model})
+        kinds = sorted({machine_kind(r["machine"]) for r in rows if r["model"] == model})
         for index, kind in enumerate(kinds):
             marker = "os^Dv<>P"[index % 8]
-            points = [r for r in rows if r["model"] == model and r["machine"].split(":")[0] == kind and r["change_vs_control"] is not None]
+            points = [r for r in rows if r["model"] == model and machine_kind(r["machine"]) == kind and r["change_vs_control"] is not None]
             for r in points:
                 ax.scatter(r["change_vs_control"], r["speedup_vs_single"], marker=marker, color="C0" if r["pareto_optimal"] else "C7")
                 size = "" if r["codebook_size"] in (None, 1024) else f" K={r['codebook_size']}"

@@ -201,11 +201,10 @@ class HostLoad:
 
     def __init__(self, workload: str, world: int, cores_per_rank: int, port: int, nice: int, tokens: int | None):
         self.loads = []
-        share = max(1, (tokens or CAUSAL_TOKENS) // world) if workload in CAUSAL_WORKLOADS else None
-        self.tokens = share
+        self.tokens = max(1, (tokens or CAUSAL_TOKENS) // world) if workload in CAUSAL_WORKLOADS else None
         try:
             for slot in range(1, world):
-                self.loads.append(Ranks(Variant("single"), workload, 1, cores_per_rank, port + slot, nice, share, slot=slot))
+                self.loads.append(Ranks(Variant("single"), workload, 1, cores_per_rank, port + slot, nice, self.tokens, slot=slot))
         except BaseException:
             self.close()
             raise

@@ -71,7 +71,7 @@ def build(name: str, small: bool = False, seed: int = 0, tokens: int | None = No
     if name not in WORKLOADS:
         raise ValueError(f"workload must be one of {WORKLOADS}, got {name!r}")
     if tokens is not None and (name == "vit" or tokens < 1):
-        raise ValueError(f"tokens must be a positive prefill length of a causal workload (gpt2, llama), got {tokens!r} for {name!r}")
+        raise ValueError(f"tokens must be a positive prefill length of a causal workload ({', '.join(CAUSAL_WORKLOADS)}), got {tokens!r} for {name!r}")
     torch.manual_seed(seed)
     if name in CAUSAL_WORKLOADS:
         if name == "gpt2":
